@@ -1,0 +1,241 @@
+"""Dataflow facts about Dynamo FX graphs, shared by the passes.
+
+The passes recognize subgraphs by what they compute, not by how a transformers release spells
+them. The tools for that live here:
+
+- :func:`tensor_inputs` says which graph inputs a node's *values* depend on. Shape queries
+  (``x.size()``, ``x.shape``) carry no value dependence, so a mask built from ``arange(x.size(1))``
+  depends on no tensor at all.
+- :func:`extract_function` lifts the backward slice of a node into a standalone
+  :class:`torch.fx.GraphModule` that can be run on probe values.
+- :func:`probe_inputs` builds concrete stand-ins for the slice inputs (hinted sizes for symbolic
+  shapes), so a pass can evaluate the slice on values it chooses and compare the result with a
+  reference definition.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+_SHAPE_METHODS = frozenset({"size", "dim", "numel", "stride", "ndimension"})
+_SHAPE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
+
+
+def example_value(node: fx.Node):
+    """The fake value Dynamo recorded for ``node`` (``None`` when it recorded none)."""
+    if "example_value" in node.meta:
+        return node.meta["example_value"]
+    return node.meta.get("val")
+
+
+def hint(value) -> int:
+    """A concrete int for a possibly symbolic size."""
+    if isinstance(value, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import hint_int
+
+        return hint_int(value)
+    return int(value)
+
+
+def hinted_shape(value: torch.Tensor) -> tuple[int, ...]:
+    return tuple(hint(s) for s in value.shape)
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    """True for nodes that read only metadata (sizes, dtype) of their input."""
+    if node.op == "call_method" and node.target in _SHAPE_METHODS:
+        return True
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
+        return node.args[1] in _SHAPE_ATTRS
+    if node.op == "call_function" and node.target in (
+        torch.ops.aten.sym_size.int,
+        torch.ops.aten.sym_numel.default,
+        torch.ops.aten.sym_stride.int,
+    ):
+        return True
+    return False
+
+
+def tensor_inputs(graph: fx.Graph) -> dict[fx.Node, frozenset[fx.Node]]:
+    """Map every node to the tensor placeholders its *value* depends on.
+
+    Shape queries cut the dependence: ``x.size(1)`` depends on no tensor value. Symbolic-int
+    placeholders (Dynamo's ``s0`` inputs) count as no dependence either.
+    """
+    deps: dict[fx.Node, frozenset[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            is_tensor = isinstance(example_value(node), torch.Tensor)
+            deps[node] = frozenset({node}) if is_tensor else frozenset()
+        elif is_shape_query(node):
+            deps[node] = frozenset()
+        else:
+            found: set[fx.Node] = set()
+            for inp in node.all_input_nodes:
+                found |= deps.get(inp, frozenset())
+            deps[node] = frozenset(found)
+    return deps
+
+
+def backward_slice(node: fx.Node, stop_at: Iterable[fx.Node] = ()) -> list[fx.Node]:
+    """All ancestors of ``node`` (itself included), in graph order, not looking past ``stop_at``."""
+    stop = set(stop_at)
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if cur not in stop:
+            stack.extend(cur.all_input_nodes)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+@dataclass
+class ExtractedFunction:
+    """A node's backward slice as a callable: ``module(*inputs)`` returns the node's value."""
+
+    module: fx.GraphModule
+    inputs: list[fx.Node]  # placeholders of the original graph, in call order
+
+
+def extract_function(
+    root: fx.GraphModule, node: fx.Node, stop_at: Iterable[fx.Node] = ()
+) -> ExtractedFunction:
+    """Lift the backward slice of ``node`` into its own GraphModule.
+
+    The new module takes the original placeholders that the slice reaches (tensors and symbolic
+    ints alike), plus the ``stop_at`` nodes it reaches, which become inputs instead of being
+    computed. It returns the value of ``node``. ``get_attr`` constants resolve against ``root``.
+    """
+    stop = set(stop_at)
+    nodes = backward_slice(node, stop)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    inputs = []
+    for n in nodes:
+        if n.op == "placeholder" or n in stop:
+            env[n] = graph.placeholder(n.name)
+            env[n].meta = dict(n.meta)
+            inputs.append(n)
+        else:
+            env[n] = graph.node_copy(n, lambda x: env[x])
+    graph.output(env[node])
+    return ExtractedFunction(fx.GraphModule(root, graph), inputs)
+
+
+def probe_inputs(
+    inputs: Iterable[fx.Node], chosen: dict[fx.Node, object] | None = None
+) -> list[object]:
+    """Concrete arguments for an extracted slice.
+
+    Inputs named in ``chosen`` get the given value. Other tensors get zeros of their hinted shape
+    (a slice only reads their shape, or the caller would have chosen them); symbolic ints get
+    their hint.
+    """
+    chosen = chosen or {}
+    args = []
+    for inp in inputs:
+        if inp in chosen:
+            args.append(chosen[inp])
+            continue
+        val = example_value(inp)
+        if isinstance(val, torch.Tensor):
+            args.append(torch.zeros(hinted_shape(val), dtype=val.dtype, device=val.device))
+        elif isinstance(val, (torch.SymInt, int)):
+            args.append(hint(val))
+        else:
+            args.append(val)
+    return args
+
+
+def run_function(fn: ExtractedFunction, chosen: dict[fx.Node, object]):
+    """Evaluate an extracted slice with ``chosen`` placeholder values (no autograd)."""
+    with torch.no_grad():
+        return fn.module(*probe_inputs(fn.inputs, chosen))
+
+
+def erase_dead(graph: fx.Graph, candidates: Iterable[fx.Node]) -> int:
+    """Erase the ``candidates`` that no longer have users, transitively. Returns how many.
+
+    Unlike ``Graph.eliminate_dead_code`` this touches nothing outside ``candidates``, so stateful
+    calls such as ``torch._C._set_grad_enabled`` elsewhere in a Dynamo graph stay in place.
+    """
+    pending = [n for n in candidates if n.op not in ("placeholder", "output")]
+    erased = 0
+    changed = True
+    while changed:
+        changed = False
+        for n in list(pending):
+            if not n.users:
+                graph.erase_node(n)
+                pending.remove(n)
+                erased += 1
+                changed = True
+    return erased
+
+
+def annotate(node: fx.Node) -> None:
+    """Record ``example_value`` for a node a pass created, by running its target on the fake values
+    of its inputs, so later passes see correct metadata."""
+    from torch._guards import detect_fake_mode
+
+    inputs = [example_value(n) for n in node.all_input_nodes]
+    fake_mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
+    if fake_mode is None:
+        return
+    args = fx.node.map_arg(node.args, example_value)
+    kwargs = fx.node.map_arg(node.kwargs, example_value)
+    with fake_mode:
+        if node.op == "call_function":
+            value = node.target(*args, **kwargs)
+        elif node.op == "call_method":
+            value = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            return
+    node.meta["example_value"] = value
+
+
+# The attention entry points Dynamo records for SDPA.
+SDPA_TARGETS: tuple[Callable, ...] = (
+    torch._C._nn.scaled_dot_product_attention,
+    torch.nn.functional.scaled_dot_product_attention,
+)
+SDPA_ARG_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def sdpa_arguments(node: fx.Node) -> dict[str, object]:
+    """The arguments of an SDPA call by name, defaults filled in."""
+    args = dict(zip(SDPA_ARG_NAMES, node.args))
+    args.update(node.kwargs)
+    defaults = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+    for key, value in defaults.items():
+        args.setdefault(key, value)
+    return args
+
+
+def set_sdpa_arguments(node: fx.Node, **updates) -> None:
+    """Rewrite an SDPA call with keyword arguments, keeping q/k/v positional."""
+    args = sdpa_arguments(node)
+    args.update(updates)
+    node.args = (args.pop("query"), args.pop("key"), args.pop("value"))
+    node.kwargs = args
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+ADD_TARGETS = (operator.add, operator.iadd, torch.add, torch.Tensor.add)
+
+
+def is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in ADD_TARGETS) or (
+        node.op == "call_method" and node.target in ("add", "__add__", "add_")
+    )

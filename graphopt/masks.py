@@ -1,0 +1,289 @@
+"""Find the attention masks in a Dynamo graph and prove what they are.
+
+transformers builds its masks differently in every release (vmap or broadcasting, bool or additive,
+``sdpa_mask`` or ``eager_mask``). graphopt does not match those spellings. It looks for what every
+spelling has in common:
+
+1. **Where.** A *mask* is a 4-D ``(b, h, q, kv)`` tensor with ``q == kv`` whose value depends only on
+   integer inputs of the graph (the 2-D ``attention_mask``, ``position_ids``) and index arithmetic,
+   and that is consumed by attention: as ``attn_mask`` of SDPA, or added to attention scores that
+   go into a softmax.
+2. **What.** The mask's backward slice is lifted into its own function and evaluated on probe
+   inputs chosen here. Its output is compared with reference definitions:
+
+   - ``causal``: ``kv <= q`` (the mask depends on no input);
+   - ``causal_padding``: ``kv <= q and attention_mask[b, kv] != 0``;
+   - ``packed_causal``: ``kv <= q`` inside the same document, where documents are the maximal runs
+     of ``position_ids`` that increase by one (what transformers derives for packed sequences).
+
+   Bool masks must match exactly. Additive masks must be exactly 0 where the reference attends and
+   one single value everywhere else.
+
+When sizes are symbolic the slice is also evaluated at other sizes, and the proof covers sequence
+lengths up to the largest size probed (``MaskCandidate.max_probed_len``); longer ones fall back.
+Anything else (sliding windows, chunked or bidirectional attention, masks of several inputs) is
+reported as ``unknown`` with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+import torch.fx as fx
+
+from graphopt import analysis
+
+SOFTMAX_TARGETS = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
+# Sequence lengths at which a symbolic-size mask is also probed (besides its own size).
+PROBE_LENGTHS = (1, 2, 5, 64, 300, 1024)
+N_PROBES = 4
+
+
+@dataclass
+class MaskCandidate:
+    """An attention mask found in the graph, and what probing proved it to be.
+
+    Attributes:
+        node: the mask value consumed by attention.
+        kind: ``"causal"``, ``"causal_padding"``, ``"packed_causal"`` or ``"unknown"``.
+        sdpa_users: SDPA calls taking ``node`` as ``attn_mask``.
+        additive_users: ``scores + node`` additions feeding a softmax (eager attention).
+        input: the placeholder the mask depends on (``attention_mask`` or ``position_ids``).
+        masked_value: for additive masks, the value at masked positions.
+        seq_len: the (hinted) query length; ``seq_symbol`` its symbol when dynamic.
+        max_probed_len: the proof holds for sequence lengths up to this.
+        reason: why ``kind`` is ``"unknown"``.
+    """
+
+    node: fx.Node
+    kind: str = "unknown"
+    sdpa_users: list[fx.Node] = field(default_factory=list)
+    additive_users: list[fx.Node] = field(default_factory=list)
+    input: fx.Node | None = None
+    masked_value: float | None = None
+    seq_len: int = 0
+    seq_symbol: sympy.Symbol | None = None
+    max_probed_len: int = 0
+    reason: str = ""
+
+    @property
+    def users(self) -> list[fx.Node]:
+        return self.sdpa_users + self.additive_users
+
+    @property
+    def slice_nodes(self) -> list[fx.Node]:
+        return analysis.backward_slice(self.node)
+
+
+def _is_index_input(node: fx.Node) -> bool:
+    val = analysis.example_value(node)
+    return (
+        isinstance(val, torch.Tensor)
+        and not val.is_floating_point()
+        and not val.is_complex()
+        and not val.requires_grad
+    )
+
+
+def _is_softmax(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in SOFTMAX_TARGETS) or (
+        node.op == "call_method" and node.target == "softmax"
+    )
+
+
+def find_masks(gm: fx.GraphModule) -> list[MaskCandidate]:
+    """Every attention mask in ``gm``, classified by probing. Users that are not attention make
+    a candidate ``unknown`` (the mask is then left alone)."""
+    deps = analysis.tensor_inputs(gm.graph)
+    index_only = {
+        n
+        for n in gm.graph.nodes
+        if n.op not in ("placeholder", "output")
+        and all(_is_index_input(d) for d in deps[n])
+    }
+    found = []
+    for node in gm.graph.nodes:
+        if node not in index_only:
+            continue
+        val = analysis.example_value(node)
+        if not isinstance(val, torch.Tensor) or val.dim() != 4:
+            continue
+        if not (val.dtype == torch.bool or val.is_floating_point()):
+            continue
+        outside = [u for u in node.users if u not in index_only]
+        if not outside:
+            continue
+        cand = MaskCandidate(node)
+        for user in outside:
+            if analysis.is_sdpa(user) and analysis.sdpa_arguments(user)["attn_mask"] is node:
+                cand.sdpa_users.append(user)
+            elif analysis.is_add(user) and len(user.users) == 1 and _is_softmax(next(iter(user.users))):
+                cand.additive_users.append(user)
+            else:
+                cand.reason = f"the mask is used by {user.format_node()}, which is not attention"
+        if not cand.reason:
+            _classify(gm, cand, deps[node])
+        found.append(cand)
+    return found
+
+
+def _classify(gm: fx.GraphModule, cand: MaskCandidate, inputs: frozenset[fx.Node]) -> None:
+    val = analysis.example_value(cand.node)
+    q_len, kv_len = val.shape[-2], val.shape[-1]
+    cand.seq_len = analysis.hint(q_len)
+    if analysis.hint(kv_len) != cand.seq_len:
+        cand.reason = f"query length {q_len} differs from key length {kv_len} (a cache or prefix?)"
+        return
+    if isinstance(q_len, torch.SymInt):
+        expr = q_len.node.expr
+        if not isinstance(expr, sympy.Symbol):
+            cand.reason = f"the sequence length is the expression {expr}, not a plain size"
+            return
+        cand.seq_symbol = expr
+    if len(inputs) > 1:
+        cand.reason = "the mask depends on several inputs: " + ", ".join(n.name for n in inputs)
+        return
+    fn = analysis.extract_function(gm, cand.node)
+    input_node = next(iter(inputs), None)
+    hypotheses = ["causal"] if input_node is None else ["causal_padding", "packed_causal"]
+    for kind in hypotheses:
+        ok, detail = _check(fn, cand, input_node, kind)
+        if ok:
+            cand.kind, cand.input = kind, input_node
+            return
+        cand.reason = detail
+    if input_node is not None:
+        cand.reason = (
+            f"the mask built from {input_node.name} is neither causal ∧ padding nor packed "
+            "block-causal (sliding window, chunked or bidirectional attention?)"
+        )
+
+
+def _sizes(cand: MaskCandidate) -> list[int]:
+    if cand.seq_symbol is None:
+        return [cand.seq_len]
+    return sorted({cand.seq_len, *PROBE_LENGTHS, max(PROBE_LENGTHS) + 1, 2 * cand.seq_len})
+
+
+def _check(fn, cand: MaskCandidate, input_node, kind: str) -> tuple[bool, str]:
+    gen = torch.Generator().manual_seed(0)
+    masked_values: set[float] = set()
+    for seq_len in _sizes(cand):
+        assignment = {cand.seq_symbol: seq_len} if cand.seq_symbol is not None else {}
+        for probe in range(N_PROBES if input_node is not None else 1):
+            chosen = {}
+            ref_input = None
+            for inp in fn.inputs:
+                ev = analysis.example_value(inp)
+                if isinstance(ev, torch.Tensor):
+                    shape = _shape_under(ev, assignment)
+                    if inp is input_node:
+                        ref_input = _probe_value(kind, shape, ev.dtype, probe, gen)
+                        chosen[inp] = ref_input
+                    else:
+                        chosen[inp] = torch.zeros(shape, dtype=ev.dtype)
+                elif isinstance(ev, torch.SymInt):
+                    chosen[inp] = _size_under(ev, assignment)
+            try:
+                out = analysis.run_function(fn, chosen)
+            except Exception as e:  # a slice that cannot run on the probe proves nothing
+                return False, f"probing the mask failed: {type(e).__name__}: {e}"
+            ref = _reference(kind, ref_input, seq_len)
+            ok, detail = _compare(out, ref, masked_values)
+            if not ok:
+                return False, f"{kind} probe at length {seq_len}: {detail}"
+    if len(masked_values) > 1:
+        return False, f"additive mask uses several masked values {sorted(masked_values)}"
+    cand.masked_value = next(iter(masked_values), None)
+    cand.max_probed_len = max(_sizes(cand)) if cand.seq_symbol is not None else cand.seq_len
+    return True, ""
+
+
+def _size_under(value, assignment) -> int:
+    if isinstance(value, torch.SymInt) and assignment:
+        return int(value.node.expr.xreplace(assignment))
+    return analysis.hint(value)
+
+
+def _shape_under(value: torch.Tensor, assignment) -> tuple[int, ...]:
+    return tuple(_size_under(s, assignment) for s in value.shape)
+
+
+def _probe_value(kind: str, shape, dtype, probe: int, gen: torch.Generator) -> torch.Tensor:
+    """Inputs that separate the hypotheses: right/left padding and holes for padding masks,
+    documents with restarts, offsets and gaps for position ids."""
+    batch, seq = shape
+    if kind == "causal_padding":
+        if probe == 0:  # right padding with every length, including empty and full rows
+            lengths = torch.randint(0, seq + 1, (batch,), generator=gen)
+            lengths[0] = seq
+            if batch > 1:
+                lengths[-1] = 0
+            keep = torch.arange(seq)[None, :] < lengths[:, None]
+        elif probe == 1:  # left padding
+            lengths = torch.randint(0, seq + 1, (batch,), generator=gen)
+            keep = torch.arange(seq)[None, :] >= (seq - lengths)[:, None]
+        else:  # holes
+            keep = torch.rand((batch, seq), generator=gen) < 0.6
+        return keep.to(dtype)
+    # packed positions: documents of random lengths restarting at 0 (probe 0), at random offsets
+    # (probe 1), and arbitrary positions (later probes)
+    rows = []
+    for _ in range(batch):
+        if probe >= 2:
+            rows.append(torch.randint(0, 4, (seq,), generator=gen))
+            continue
+        row = []
+        while len(row) < seq:
+            n = int(torch.randint(1, max(2, seq // 2) + 1, (1,), generator=gen))
+            start = 0 if probe == 0 else int(torch.randint(0, 50, (1,), generator=gen))
+            row.extend(range(start, start + n))
+        rows.append(torch.tensor(row[:seq]))
+    return torch.stack(rows).to(dtype)
+
+
+def _reference(kind: str, inp: torch.Tensor | None, seq_len: int) -> torch.Tensor:
+    idx = torch.arange(seq_len)
+    causal = (idx[None, :] <= idx[:, None])[None, None]  # (1, 1, q, kv)
+    if kind == "causal":
+        return causal
+    if kind == "causal_padding":
+        return causal & (inp != 0)[:, None, None, :]
+    docs = document_ids(inp)
+    same = docs[:, :, None] == docs[:, None, :]
+    return causal & same[:, None]
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document index of each token: a new document starts wherever the position does not
+    increase by exactly one (and at the start of each row). Shape (B, S), like the input."""
+    step = torch.ones_like(position_ids)
+    step[:, 1:] = position_ids[:, 1:] - position_ids[:, :-1]
+    return (step != 1).cumsum(-1)
+
+
+def _compare(out, ref: torch.Tensor, masked_values: set) -> tuple[bool, str]:
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        return False, "the slice did not produce a 4-D tensor"
+    try:
+        out_b, ref_b = torch.broadcast_tensors(out, ref)
+    except RuntimeError:
+        return False, f"shape {tuple(out.shape)} does not broadcast to {tuple(ref.shape)}"
+    if out.shape[-2:] != ref.shape[-2:]:
+        return False, f"mask shape {tuple(out.shape)} is not (..., {ref.shape[-2]}, {ref.shape[-1]})"
+    if out.dtype == torch.bool:
+        if torch.equal(out_b, ref_b):
+            return True, ""
+        return False, f"{int((out_b != ref_b).sum())} entries differ"
+    if (out_b[ref_b] != 0).any():
+        return False, "an attended entry of the additive mask is not 0"
+    masked = out_b[~ref_b]
+    if masked.numel():
+        values = masked.unique()
+        if values.numel() != 1:
+            return False, "masked entries hold several values"
+        masked_values.add(float(values.item()))
+    return True, ""
+
