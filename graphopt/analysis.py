@@ -82,8 +82,21 @@ def tensor_inputs(graph: fx.Graph) -> dict[fx.Node, frozenset[fx.Node]]:
     return deps
 
 
+def is_mutation(node: fx.Node) -> bool:
+    """True for calls that write into an argument (``x[i] = v``, ``x.add_(y)``, ``out=``)."""
+    if node.op == "call_function":
+        return node.target is operator.setitem or "out" in node.kwargs
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    return False
+
+
 def backward_slice(node: fx.Node, stop_at: Iterable[fx.Node] = ()) -> list[fx.Node]:
-    """All ancestors of ``node`` (itself included), in graph order, not looking past ``stop_at``."""
+    """All ancestors of ``node`` (itself included), in graph order, not looking past ``stop_at``.
+
+    In-place writes into a node of the slice (Dynamo keeps ``x[i] = v`` as a ``setitem`` call with
+    no users) are part of what the node computes, so they and their own ancestors are included.
+    """
     stop = set(stop_at)
     seen: set[fx.Node] = set()
     stack = [node]
@@ -92,9 +105,13 @@ def backward_slice(node: fx.Node, stop_at: Iterable[fx.Node] = ()) -> list[fx.No
         if cur in seen:
             continue
         seen.add(cur)
-        if cur not in stop:
-            stack.extend(cur.all_input_nodes)
-    return [n for n in node.graph.nodes if n in seen]
+        if cur in stop:
+            continue
+        stack.extend(cur.all_input_nodes)
+        stack.extend(u for u in cur.users if is_mutation(u) and u.args and u.args[0] is cur)
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    limit = order[node]
+    return [n for n in node.graph.nodes if n in seen and (order[n] <= limit)]
 
 
 @dataclass

@@ -39,8 +39,10 @@ def right_padding_guard(
     at a real position when every row is right-padded: all keys ``kv <= q`` of a real ``q`` are real.
     Queries at padded positions do change, so nothing derived from them may reach the loss:
 
-    - ``right_padded``: every row of ``attention_mask`` is ones followed by zeros (all-ones rows and
-      all-zeros rows included). Nonzero counts as one, as transformers casts the mask to bool.
+    - ``right_padded``: every row of ``attention_mask`` is ones followed by zeros (all-ones rows
+      included). Nonzero counts as one, as transformers casts the mask to bool.
+    - ``no_empty_rows``: no row is entirely padding. Such a row would still be exact (all its
+      queries are padded) but it is a sign of a broken collator, and the masked path handles it.
     - ``pads_ignored``: every target scored at a padded query position is ``ignore_index``. The
       target at position ``t`` is ``labels[t + shift]`` (``shift=1`` is the causal-LM label shift).
       Omitted when ``labels`` is None (the caller promised padded outputs are unused).
@@ -53,7 +55,10 @@ def right_padding_guard(
         name → 0-dim bool tensor, on ``attention_mask``'s device (no host sync here).
     """
     keep = attention_mask != 0
-    conditions = {"right_padded": (keep[:, 1:] <= keep[:, :-1]).all()}
+    conditions = {
+        "right_padded": (keep[:, 1:] <= keep[:, :-1]).all(),
+        "no_empty_rows": keep[:, 0].all(),
+    }
     if labels is not None:
         targets = shift_targets(labels, shift, ignore_index).to(keep.device)
         conditions["pads_ignored"] = (keep | (targets == ignore_index)).all()
@@ -65,6 +70,7 @@ GUARD_ADVICE = {
         "the batch is not right-padded (a row of attention_mask has a 0 before a 1: left padding or "
         "holes). Pad on the right (tokenizer.padding_side = 'right') to get the fast path."
     ),
+    "no_empty_rows": "a row of the batch is entirely padding; drop empty rows to get the fast path.",
     "probed_length": (
         "the sequence is longer than any length the attention mask was proven causal at "
         "(symbolic shapes); such calls run the exact masked path."

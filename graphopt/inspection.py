@@ -60,6 +60,11 @@ class GraphReport:
     def changed(self) -> bool:
         return bool(self.rewrites)
 
+    @property
+    def counts(self) -> collections.Counter:
+        """Rewrite name → applications in this graph."""
+        return collections.Counter(r.name for r in self.rewrites)
+
     def rewrite(self, name: str, rule: str, detail: str) -> None:
         self.rewrites.append(Rewrite(name, rule, detail))
         log.debug("graph %d: %s/%s: %s", self.graph_id, name, rule, detail)
@@ -92,7 +97,7 @@ class Report:
 
     @property
     def counts(self) -> collections.Counter:
-        return collections.Counter(r.name for g in self.graphs for r in g.rewrites)
+        return sum((g.counts for g in self.graphs), collections.Counter())
 
     @property
     def rule_counts(self) -> collections.Counter:
@@ -156,7 +161,7 @@ def publish(report: GraphReport, dump_dir: str | None) -> None:
     with _lock:
         for listener in _listeners:
             listener.graphs.append(report)
-    names = collections.Counter(r.name for r in report.rewrites)
+    names = report.counts
     log.info(
         "graph %d: %s; %d decline(s); %d guard(s); passes took %.3fs",
         report.graph_id,

@@ -123,10 +123,34 @@ def find_masks(gm: fx.GraphModule) -> list[MaskCandidate]:
                 cand.additive_users.append(user)
             else:
                 cand.reason = f"the mask is used by {user.format_node()}, which is not attention"
-        if not cand.reason:
-            _classify(gm, cand, deps[node])
         found.append(cand)
+    frontier = {c.node for c in found}
+    for cand in found:
+        if not cand.reason:
+            cand.reason = _escapes(cand.node, index_only, frontier)
+        if not cand.reason:
+            _classify(gm, cand, deps[cand.node])
     return found
+
+
+def _escapes(mask: fx.Node, index_only: set[fx.Node], frontier: set[fx.Node]) -> str:
+    """Why the mask's value reaches something other than attention through index-only nodes
+    (the graph output, or a consumer that is not another mask), or "" when it does not."""
+    stack, seen = [mask], set()
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user in seen or user in frontier:
+                continue
+            seen.add(user)
+            if user.op == "output":
+                return f"{node.name}, derived from the mask, is a graph output"
+            if user not in index_only:
+                if node is not mask:
+                    return f"{node.name}, derived from the mask, is used by {user.format_node()}"
+                continue
+            stack.append(user)
+    return ""
 
 
 def _classify(gm: fx.GraphModule, cand: MaskCandidate, inputs: frozenset[fx.Node]) -> None:
