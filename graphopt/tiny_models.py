@@ -48,7 +48,7 @@ PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 0, 1, 2
 _DEFAULT_ATTENTION = {"gemma2": "eager"}
 
 
-def _window_fields(family: str, window: int | None, num_layers: int) -> dict:
+def _window_fields(family: str, window: int | None, fields: dict) -> dict:
     """Config fields that set the family's sliding window: off when ``window`` is None, else the
     family's own windowed variant (for tests that must decline it)."""
     if family in ("mistral", "phi3"):
@@ -61,7 +61,10 @@ def _window_fields(family: str, window: int | None, num_layers: int) -> dict:
             return {"sliding_window": window}  # its default layer_types: sliding, full, sliding, ...
         # Gemma2 builds its sliding mask whatever the layer types, so the size stays set (larger
         # than any position) while no layer uses it.
-        return {"sliding_window": TINY_DIMS["max_position_embeddings"], "layer_types": ["full_attention"] * num_layers}
+        return {
+            "sliding_window": fields["max_position_embeddings"],
+            "layer_types": ["full_attention"] * fields["num_hidden_layers"],
+        }
     if window is not None:
         raise ValueError(f"tiny {family} has no sliding-window variant here")
     return {}
@@ -89,7 +92,7 @@ def tiny_config(family: str, **overrides):
     if family == "gemma2":
         # Scores scaled by 1/sqrt(head_dim), as in the real models (the default 256 is their head_dim).
         fields.setdefault("query_pre_attn_scalar", fields["head_dim"])
-    for key, value in _window_fields(family, window, fields["num_hidden_layers"]).items():
+    for key, value in _window_fields(family, window, fields).items():
         fields.setdefault(key, value)
     return AutoConfig.for_model(family, **fields)
 
@@ -187,33 +190,41 @@ def make_batch(
     Real tokens are drawn uniformly from the vocabulary without ``pad_token_id``; padding positions
     hold ``pad_token_id``. HF shifts labels inside the model, so ``labels[:, 0]`` is never a target.
 
-    | layout                | shape                | keys                                   | what it is                                                                   |
-    | --------------------- | -------------------- | -------------------------------------- | ---------------------------------------------------------------------------- |
-    | "right"               | (batch, seq)         | input_ids, attention_mask, labels      | right padding: each mask row is ones then zeros; >= 1 row unpadded, >= 1     |
-    |                       |                      |                                        | padded (batch >= 2); about ``pad_fraction`` of all tokens are pads; labels   |
-    |                       |                      |                                        | are input_ids with -100 at pads                                              |
-    | "left"                | (batch, seq)         | same                                   | the same rows as "right", left padded (zeros then ones); no position_ids,    |
-    |                       |                      |                                        | so positions are HF's default arange (not shifted per row)                   |
-    | "holes"               | (batch, seq)         | same                                   | one zero run strictly inside a row (ones on both sides) in >= 1 row, >= 1    |
-    |                       |                      |                                        | row all ones (seq >= 3); labels -100 where the mask is 0                     |
-    | "pad_labels_unmasked" | (batch, seq)         | same                                   | "right", but labels = input_ids everywhere (pads are targets)                |
-    | "all_pad_row"         | (batch, seq)         | same                                   | "right" with one padded row made entirely padding (mask 0, labels -100)      |
-    | "none"                | (batch, seq)         | input_ids, labels                      | no padding, no attention_mask key                                            |
-    | "ones"                | (batch, seq)         | input_ids, attention_mask, labels      | no padding, an all-ones attention_mask                                       |
-    | "packed"              | (batch, seq)         | input_ids, position_ids, labels        | each row concatenates documents (no mask); position_ids restart at 0 per     |
-    |                       |                      |                                        | document; labels as DataCollatorWithFlattening (-100 at each document's      |
-    |                       |                      |                                        | first token, then the document's tokens); one document has length 1 when     |
-    |                       |                      |                                        | seq >= 3                                                                     |
-    | "packed_docs"         | (n_docs, max_doc)    | input_ids, attention_mask, labels      | the documents of "packed" (same seed/batch/seq), one per row in order, right |
-    |                       |                      |                                        | padded; labels are each document's packed labels, -100 at pads              |
+    Keys: ids = input_ids, mask = attention_mask, pos = position_ids. Shapes are (batch, seq) unless
+    said otherwise.
+
+    | layout                | keys              | what                                                        |
+    | --------------------- | ----------------- | ----------------------------------------------------------- |
+    | "right"               | ids, mask, labels | right padding: each mask row is ones then zeros; >= 1 row   |
+    |                       |                   | unpadded and >= 1 padded (batch >= 2); about pad_fraction * |
+    |                       |                   | batch * seq pads in all; labels = ids, -100 at pads         |
+    | "left"                | ids, mask, labels | the rows of "right" (same arguments) with the pads moved    |
+    |                       |                   | first (zeros then ones); no pos, so positions are HF's      |
+    |                       |                   | default arange, and each padded row's first token is a      |
+    |                       |                   | target predicted from a pad                                 |
+    | "holes"               | ids, mask, labels | a zero run strictly inside >= 1 row (ones on both sides),   |
+    |                       |                   | >= 1 row all ones (seq >= 3); labels -100 where mask is 0   |
+    | "pad_labels_unmasked" | ids, mask, labels | "right", but labels = ids everywhere (pads are targets)     |
+    | "all_pad_row"         | ids, mask, labels | "right" with one padded row made all padding (mask 0,       |
+    |                       |                   | labels -100); >= 1 row stays unpadded                       |
+    | "none"                | ids, labels       | no padding and no attention_mask key                        |
+    | "ones"                | ids, mask, labels | no padding, an all-ones mask                                |
+    | "packed"              | ids, pos, labels  | each row concatenates documents, no mask; pos restart at 0  |
+    |                       |                   | per document; labels as DataCollatorWithFlattening (-100 at |
+    |                       |                   | each document's first token, then its tokens); one document |
+    |                       |                   | per row has length 1 when seq >= 3                          |
+    | "packed_docs"         | ids, mask, labels | (n_docs, longest doc): the documents of "packed" (same      |
+    |                       |                   | arguments), one per row in order, right padded; labels are  |
+    |                       |                   | each document's packed labels, -100 at pads                 |
 
     "packed" and "packed_docs" with the same arguments hold the same documents, and after HF's shift
     the same (prefix, target) pairs: each document's tokens 1..n-1, each predicted from its own
     prefix. A document boundary in the packed row is never a target (its label is -100), and a
     length-1 document contributes no target in either layout. So HF's mean loss over non-ignored
-    labels is the same number for both (up to float summation order), provided the packed row's
-    attention is split per document (transformers does so from position_ids when there is no
-    attention_mask and no cache), and ``num_items_in_batch`` is the same: sum(len(doc) - 1).
+    labels is the same number for both (up to float summation order), and ``num_items_in_batch`` is
+    sum(len(doc) - 1) for both, provided the packed row's attention is split per document.
+    transformers splits it from position_ids only when there is no attention_mask and no cache
+    object, so call the model with ``use_cache=False`` (the tiny configs keep ``use_cache=True``).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
@@ -248,11 +259,10 @@ def make_batch(
         n_pad = _pads_per_row(batch, seq, seq - 1, pad_fraction, gen)
         if layout == "all_pad_row":
             n_pad[int(torch.argmax(n_pad))] = seq
-        positions = torch.arange(seq)
-        if layout == "left":
-            mask = (positions >= n_pad[:, None]).long()
-        else:
-            mask = (positions < (seq - n_pad)[:, None]).long()
+        mask = (torch.arange(seq) < (seq - n_pad)[:, None]).long()
+        if layout == "left":  # the rows of "right", rotated so that the pads come first
+            input_ids = torch.stack([row.roll(int(n)) for row, n in zip(input_ids, n_pad)])
+            mask = mask.flip(-1)
     input_ids = input_ids.masked_fill(mask == 0, pad_token_id)
     labels = input_ids.clone()
     if layout != "pad_labels_unmasked":
