@@ -36,9 +36,10 @@ def example_value(node: fx.Node):
 def hint(value) -> int:
     """A concrete int for a possibly symbolic size."""
     if isinstance(value, torch.SymInt):
-        from torch.fx.experimental.symbolic_shapes import hint_int
-
-        return hint_int(value)
+        node = value.node
+        if node.hint is not None:
+            return int(node.hint)
+        return int(node.shape_env.size_hint(node.expr))
     return int(value)
 
 

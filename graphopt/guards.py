@@ -72,8 +72,9 @@ GUARD_ADVICE = {
     ),
     "no_empty_rows": "a row of the batch is entirely padding; drop empty rows to get the fast path.",
     "probed_length": (
-        "the sequence is longer than any length the attention mask was proven causal at "
-        "(symbolic shapes); such calls run the exact masked path."
+        "the sequence is longer than any length the attention mask was proven causal at, or the "
+        "attention_mask length differs from the sequence length (symbolic shapes); such calls run "
+        "the exact masked path."
     ),
     "pads_ignored": (
         "labels at padded positions are not ignored. Set labels[attention_mask == 0] = -100 "

@@ -52,7 +52,8 @@ class MaskCandidate:
         additive_users: ``scores + node`` additions feeding a softmax (eager attention).
         input: the placeholder the mask depends on (``attention_mask`` or ``position_ids``).
         masked_value: for additive masks, the value at masked positions.
-        seq_len: the (hinted) query length; ``seq_symbol`` its symbol when dynamic.
+        seq_len: the (hinted) query length; ``seq_symbols`` the symbols of the sizes that equal
+            it (query and key lengths, the mask input's length) when shapes are dynamic.
         max_probed_len: the proof holds for sequence lengths up to this.
         reason: why ``kind`` is ``"unknown"``.
     """
@@ -64,7 +65,7 @@ class MaskCandidate:
     input: fx.Node | None = None
     masked_value: float | None = None
     seq_len: int = 0
-    seq_symbol: sympy.Symbol | None = None
+    seq_symbols: frozenset = frozenset()
     max_probed_len: int = 0
     reason: str = ""
 
@@ -160,16 +161,23 @@ def _classify(gm: fx.GraphModule, cand: MaskCandidate, inputs: frozenset[fx.Node
     if analysis.hint(kv_len) != cand.seq_len:
         cand.reason = f"query length {q_len} differs from key length {kv_len} (a cache or prefix?)"
         return
-    if isinstance(q_len, torch.SymInt):
-        expr = q_len.node.expr
-        if not isinstance(expr, sympy.Symbol):
-            cand.reason = f"the sequence length is the expression {expr}, not a plain size"
-            return
-        cand.seq_symbol = expr
     if len(inputs) > 1:
         cand.reason = "the mask depends on several inputs: " + ", ".join(n.name for n in inputs)
         return
     fn = analysis.extract_function(gm, cand.node)
+    symbols = set()
+    sizes = [q_len, kv_len]
+    for inp in fn.inputs:
+        ev = analysis.example_value(inp)
+        sizes += [ev] if isinstance(ev, torch.SymInt) else list(getattr(ev, "shape", ())[1:])
+    for size in sizes:
+        if isinstance(size, torch.SymInt) and analysis.hint(size) == cand.seq_len:
+            expr = _canonical(size)
+            if not isinstance(expr, sympy.Symbol):
+                cand.reason = f"the sequence length is the expression {expr}, not a plain size"
+                return
+            symbols.add(expr)
+    cand.seq_symbols = frozenset(symbols)
     input_node = next(iter(inputs), None)
     hypotheses = ["causal"] if input_node is None else ["causal_padding", "packed_causal"]
     for kind in hypotheses:
@@ -186,7 +194,7 @@ def _classify(gm: fx.GraphModule, cand: MaskCandidate, inputs: frozenset[fx.Node
 
 
 def _sizes(cand: MaskCandidate) -> list[int]:
-    if cand.seq_symbol is None:
+    if not cand.seq_symbols:
         return [cand.seq_len]
     return sorted({cand.seq_len, *PROBE_LENGTHS, max(PROBE_LENGTHS) + 1, 2 * cand.seq_len})
 
@@ -195,7 +203,7 @@ def _check(fn, cand: MaskCandidate, input_node, kind: str) -> tuple[bool, str]:
     gen = torch.Generator().manual_seed(0)
     masked_values: set[float] = set()
     for seq_len in _sizes(cand):
-        assignment = {cand.seq_symbol: seq_len} if cand.seq_symbol is not None else {}
+        assignment = {sym: sympy.Integer(seq_len) for sym in cand.seq_symbols}
         for probe in range(N_PROBES if input_node is not None else 1):
             chosen = {}
             ref_input = None
@@ -221,14 +229,25 @@ def _check(fn, cand: MaskCandidate, input_node, kind: str) -> tuple[bool, str]:
     if len(masked_values) > 1:
         return False, f"additive mask uses several masked values {sorted(masked_values)}"
     cand.masked_value = next(iter(masked_values), None)
-    cand.max_probed_len = max(_sizes(cand)) if cand.seq_symbol is not None else cand.seq_len
+    cand.max_probed_len = max(_sizes(cand))
     return True, ""
 
 
 def _size_under(value, assignment) -> int:
     if isinstance(value, torch.SymInt) and assignment:
-        return int(value.node.expr.xreplace(assignment))
+        expr = _canonical(value).xreplace(assignment)
+        if expr.free_symbols:  # other symbols (the batch size, say) keep their hints
+            env = value.node.shape_env
+            hints = getattr(env, "backed_var_to_val", None) or getattr(env, "var_to_val", {})
+            expr = expr.xreplace(hints)
+        return int(expr)
     return analysis.hint(value)
+
+
+def _canonical(value: torch.SymInt) -> sympy.Expr:
+    """The size's expression with the shape environment's known equalities applied (Dynamo may
+    give equal sizes different symbols and record that they are equal)."""
+    return value.node.shape_env.replace(value.node.expr)
 
 
 def _shape_under(value: torch.Tensor, assignment) -> tuple[int, ...]:

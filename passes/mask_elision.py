@@ -25,7 +25,7 @@ import torch.fx as fx
 from graphopt import analysis
 from graphopt.guards import Guard, right_padding_guard
 from graphopt.losses import find_losses, per_position_output
-from graphopt.masks import MaskCandidate, find_masks
+from graphopt.masks import MaskCandidate, _canonical
 from graphopt.passes import PassContext
 
 
@@ -73,7 +73,7 @@ class MaskElision:
     def _guards(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> list[Guard] | None:
         """The guards the rewrite of ``cand`` needs, or None after recording a decline."""
         guards = []
-        if cand.seq_symbol is not None:
+        if cand.seq_symbols:
             guards.append(probed_length_guard(gm, ctx, cand))
         if cand.kind == "causal":
             return guards
@@ -142,28 +142,25 @@ class MaskElision:
 
 
 def probed_length_guard(gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> Guard:
-    """A host-side guard: the sequence length is at most the longest length the mask was proven
-    at. Reads a shape, never a device value."""
+    """A host-side guard: every graph input size that carried the mask's sequence length still
+    agrees, and is at most the longest length the mask was proven at. Reads shapes only."""
+    where: list[tuple[int, int | None]] = []
     for index, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         val = analysis.example_value(node)
-        if isinstance(val, torch.SymInt) and val.node.expr == cand.seq_symbol:
-            fn = functools.partial(_length_at_most, dim=None, limit=cand.max_probed_len)
-            break
-        if isinstance(val, torch.Tensor):
-            dims = [d for d, s in enumerate(val.shape) if isinstance(s, torch.SymInt) and s.node.expr == cand.seq_symbol]
-            if dims:
-                fn = functools.partial(_length_at_most, dim=dims[0], limit=cand.max_probed_len)
-                break
-    else:
-        raise AssertionError(f"no graph input carries the symbolic length {cand.seq_symbol}")
+        sizes = [(None, val)] if isinstance(val, torch.SymInt) else list(enumerate(getattr(val, "shape", ())))
+        for dim, size in sizes:
+            if isinstance(size, torch.SymInt) and _canonical(size) in cand.seq_symbols:
+                where.append((index, dim))
+    indices = sorted({i for i, _ in where})
+    dims = [[d for i, d in where if i == index] for index in indices]
     return Guard(
         name="probed_length",
-        fn=fn,
-        input_indices=(index,),
+        fn=functools.partial(_lengths_agree, dims=dims, limit=cand.max_probed_len),
+        input_indices=indices,
         description=f"sequence length <= {cand.max_probed_len} (the longest length the mask was proven at)",
     )
 
 
-def _length_at_most(value, *, dim: int | None, limit: int) -> dict[str, bool]:
-    length = value if dim is None else value.shape[dim]
-    return {"probed_length": int(length) <= limit}
+def _lengths_agree(*values, dims: list[list[int | None]], limit: int) -> dict[str, bool]:
+    lengths = {int(v) if d is None else v.shape[d] for v, ds in zip(values, dims) for d in ds}
+    return {"probed_length": len(lengths) <= 1 and all(n <= limit for n in lengths)}
