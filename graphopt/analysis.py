@@ -202,12 +202,11 @@ def erase_dead(graph: fx.Graph, candidates: Iterable[fx.Node]) -> int:
 def annotate(node: fx.Node) -> None:
     """Record ``example_value`` for a node a pass created, by running its target on the fake values
     of its inputs, so later passes see correct metadata."""
-    from torch._guards import detect_fake_mode
-
-    inputs = [example_value(n) for n in node.all_input_nodes]
-    fake_mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
-    if fake_mode is None:
+    inputs = torch.utils._pytree.tree_leaves([example_value(n) for n in node.all_input_nodes])
+    modes = [v.fake_mode for v in inputs if hasattr(v, "fake_mode")]
+    if not modes:
         return
+    fake_mode = modes[0]
     args = fx.node.map_arg(node.args, example_value)
     kwargs = fx.node.map_arg(node.kwargs, example_value)
     with fake_mode:

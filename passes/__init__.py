@@ -60,9 +60,8 @@ class PassContext:
 
 def enabled_passes(options: GraphoptOptions) -> list:
     """The passes to run, in order, for ``options``."""
+    from graphopt.passes.fused_cross_entropy import FusedCrossEntropy
     from graphopt.passes.mask_elision import MaskElision
+    from graphopt.passes.varlen_attention import VarlenAttention
 
-    passes = []
-    if options.mask_elision or options.varlen_attention:
-        passes.append(MaskElision())
-    return passes
+    return [MaskElision(), VarlenAttention(), FusedCrossEntropy()]

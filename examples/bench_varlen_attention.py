@@ -1,0 +1,189 @@
+"""Benchmark packed-document causal attention with RoPE, forward and forward + backward.
+
+One step attends T packed tokens split into documents of random length (uniform in
+``--doc-len-range``, the last one truncated), with RoPE from per-document positions. Times are
+medians of ``--repeats`` timed steps after ``--warmup`` untimed ones; the speed-up is against the
+baseline.
+
+Variants:
+    sdpa_mask     baseline: apply_rotary on q and k, then SDPA (enable_gqa) with an explicit (T, T)
+                  block-causal bool mask, the shape of what HF runs for packed sequences (the mask
+                  is built once, outside the timed step, which flatters the baseline)
+    torch         torch.ops.graphopt.varlen_attention, impl="torch" (CPU only)
+    triton        the same, impl="triton" (CUDA only)
+    flash_attn    the same, impl="flash_attn" (CUDA, when flash-attn imports)
+    torch_varlen  the same, impl="torch_varlen" (CUDA, when torch.nn.attention.varlen exists)
+
+Example (CPU; the defaults shrink to --tokens 4096 there)::
+
+    python examples/bench_varlen_attention.py --device cpu
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from graphopt.ops.varlen_attention import _has_torch_varlen, apply_rotary  # noqa: E402
+
+VARIANTS = ("sdpa_mask", "torch", "triton", "flash_attn", "torch_varlen")
+
+
+def available(variant: str, device: str) -> bool:
+    if variant == "torch":
+        return device == "cpu"
+    if variant == "triton":
+        return device == "cuda"
+    if variant == "flash_attn":
+        return device == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if variant == "torch_varlen":
+        return device == "cuda" and _has_torch_varlen()
+    return True
+
+
+def make_inputs(args: argparse.Namespace) -> dict:
+    """Packed q/k/v (T, H, D), rotary tables (T, R), cu_seqlens (N+1,) and document lengths."""
+    generator = torch.Generator().manual_seed(0)
+    low, high = args.doc_len_range
+    lengths = []
+    while sum(lengths) < args.tokens:
+        lengths.append(min(int(torch.randint(low, high + 1, (), generator=generator)), args.tokens - sum(lengths)))
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    rotary_dim = args.head_dim
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    freqs = positions[:, None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    device, dtype = args.device, getattr(torch, args.dtype)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device, dtype).requires_grad_()
+
+    return dict(
+        q=randn(args.tokens, args.heads, args.head_dim),
+        k=randn(args.tokens, args.kv_heads, args.head_dim),
+        v=randn(args.tokens, args.kv_heads, args.head_dim),
+        cos=emb.cos().to(device),
+        sin=emb.sin().to(device),
+        cu_seqlens=cu_seqlens.to(device),
+        lengths=lengths,
+    )
+
+
+def attention_fn(variant: str, inputs: dict, args: argparse.Namespace):
+    """A function of (q, k, v) returning the (T, Hq, D) attention output for ``variant``."""
+    cos, sin, cu_seqlens = inputs["cos"], inputs["sin"], inputs["cu_seqlens"]
+    scale = args.head_dim**-0.5
+    max_seqlen = max(inputs["lengths"])
+    if variant == "sdpa_mask":
+        doc = torch.repeat_interleave(
+            torch.arange(len(inputs["lengths"])), torch.tensor(inputs["lengths"])
+        ).to(args.device)
+        positions = torch.arange(args.tokens, device=args.device)
+        mask = (doc[:, None] == doc[None, :]) & (positions[None, :] <= positions[:, None])
+
+        def sdpa_mask(q, k, v):
+            q_rot = apply_rotary(q, cos, sin, False).transpose(0, 1).unsqueeze(0)
+            k_rot = apply_rotary(k, cos, sin, False).transpose(0, 1).unsqueeze(0)
+            out = F.scaled_dot_product_attention(
+                q_rot, k_rot, v.transpose(0, 1).unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=True
+            )
+            return out.squeeze(0).transpose(0, 1)
+
+        return sdpa_mask
+
+    def graphopt_op(q, k, v):
+        return torch.ops.graphopt.varlen_attention(q, k, v, cos, sin, cu_seqlens, max_seqlen, scale, False, variant)
+
+    return graphopt_op
+
+
+def time_ms(step, device: str, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def run(variant: str, inputs: dict, args: argparse.Namespace) -> dict:
+    fn = attention_fn(variant, inputs, args)
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    grad_out = torch.randn_like(q if q.shape[-1] == v.shape[-1] else q[..., : v.shape[-1]])
+
+    def forward():
+        with torch.no_grad():
+            fn(q, k, v)
+
+    def forward_backward():
+        torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
+
+    return dict(
+        variant=variant,
+        fwd_ms=time_ms(forward, args.device, args.warmup, args.repeats),
+        fwd_bwd_ms=time_ms(forward_backward, args.device, args.warmup, args.repeats),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 cpu, bf16 cuda)")
+    parser.add_argument("--tokens", type=int, default=None, help="packed tokens T (default: 4096 cpu, 32768 cuda)")
+    parser.add_argument("--doc-len-range", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="document lengths, uniform in [MIN, MAX] (default: 32 1024 on cpu, 128 4096 on cuda)")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps (default: 3 on cpu, 20 on cuda)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args()
+    on_cpu = args.device == "cpu"
+    args.dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
+    args.tokens = args.tokens or (4096 if on_cpu else 32768)
+    args.doc_len_range = args.doc_len_range or ([32, 1024] if on_cpu else [128, 4096])
+    args.repeats = args.repeats or (3 if on_cpu else 20)
+
+    inputs = make_inputs(args)
+    lengths = inputs["lengths"]
+    print(
+        f"device={args.device} dtype={args.dtype} T={args.tokens} documents={len(lengths)} "
+        f"(len {min(lengths)}..{max(lengths)}) Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} "
+        f"torch={torch.__version__} threads={torch.get_num_threads()}"
+    )
+    results = [run(variant, inputs, args) for variant in VARIANTS if available(variant, args.device)]
+    base = results[0]
+    print(f"{'variant':<14}{'fwd ms':>10}{'speed-up':>10}{'fwd+bwd ms':>12}{'speed-up':>10}")
+    for row in results:
+        row["fwd_speedup"] = base["fwd_ms"] / row["fwd_ms"]
+        row["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / row["fwd_bwd_ms"]
+        print(
+            f"{row['variant']:<14}{row['fwd_ms']:>10.1f}{row['fwd_speedup']:>9.2f}x"
+            f"{row['fwd_bwd_ms']:>12.1f}{row['fwd_bwd_speedup']:>9.2f}x"
+        )
+    skipped = [variant for variant in VARIANTS if not available(variant, args.device)]
+    if skipped:
+        print(f"not available here: {', '.join(skipped)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(config={**vars(args), "documents": len(lengths)}, results=results), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

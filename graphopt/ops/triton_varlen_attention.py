@@ -1,0 +1,365 @@
+"""Triton kernels: causal varlen (packed-document) flash attention with RoPE fused into the tile loads.
+
+The kernels of the ``"triton"`` implementation of ``graphopt::varlen_attention``. Their launchers
+(``graphopt::varlen_attention_triton_fwd`` / ``_bwd``, ``triton_op`` + ``wrap_triton``), the
+contract, the pure-torch reference and the dispatch live in ``graphopt/ops/varlen_attention.py``.
+
+Shapes (T packed tokens, Hq query heads, Hkv kv heads, D = qk head dim, Dv = value head dim,
+R = rotary dim, N documents)::
+
+    q           (T, Hq, D)     fp32 | bf16 | fp16, unit stride along D
+    k           (T, Hkv, D)    same dtype, Hq % Hkv == 0
+    v           (T, Hkv, Dv)   same dtype
+    cos, sin    (T, R)         fp32 or q's dtype, per-token HF rotary tables, R even, R <= D
+    cu_seqlens  (N+1,)         int32, 0 = cu[0] <= cu[1] <= ... <= cu[N] = T (repeated T = empty docs)
+    out         (T, Hq, Dv)    q's dtype
+    lse         (Hq, T)        fp32, natural-log logsumexp of the scaled scores of each query row
+
+Grids tile the token stream, never the document list: the forward and the dQ kernel run one program
+per (BLOCK_M query tokens, query head), the dK/dV kernel one per (BLOCK_N key tokens, kv head). A
+tile may span documents; each row finds its document start in ``seq_start`` (T,) and each key its
+document end in ``seq_end`` (T,), both computed on the device by ``searchsorted`` on ``cu_seqlens``.
+So the padded tail of ``cu_seqlens`` (empty documents) costs nothing, and no host sync happens.
+Query row ``t`` attends key ``s`` iff ``seq_start[t] <= s <= t`` (same document and causal). A
+query tile iterates keys from its first row's document start to its last row; a key tile iterates
+queries from its first key to its last key's document end: work scales with sum(len_j^2).
+
+RoPE in the tiles. Channels are handled as three column groups, so that rotation is elementwise and
+un-rotation needs no register shuffle::
+
+    A = first member of each rotary pair   half layout: c in [0, R/2)    interleaved: c = 2i
+    B = its partner                        half layout: c + R/2           interleaved: c = 2i + 1
+    P = pass-through channels [R, D)       (only when R < D)
+
+    rotate:    y_A = x_A cos - x_B sin      y_B = x_B cos + x_A sin
+    un-rotate: g_A' = g_A cos + g_B sin     g_B' = g_B cos - g_A sin   (the transpose)
+
+with ``cos``/``sin`` read at the A columns: HF tables give both members of a pair the same angle
+(``cat(f, f)`` or each frequency repeated twice), which the op's contract requires. Scores are
+``q_A k_A^T + q_B k_B^T + q_P k_P^T``. Q/K tiles are rotated in fp32 right after loading, then
+rounded to the input dtype for the matmuls; dQ/dK are accumulated per group in fp32 and un-rotated
+before the single store, so rotated Q/K and rotated dQ/dK never touch global memory.
+
+Backward: a preprocess kernel computes ``delta = rowsum(dO * O)`` (Hq, T) fp32; the dK/dV kernel
+owns one key tile of one kv head and loops over the Hq/Hkv query heads of its group (GQA without
+repeated K/V and without atomics); the dQ kernel recomputes P per query tile. Two kernels instead of
+dQ atomics keep the backward deterministic and need no fp32 (T, Hq, D) scratch buffer.
+
+Block sizes (BLOCK_M x BLOCK_N) are fixed, not autotuned: forward 64x64, dK/dV 32x64, dQ 64x32 on
+GPU (provisional until measured); 16x16 under ``TRITON_INTERPRET=1``, so that small test shapes
+exercise multi-tile paths.
+fp32 inputs use IEEE fp32 matmuls (no TF32), so fp32 results match the reference tightly.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation.
+
+    ``IEEE_FP32``: fp32 operands multiply in full fp32 (no TF32). ``UPCAST``: operands (already
+    rounded to bf16/fp16) are widened to fp32 first; set only under ``TRITON_INTERPRET=1``, whose
+    ``tl.dot`` mishandles bf16 operands (triton 3.9). The products are the same either way.
+    """
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE_FP32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _pair_columns(offs_j, half, INTERLEAVED: tl.constexpr):
+    """Channel indices (A, B) of rotary pair ``offs_j``."""
+    if INTERLEAVED:
+        col_a = 2 * offs_j
+        col_b = col_a + 1
+    else:
+        col_a = offs_j
+        col_b = offs_j + half
+    return col_a, col_b
+
+
+@triton.jit
+def _load_cols(ptr, stride_t, rows, row_mask, cols, col_mask):
+    """(rows, cols) tile of a (T, ...) tensor as fp32, 0 outside the masks."""
+    offsets = rows.to(tl.int64)[:, None] * stride_t + cols[None, :]
+    return tl.load(ptr + offsets, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_rotated_pair(x_ptr, stride_t, rows, row_mask, cos_ptr, sin_ptr, stride_cos, stride_sin,
+                       col_a, col_b, pair_mask):
+    """(y_A, y_B): the rotated A and B column groups of a (rows, pairs) tile, fp32."""
+    x_a = _load_cols(x_ptr, stride_t, rows, row_mask, col_a, pair_mask)
+    x_b = _load_cols(x_ptr, stride_t, rows, row_mask, col_b, pair_mask)
+    cos = _load_cols(cos_ptr, stride_cos, rows, row_mask, col_a, pair_mask)
+    sin = _load_cols(sin_ptr, stride_sin, rows, row_mask, col_a, pair_mask)
+    return x_a * cos - x_b * sin, x_b * cos + x_a * sin
+
+
+@triton.jit
+def _store_unrotated(out_ptr, stride_t, rows, row_mask, cos_ptr, sin_ptr, stride_cos, stride_sin,
+                     col_a, col_b, pair_mask, g_a, g_b, g_p, cols_p, pass_mask, HAS_PASS: tl.constexpr):
+    """Store the gradient w.r.t. the unrotated input: un-rotate (g_A, g_B), pass g_P through."""
+    cos = _load_cols(cos_ptr, stride_cos, rows, row_mask, col_a, pair_mask)
+    sin = _load_cols(sin_ptr, stride_sin, rows, row_mask, col_a, pair_mask)
+    dtype = out_ptr.dtype.element_ty
+    base = out_ptr + rows.to(tl.int64)[:, None] * stride_t
+    mask = row_mask[:, None] & pair_mask[None, :]
+    tl.store(base + col_a[None, :], (g_a * cos + g_b * sin).to(dtype), mask=mask)
+    tl.store(base + col_b[None, :], (g_b * cos - g_a * sin).to(dtype), mask=mask)
+    if HAS_PASS:
+        tl.store(base + cols_p[None, :], g_p.to(dtype), mask=row_mask[:, None] & pass_mask[None, :])
+
+
+@triton.jit
+def varlen_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, seq_start_ptr, out_ptr, lse_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cos, stride_sin, stride_ot, stride_oh,
+    n_tokens, head_dim, rotary_dim, value_dim, group_size, qk_scale_log2,
+    INTERLEAVED: tl.constexpr, HAS_PASS: tl.constexpr, IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // group_size
+    dtype = q_ptr.dtype.element_ty
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < n_tokens
+    row_start = tl.load(seq_start_ptr + offs_m, mask=m_mask, other=0)
+    lo = tl.load(seq_start_ptr + pid_m * BLOCK_M)  # seq_start is non-decreasing: the tile's minimum
+    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_tokens)
+
+    half = rotary_dim // 2
+    offs_j = tl.arange(0, BLOCK_HALF)
+    pair_mask = offs_j < half
+    col_a, col_b = _pair_columns(offs_j, half, INTERLEAVED)
+    cols_p = rotary_dim + tl.arange(0, BLOCK_PASS)
+    pass_mask = cols_p < head_dim
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_mask = offs_dv < value_dim
+
+    q_head = q_ptr + head * stride_qh
+    k_head = k_ptr + kv_head * stride_kh
+    v_head = v_ptr + kv_head * stride_vh
+    q_a, q_b = _load_rotated_pair(q_head, stride_qt, offs_m, m_mask, cos_ptr, sin_ptr, stride_cos,
+                                  stride_sin, col_a, col_b, pair_mask)
+    q_a = q_a.to(dtype)
+    q_b = q_b.to(dtype)
+    if HAS_PASS:
+        q_p = _load_cols(q_head, stride_qt, offs_m, m_mask, cols_p, pass_mask).to(dtype)
+
+    # A finite initial max keeps exp2(m_old - m_new) at 1, not NaN, for rows whose first key
+    # blocks are all masked (they belong to a later document of the tile).
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < hi
+        k_a, k_b = _load_rotated_pair(k_head, stride_kt, offs_n, n_mask, cos_ptr, sin_ptr, stride_cos,
+                                      stride_sin, col_a, col_b, pair_mask)
+        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        s = _dot(q_a, tl.trans(k_a.to(dtype)), s, IEEE_FP32, UPCAST)
+        s = _dot(q_b, tl.trans(k_b.to(dtype)), s, IEEE_FP32, UPCAST)
+        if HAS_PASS:
+            k_p = _load_cols(k_head, stride_kt, offs_n, n_mask, cols_p, pass_mask).to(dtype)
+            s = _dot(q_p, tl.trans(k_p), s, IEEE_FP32, UPCAST)
+        attend = (offs_n[None, :] >= row_start[:, None]) & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(attend, s * qk_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_cols(v_head, stride_vt, offs_n, n_mask, offs_dv, dv_mask).to(dtype)
+        acc = _dot(p.to(dtype), v, acc * alpha[:, None], IEEE_FP32, UPCAST)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # only rows past T have l_i == 0; they are not stored
+    out = acc / l_safe[:, None]
+    out_offsets = offs_m.to(tl.int64)[:, None] * stride_ot + head * stride_oh + offs_dv[None, :]
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
+    lse = (m_i + tl.log2(l_safe)) / 1.4426950408889634
+    tl.store(lse_ptr + head * n_tokens + offs_m, lse, mask=m_mask)
+
+
+@triton.jit
+def varlen_attention_bwd_preprocess_kernel(
+    out_ptr, dout_ptr, delta_ptr, stride_ot, stride_oh, stride_dot, stride_doh, n_tokens, value_dim,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """delta[h, t] = sum_e dO[t, h, e] * O[t, h, e] in fp32."""
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < n_tokens
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_mask = offs_dv < value_dim
+    out = _load_cols(out_ptr + head * stride_oh, stride_ot, offs_m, m_mask, offs_dv, dv_mask)
+    dout = _load_cols(dout_ptr + head * stride_doh, stride_dot, offs_m, m_mask, offs_dv, dv_mask)
+    tl.store(delta_ptr + head * n_tokens + offs_m, tl.sum(out * dout, 1), mask=m_mask)
+
+
+@triton.jit
+def varlen_attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, seq_start_ptr, seq_end_ptr, dout_ptr, lse_ptr, delta_ptr,
+    dk_ptr, dv_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
+    stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    n_tokens, head_dim, rotary_dim, value_dim, group_size, scale, qk_scale_log2,
+    INTERLEAVED: tl.constexpr, HAS_PASS: tl.constexpr, IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    dtype = q_ptr.dtype.element_ty
+
+    n_first = pid_n * BLOCK_N
+    offs_n = n_first + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_tokens
+    n_last = tl.minimum(n_first + BLOCK_N, n_tokens) - 1
+    q_hi = tl.load(seq_end_ptr + n_last)  # seq_end is non-decreasing: the tile's maximum
+
+    half = rotary_dim // 2
+    offs_j = tl.arange(0, BLOCK_HALF)
+    pair_mask = offs_j < half
+    col_a, col_b = _pair_columns(offs_j, half, INTERLEAVED)
+    cols_p = rotary_dim + tl.arange(0, BLOCK_PASS)
+    pass_mask = cols_p < head_dim
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_mask = offs_dv < value_dim
+
+    k_a, k_b = _load_rotated_pair(k_ptr + kv_head * stride_kh, stride_kt, offs_n, n_mask, cos_ptr, sin_ptr,
+                                  stride_cos, stride_sin, col_a, col_b, pair_mask)
+    k_a = k_a.to(dtype)
+    k_b = k_b.to(dtype)
+    if HAS_PASS:
+        k_p = _load_cols(k_ptr + kv_head * stride_kh, stride_kt, offs_n, n_mask, cols_p, pass_mask).to(dtype)
+        dk_p = tl.zeros([BLOCK_N, BLOCK_PASS], tl.float32)
+    v = _load_cols(v_ptr + kv_head * stride_vh, stride_vt, offs_n, n_mask, offs_dv, dv_mask).to(dtype)
+
+    dk_a = tl.zeros([BLOCK_N, BLOCK_HALF], tl.float32)
+    dk_b = tl.zeros([BLOCK_N, BLOCK_HALF], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for g in range(0, group_size):
+        head = kv_head * group_size + g
+        q_head = q_ptr + head * stride_qh
+        for start_m in range(n_first, q_hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < q_hi
+            q_a, q_b = _load_rotated_pair(q_head, stride_qt, offs_m, m_mask, cos_ptr, sin_ptr, stride_cos,
+                                          stride_sin, col_a, col_b, pair_mask)
+            q_a = q_a.to(dtype)
+            q_b = q_b.to(dtype)
+            s_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            s_t = _dot(k_a, tl.trans(q_a), s_t, IEEE_FP32, UPCAST)
+            s_t = _dot(k_b, tl.trans(q_b), s_t, IEEE_FP32, UPCAST)
+            if HAS_PASS:
+                q_p = _load_cols(q_head, stride_qt, offs_m, m_mask, cols_p, pass_mask).to(dtype)
+                s_t = _dot(k_p, tl.trans(q_p), s_t, IEEE_FP32, UPCAST)
+            row_start = tl.load(seq_start_ptr + offs_m, mask=m_mask, other=n_tokens)
+            lse = tl.load(lse_ptr + head * n_tokens + offs_m, mask=m_mask, other=0.0)
+            delta = tl.load(delta_ptr + head * n_tokens + offs_m, mask=m_mask, other=0.0)
+            attend = (offs_m[None, :] >= offs_n[:, None]) & (row_start[None, :] <= offs_n[:, None])
+            s_t = tl.where(attend, s_t * qk_scale_log2 - lse[None, :] * 1.4426950408889634, float("-inf"))
+            p_t = tl.exp2(s_t)
+            dout = _load_cols(dout_ptr + head * stride_doh, stride_dot, offs_m, m_mask, offs_dv, dv_mask).to(dtype)
+            dv = _dot(p_t.to(dtype), dout, dv, IEEE_FP32, UPCAST)
+            dp_t = _dot(v, tl.trans(dout), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE_FP32, UPCAST)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
+            dk_a = _dot(ds_t, q_a, dk_a, IEEE_FP32, UPCAST)
+            dk_b = _dot(ds_t, q_b, dk_b, IEEE_FP32, UPCAST)
+            if HAS_PASS:
+                dk_p = _dot(ds_t, q_p, dk_p, IEEE_FP32, UPCAST)
+
+    if not HAS_PASS:
+        dk_p = dk_a  # unused placeholder: _store_unrotated skips the pass group
+    _store_unrotated(dk_ptr + kv_head * stride_dkh, stride_dkt, offs_n, n_mask, cos_ptr, sin_ptr, stride_cos,
+                     stride_sin, col_a, col_b, pair_mask, dk_a * scale, dk_b * scale, dk_p * scale, cols_p,
+                     pass_mask, HAS_PASS)
+    dv_offsets = offs_n.to(tl.int64)[:, None] * stride_dvt + kv_head * stride_dvh + offs_dv[None, :]
+    tl.store(dv_ptr + dv_offsets, dv.to(dv_ptr.dtype.element_ty), mask=n_mask[:, None] & dv_mask[None, :])
+
+
+@triton.jit
+def varlen_attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, seq_start_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
+    stride_dot, stride_doh, stride_dqt, stride_dqh,
+    n_tokens, head_dim, rotary_dim, value_dim, group_size, scale, qk_scale_log2,
+    INTERLEAVED: tl.constexpr, HAS_PASS: tl.constexpr, IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // group_size
+    dtype = q_ptr.dtype.element_ty
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < n_tokens
+    row_start = tl.load(seq_start_ptr + offs_m, mask=m_mask, other=0)
+    lo = tl.load(seq_start_ptr + pid_m * BLOCK_M)
+    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_tokens)
+
+    half = rotary_dim // 2
+    offs_j = tl.arange(0, BLOCK_HALF)
+    pair_mask = offs_j < half
+    col_a, col_b = _pair_columns(offs_j, half, INTERLEAVED)
+    cols_p = rotary_dim + tl.arange(0, BLOCK_PASS)
+    pass_mask = cols_p < head_dim
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_mask = offs_dv < value_dim
+
+    q_head = q_ptr + head * stride_qh
+    k_head = k_ptr + kv_head * stride_kh
+    v_head = v_ptr + kv_head * stride_vh
+    q_a, q_b = _load_rotated_pair(q_head, stride_qt, offs_m, m_mask, cos_ptr, sin_ptr, stride_cos,
+                                  stride_sin, col_a, col_b, pair_mask)
+    q_a = q_a.to(dtype)
+    q_b = q_b.to(dtype)
+    if HAS_PASS:
+        q_p = _load_cols(q_head, stride_qt, offs_m, m_mask, cols_p, pass_mask).to(dtype)
+        dq_p = tl.zeros([BLOCK_M, BLOCK_PASS], tl.float32)
+    dout = _load_cols(dout_ptr + head * stride_doh, stride_dot, offs_m, m_mask, offs_dv, dv_mask).to(dtype)
+    lse_log2 = tl.load(lse_ptr + head * n_tokens + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + head * n_tokens + offs_m, mask=m_mask, other=0.0)
+
+    dq_a = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
+    dq_b = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < hi
+        k_a, k_b = _load_rotated_pair(k_head, stride_kt, offs_n, n_mask, cos_ptr, sin_ptr, stride_cos,
+                                      stride_sin, col_a, col_b, pair_mask)
+        k_a = k_a.to(dtype)
+        k_b = k_b.to(dtype)
+        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        s = _dot(q_a, tl.trans(k_a), s, IEEE_FP32, UPCAST)
+        s = _dot(q_b, tl.trans(k_b), s, IEEE_FP32, UPCAST)
+        if HAS_PASS:
+            k_p = _load_cols(k_head, stride_kt, offs_n, n_mask, cols_p, pass_mask).to(dtype)
+            s = _dot(q_p, tl.trans(k_p), s, IEEE_FP32, UPCAST)
+        attend = (offs_n[None, :] >= row_start[:, None]) & (offs_n[None, :] <= offs_m[:, None])
+        p = tl.exp2(tl.where(attend, s * qk_scale_log2 - lse_log2[:, None], float("-inf")))
+        v = _load_cols(v_head, stride_vt, offs_n, n_mask, offs_dv, dv_mask).to(dtype)
+        dp = _dot(dout, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE_FP32, UPCAST)
+        ds = (p * (dp - delta[:, None])).to(dtype)
+        dq_a = _dot(ds, k_a, dq_a, IEEE_FP32, UPCAST)
+        dq_b = _dot(ds, k_b, dq_b, IEEE_FP32, UPCAST)
+        if HAS_PASS:
+            dq_p = _dot(ds, k_p, dq_p, IEEE_FP32, UPCAST)
+
+    if not HAS_PASS:
+        dq_p = dq_a  # unused placeholder: _store_unrotated skips the pass group
+    _store_unrotated(dq_ptr + head * stride_dqh, stride_dqt, offs_m, m_mask, cos_ptr, sin_ptr, stride_cos,
+                     stride_sin, col_a, col_b, pair_mask, dq_a * scale, dq_b * scale, dq_p * scale, cols_p,
+                     pass_mask, HAS_PASS)

@@ -1,0 +1,806 @@
+"""Causal attention inside each document of a packed token stream, with RoPE applied inside the op.
+
+``torch.ops.graphopt.varlen_attention(q, k, v, cos, sin, cu_seqlens, max_seqlen, scale,
+interleaved, impl) -> out`` is what the packed-sequence rewrite calls in place of HF's rotary +
+``repeat_kv`` + SDPA with a materialized (T, T) block-causal mask.
+
+Shapes and dtypes (T packed tokens, Hq query heads, Hkv kv heads, D = qk head dim, Dv = value head
+dim, R = rotary dim, N documents)::
+
+    q           (T, Hq, D)    fp32 | bf16 | fp16 (| fp64 for impl="torch")
+    k           (T, Hkv, D)   q's dtype; Hq % Hkv == 0, query head h reads kv head h // (Hq // Hkv)
+    v           (T, Hkv, Dv)  q's dtype
+    cos, sin    (T, R)        fp32 or q's dtype; per-token tables exactly as HF builds them: half
+                              layout cos = cat(f, f), interleaved layout each angle repeated twice
+                              adjacently. R even, R <= D. Never differentiated.
+    cu_seqlens  (N+1,) int32  on q's device; 0 = cu[0] <= cu[1] <= ... <= cu[N] = T. Document j is
+                              tokens [cu[j], cu[j+1]). Repeated entries (empty documents, e.g. a
+                              static-length (T+1,) array padded with T) are allowed. Not
+                              validated on the device (that would need a host sync).
+    max_seqlen  int           upper bound on a document's length (may be loose, e.g. T); only the
+                              flash_attn / torch_varlen impls read it.
+    scale       float         softmax scale.
+    out         (T, Hq, Dv)   q's dtype.
+
+Math, per token t of document j and query head h (g = h // (Hq // Hkv))::
+
+    x_rot = x[..., :R] * cos + rot(x[..., :R]) * sin,   x[..., R:] unchanged (partial rotary)
+        rot = rotate_half, cat(-x2, x1) of the two halves         (interleaved=False)
+        rot = (x0, x1) -> (-x1, x0) for each adjacent pair         (interleaved=True)
+    out[t, h] = softmax_s(scale * q_rot[t, h] . k_rot[s, g]) @ v[s, g],  cu[j] <= s <= t
+
+Nothing crosses documents. Gradients flow to the unrotated q, k, v (the backward applies the
+transpose of the rotation to dq_rot and dk_rot); cos, sin and cu_seqlens get none.
+
+Implementations (``impl``):
+    ``"torch"``         CPU. Documents are bucketed by length into right-padded batches; each
+                        bucket is one causal call of aten's CPU flash attention (GQA native), whose
+                        backward op is used with the saved lse. No (T, T) work or memory; cost
+                        follows sum(len_j^2). Reads cu_seqlens on the host once per call.
+    ``"triton"``        CUDA (CPU tensors under TRITON_INTERPRET=1, for tests). Flash attention
+                        over token tiles with RoPE fused into the Q/K tile loads and dQ/dK
+                        un-rotated in registers; see ``triton_varlen_attention.py``.
+    ``"flash_attn"``    CUDA, needs the ``flash-attn`` package: ``apply_rotary`` then
+                        ``flash_attn_varlen_func(causal=True)``; autograd through both.
+    ``"torch_varlen"``  CUDA, needs ``torch.nn.attention.varlen.varlen_attn``: same RoPE handling.
+    ``"auto"``          ``"triton"`` on CUDA, ``"torch"`` elsewhere. The CUDA default is
+                        provisional until the impls are measured against each other on a GPU.
+
+Ops:
+    ``graphopt::varlen_attention``             the public op, ``CompositeImplicitAutograd``: picks
+                                               the impl and decomposes into one of
+    ``graphopt::varlen_attention_torch_fwd``   (out, lse), opaque custom op, with autograd through
+    ``graphopt::varlen_attention_torch_bwd``   (dq, dk, dv)
+    ``graphopt::varlen_attention_triton_fwd``  (out, lse), ``triton_op``, with autograd through
+    ``graphopt::varlen_attention_triton_bwd``  (dq, dk, dv), ``triton_op``
+The fwd/bwd split keeps the backward traceable by AOTAutograd, and Inductor sees through the
+``triton_op`` s to their kernels. ``lse`` is (Hq, T), fp32 (fp64 for fp64 inputs).
+
+``varlen_attention_reference`` (explicit (T, T) mask, fp64) is the definition of correct.
+"""
+
+import bisect
+import functools
+import importlib.util
+import inspect
+import math
+import os
+
+import torch
+import triton
+from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.library import triton_op, wrap_triton
+
+from graphopt.ops.triton_varlen_attention import (
+    varlen_attention_bwd_dkdv_kernel,
+    varlen_attention_bwd_dq_kernel,
+    varlen_attention_bwd_preprocess_kernel,
+    varlen_attention_fwd_kernel,
+)
+
+IMPLS = ("auto", "torch", "triton", "flash_attn", "torch_varlen")
+TORCH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_MAX_HEAD_DIM = 128
+LOG2E = 1.4426950408889634
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embedding (pure torch, HF's math)
+# ---------------------------------------------------------------------------------------------
+
+
+def _rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """rotate_half (``cat(-x2, x1)``) or the pairwise rotation ``(x0, x1) -> (-x1, x0)``."""
+    if interleaved:
+        pairs = x.unflatten(-1, (-1, 2))
+        return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """``x[..., :R] * cos + rot(x[..., :R]) * sin``, channels R.. passed through; HF's math.
+
+    Args:
+        x: (T, H, D).
+        cos, sin: (T, R), R even, R <= D; broadcast over heads.
+        interleaved: pairwise rotation instead of rotate_half.
+
+    Returns:
+        (T, H, D) in x's dtype. Computed in the promoted dtype of x and cos: with cos/sin in x's
+        dtype this is op for op HF's ``apply_rotary_pos_emb``; with fp32 tables it rounds once.
+    """
+    rotary_dim = cos.shape[-1]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    x_rot = x[..., :rotary_dim]
+    y = (x_rot * cos + _rotate(x_rot, interleaved) * sin).to(x.dtype)
+    if rotary_dim == x.shape[-1]:
+        return y
+    return torch.cat((y, x[..., rotary_dim:]), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+
+
+def varlen_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    interleaved: bool,
+) -> torch.Tensor:
+    """The definition of correct: rotary, then attention under an explicit (T, T) block-causal mask.
+
+    Shapes as in the module docstring. Computed in fp64 (repeats K/V per query head and builds
+    (Hq, T, T) scores: small shapes only); returns (T, Hq, Dv) in q's dtype, differentiable
+    w.r.t. q, k and v.
+    """
+    work = torch.float64
+    q_rot = apply_rotary(q.to(work), cos.to(work), sin.to(work), interleaved)
+    k_rot = apply_rotary(k.to(work), cos.to(work), sin.to(work), interleaved)
+    n_tokens, group = q.shape[0], q.shape[1] // k.shape[1]
+    positions = torch.arange(n_tokens, device=q.device)
+    doc = torch.searchsorted(cu_seqlens.to(torch.int64), positions, right=True)
+    allowed = (doc[:, None] == doc[None, :]) & (positions[None, :] <= positions[:, None])
+    k_rot = k_rot.repeat_interleave(group, dim=1)
+    v_rep = v.to(work).repeat_interleave(group, dim=1)
+    scores = torch.einsum("thd,shd->hts", q_rot, k_rot) * scale
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    return torch.einsum("hts,she->the", probs, v_rep).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks shared by every implementation (real and fake)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_inputs(q, k, v, cos, sin, cu_seqlens) -> None:
+    """Shape/dtype/device checks of the contract; no device data is read."""
+    torch._check(q.dim() == 3, lambda: f"q must be (T, Hq, D), got shape {tuple(q.shape)}")
+    torch._check(k.dim() == 3, lambda: f"k must be (T, Hkv, D), got shape {tuple(k.shape)}")
+    torch._check(v.dim() == 3, lambda: f"v must be (T, Hkv, Dv), got shape {tuple(v.shape)}")
+    n_tokens, n_heads, head_dim = q.shape
+    torch._check(
+        k.shape[0] == n_tokens and v.shape[0] == n_tokens,
+        lambda: f"q, k, v disagree on T: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}",
+    )
+    torch._check(k.shape[2] == head_dim, lambda: f"k head dim {k.shape[2]} != q head dim {head_dim}")
+    torch._check(k.shape[1] == v.shape[1], lambda: f"k has {k.shape[1]} heads, v has {v.shape[1]}")
+    torch._check(
+        k.shape[1] >= 1 and n_heads % k.shape[1] == 0,
+        lambda: f"Hq={n_heads} must be a multiple of Hkv={k.shape[1]}",
+    )
+    torch._check(q.dtype == k.dtype == v.dtype, lambda: f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    torch._check(q.dtype in TORCH_DTYPES, lambda: f"q must be fp32/fp64/bf16/fp16, got {q.dtype}")
+    torch._check(
+        cos.dim() == 2 and cos.shape == sin.shape and cos.shape[0] == n_tokens,
+        lambda: f"cos and sin must both be (T, R) with T={n_tokens}, got {tuple(cos.shape)}, {tuple(sin.shape)}",
+    )
+    rotary_dim = cos.shape[1]
+    torch._check(
+        rotary_dim % 2 == 0 and rotary_dim <= head_dim,
+        lambda: f"rotary dim R={rotary_dim} must be even and <= D={head_dim}",
+    )
+    torch._check(
+        cos.dtype == sin.dtype and cos.dtype in (torch.float32, q.dtype),
+        lambda: f"cos/sin must be fp32 or q's dtype {q.dtype}, got {cos.dtype}, {sin.dtype}",
+    )
+    torch._check(
+        cu_seqlens.dim() == 1 and cu_seqlens.shape[0] >= 1 and cu_seqlens.dtype == torch.int32,
+        lambda: f"cu_seqlens must be a non-empty 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}",
+    )
+    torch._check(
+        q.device == k.device == v.device == cos.device == sin.device == cu_seqlens.device,
+        lambda: "q, k, v, cos, sin, cu_seqlens must be on one device",
+    )
+
+
+def _require_frozen_tables(cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if cos.requires_grad or sin.requires_grad:
+        raise RuntimeError(
+            "graphopt::varlen_attention does not differentiate the rotary tables: cos/sin require grad; "
+            "build them under torch.no_grad() (as HF does) or .detach() them"
+        )
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_fwd(q, k, v, cos, sin, cu_seqlens, scale, interleaved):
+    check_inputs(q, k, v, cos, sin, cu_seqlens)
+    n_tokens, n_heads, _ = q.shape
+    out = q.new_empty((n_tokens, n_heads, v.shape[2]))
+    lse = q.new_empty((n_heads, n_tokens), dtype=_lse_dtype(q.dtype))
+    return out, lse
+
+
+def _fake_bwd(dout, q, k, v, cos, sin, cu_seqlens, out, lse, scale, interleaved):
+    check_inputs(q, k, v, cos, sin, cu_seqlens)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cos, sin, cu_seqlens, scale, interleaved = inputs
+    _require_frozen_tables(cos, sin)
+    out, lse = output
+    ctx.save_for_backward(q, k, v, cos, sin, cu_seqlens, out, lse)
+    ctx.scale = scale
+    ctx.interleaved = interleaved
+
+
+def _autograd_through(bwd_op):
+    """The ``register_autograd`` backward of a fwd op whose backward is the custom op ``bwd_op``."""
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, cos, sin, cu_seqlens, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd_op(dout, q, k, v, cos, sin, cu_seqlens, out, lse, ctx.scale, ctx.interleaved)
+        return dq, dk, dv, None, None, None, None, None
+
+    return backward
+
+
+# ---------------------------------------------------------------------------------------------
+# impl="torch": length buckets + aten CPU flash attention
+# ---------------------------------------------------------------------------------------------
+
+# A document joins the bucket of a longer one (padded to its length L) while the padded score cells
+# it adds, L^2 - len^2, stay within a quarter of L^2 or within 256 cells. The 256-cell slack puts
+# every document of <= 16 tokens into one bucket: for those the per-call overhead dominates.
+_BUCKET_WASTE = 0.25
+_BUCKET_SLACK_CELLS = 256
+
+
+def _bucket_floor(length: int) -> int:
+    """Shortest document that may be padded to ``length`` in one bucket."""
+    rest = length * length - max(int(length * length * _BUCKET_WASTE), _BUCKET_SLACK_CELLS)
+    return 1 if rest <= 1 else math.isqrt(rest - 1) + 1  # ceil(sqrt(rest))
+
+
+def _plan_buckets(cu_seqlens: torch.Tensor, n_tokens: int):
+    """Group documents of similar length into right-padded batches.
+
+    Returns ``(shapes, slot_token, token_slot, pad_slots)``: ``shapes`` lists (documents, padded
+    length L) per bucket; the buckets' (documents, L) slots are laid end to end, P slots in all;
+    ``slot_token`` (P,) int64 is the token in each slot (``n_tokens`` for padding), ``token_slot``
+    (T,) int64 the slot of each token and ``pad_slots`` the padding slots. Empty documents get no
+    slot. Reads the (CPU) document lengths on the host once.
+    """
+    bounds = cu_seqlens.to(torch.int64)
+    lengths, order = torch.sort(bounds[1:] - bounds[:-1], stable=True)
+    starts = bounds[:-1][order]
+    host_lengths = lengths.tolist()
+    first = bisect.bisect_right(host_lengths, 0)  # skip empty documents
+    shapes, slots = [], []
+    end = len(host_lengths)
+    while end > first:
+        padded = host_lengths[end - 1]
+        begin = max(first, bisect.bisect_left(host_lengths, _bucket_floor(padded), first, end))
+        positions = torch.arange(padded)
+        slot = torch.where(positions < lengths[begin:end, None], starts[begin:end, None] + positions, n_tokens)
+        slots.append(slot.flatten())
+        shapes.append((end - begin, padded))
+        end = begin
+    slot_token = torch.cat(slots) if slots else torch.empty(0, dtype=torch.int64)
+    token_slot = torch.empty(n_tokens, dtype=torch.int64)
+    real = slot_token < n_tokens
+    token_slot[slot_token[real]] = real.nonzero().squeeze(1)
+    return shapes, slot_token, token_slot, (~real).nonzero().squeeze(1)
+
+
+def _pair_views(x: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the first members of the rotary pairs of ``x[..., :2m]`` and of their partners."""
+    if interleaved:
+        return x[..., 0::2], x[..., 1::2]
+    return x.chunk(2, dim=-1)
+
+
+def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, transpose: bool) -> None:
+    """In place on x (N, H, C): ``apply_rotary`` (or, if ``transpose``, its transpose) of x[..., :R].
+
+    cos, sin: (N, R). With pairs (A, B) and the full tables (no assumption that a pair shares an
+    angle)::
+
+        rotate:     x_A <- x_A cos_A - x_B sin_A     x_B <- x_B cos_B + x_A sin_B
+        transpose:  x_A <- x_A cos_A + x_B sin_B     x_B <- x_B cos_B - x_A sin_A
+
+    Computed in the promoted dtype of x and cos, rounded once to x's dtype, as ``apply_rotary``.
+    """
+    x_a, x_b = _pair_views(x[..., : cos.shape[-1]], interleaved)
+    cos_a, cos_b = _pair_views(cos.unsqueeze(1), interleaved)
+    sin_a, sin_b = _pair_views(sin.unsqueeze(1), interleaved)
+    a_sin, b_sin = (sin_b, sin_a) if transpose else (sin_a, sin_b)
+    sign = 1.0 if transpose else -1.0
+    if x.dtype == torch.promote_types(x.dtype, cos.dtype):
+        # Only x_a is needed after it is overwritten: one half-size temporary.
+        old_a = x_a.clone()
+        x_a.mul_(cos_a).addcmul_(x_b, a_sin, value=sign)
+        x_b.mul_(cos_b).addcmul_(old_a, b_sin, value=-sign)
+    else:
+        old_a, old_b = x_a.to(cos.dtype), x_b.to(cos.dtype)
+        x_a.copy_(old_a * cos_a + sign * old_b * a_sin)
+        x_b.copy_(old_b * cos_b - sign * old_a * b_sin)
+
+
+def _to_slots(x: torch.Tensor, token_slot: torch.Tensor, pad_slots: torch.Tensor, n_slots: int, width: int):
+    """(T, H, C) -> (P, H, width): x scattered into its bucket slots, zero in padding and channels >= C."""
+    slots = x.new_empty((n_slots, x.shape[1], width))
+    slots[..., : x.shape[2]].index_copy_(0, token_slot, x)
+    slots.index_fill_(0, pad_slots, 0)
+    if width > x.shape[2]:
+        slots[..., x.shape[2] :].zero_()
+    return slots
+
+
+def _rotated_slots(x, cos, sin, interleaved, slot_token, token_slot, pad_slots, width):
+    """``_to_slots(apply_rotary(x, cos, sin, interleaved), ...)``, rotating in the slot buffer."""
+    slots = _to_slots(x, token_slot, pad_slots, slot_token.shape[0], width)
+    table_rows = slot_token.clamp(max=max(x.shape[0] - 1, 0))  # padding rows are zero: any angle works
+    _rotate_(slots, cos[table_rows], sin[table_rows], interleaved, transpose=False)
+    return slots
+
+
+def _buckets(slots: torch.Tensor, shapes):
+    """Yield each bucket of a (P, H, C) slot tensor as a (documents, H, L, C) view."""
+    offset = 0
+    for docs, length in shapes:
+        yield slots[offset : offset + docs * length].view(docs, length, *slots.shape[1:]).transpose(1, 2)
+        offset += docs * length
+
+
+def _from_buckets(chunks, token_slot: torch.Tensor, channels: int) -> torch.Tensor:
+    """Per-bucket (documents, H, L, C) results -> (T, H, channels) in token order (maybe a view)."""
+    flat = [c.transpose(1, 2).reshape(-1, c.shape[1], c.shape[3]) for c in chunks]
+    return torch.cat(flat)[token_slot][..., :channels]
+
+
+def _check_cpu(q: torch.Tensor) -> None:
+    if q.device.type != "cpu":
+        raise RuntimeError(
+            f"graphopt::varlen_attention impl='torch' is the CPU path (got a {q.device.type} tensor); "
+            "on CUDA use impl='triton', 'flash_attn' or 'torch_varlen'"
+        )
+
+
+@torch.library.custom_op("graphopt::varlen_attention_torch_fwd", mutates_args=())
+def varlen_attention_torch_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the ``"torch"`` (CPU) implementation: ``(out, lse)``.
+
+    Args as in the module docstring (q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, Dv), cos/sin (T, R),
+    cu_seqlens (N+1,) int32). Returns out (T, Hq, Dv) in q's dtype and lse (Hq, T), fp32 (fp64
+    for fp64 inputs).
+
+    Right-padded buckets are exact under causal masking: a real query only sees keys at or
+    before it, which are real. Padded query rows are dropped. When Dv != D the narrower of
+    q/k and v is zero-padded to max(D, Dv) channels (aten's kernel wants one head dim).
+    """
+    check_inputs(q, k, v, cos, sin, cu_seqlens)
+    _check_cpu(q)
+    n_tokens, n_heads, head_dim = q.shape
+    value_dim = v.shape[2]
+    shapes, slot_token, token_slot, pad_slots = _plan_buckets(cu_seqlens, n_tokens)
+    if not shapes:
+        return q.new_empty((0, n_heads, value_dim)), q.new_empty((n_heads, 0), dtype=_lse_dtype(q.dtype))
+    width = max(head_dim, value_dim)
+    plan = (slot_token, token_slot, pad_slots, width)
+    q_slots = _rotated_slots(q, cos, sin, interleaved, *plan)
+    k_slots = _rotated_slots(k, cos, sin, interleaved, *plan)
+    v_slots = _to_slots(v, token_slot, pad_slots, slot_token.shape[0], width)
+    outs, lses = [], []
+    for q_b, k_b, v_b in zip(*(_buckets(x, shapes) for x in (q_slots, k_slots, v_slots))):
+        out_b, lse_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q_b, k_b, v_b, 0.0, True, scale=scale
+        )
+        outs.append(out_b)
+        lses.append(lse_b.unsqueeze(-1))  # (docs, H, L, 1)
+    del q_slots, k_slots, v_slots
+    out = _from_buckets(outs, token_slot, value_dim).contiguous()
+    lse = _from_buckets(lses, token_slot, 1).squeeze(-1).t().contiguous()
+    return out, lse
+
+
+@torch.library.custom_op("graphopt::varlen_attention_torch_bwd", mutates_args=())
+def varlen_attention_torch_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of the ``"torch"`` implementation: ``(dq, dk, dv)`` w.r.t. the unrotated inputs.
+
+    Args: dout (T, Hq, Dv); the forward's inputs; its out (T, Hq, Dv) and lse (Hq, T).
+    Returns dq (T, Hq, D), dk (T, Hkv, D), dv (T, Hkv, Dv) in q's dtype.
+
+    Bucket by bucket, aten's CPU flash-attention backward with the saved out and lse. Padded
+    slots carry q = out = dout = 0 and lse = 0: their probabilities stay finite and their dS is
+    exactly 0, so they add nothing to dK/dV.
+    """
+    check_inputs(q, k, v, cos, sin, cu_seqlens)
+    _check_cpu(q)
+    n_tokens, _, head_dim = q.shape
+    value_dim = v.shape[2]
+    shapes, slot_token, token_slot, pad_slots = _plan_buckets(cu_seqlens, n_tokens)
+    if not shapes:
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    width = max(head_dim, value_dim)
+    n_slots = slot_token.shape[0]
+    plan = (slot_token, token_slot, pad_slots, width)
+    slots = (
+        _to_slots(dout, token_slot, pad_slots, n_slots, width),
+        _rotated_slots(q, cos, sin, interleaved, *plan),
+        _rotated_slots(k, cos, sin, interleaved, *plan),
+        _to_slots(v, token_slot, pad_slots, n_slots, width),
+        _to_slots(out, token_slot, pad_slots, n_slots, width),
+        _to_slots(lse.t().unsqueeze(-1), token_slot, pad_slots, n_slots, 1),  # (P, Hq, 1)
+    )
+    dqs, dks, dvs = [], [], []
+    for dout_b, q_b, k_b, v_b, out_b, lse_b in zip(*(_buckets(x, shapes) for x in slots)):
+        dq_b, dk_b, dv_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout_b, q_b, k_b, v_b, out_b, lse_b.squeeze(-1), 0.0, True, scale=scale
+        )
+        dqs.append(dq_b)
+        dks.append(dk_b)
+        dvs.append(dv_b)
+    del slots
+    dq = _from_buckets(dqs, token_slot, head_dim)
+    dk = _from_buckets(dks, token_slot, head_dim)
+    _rotate_(dq, cos, sin, interleaved, transpose=True)
+    _rotate_(dk, cos, sin, interleaved, transpose=True)
+    return dq.contiguous(), dk.contiguous(), _from_buckets(dvs, token_slot, value_dim).contiguous()
+
+
+varlen_attention_torch_fwd.register_fake(_fake_fwd)
+varlen_attention_torch_bwd.register_fake(_fake_bwd)
+varlen_attention_torch_fwd.register_autograd(
+    _autograd_through(torch.ops.graphopt.varlen_attention_torch_bwd), setup_context=_setup_context
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# impl="triton": launchers of the kernels in triton_varlen_attention.py
+# ---------------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check_triton(q: torch.Tensor, v: torch.Tensor) -> None:
+    torch._check(q.dtype in TRITON_DTYPES, lambda: f"impl='triton' supports fp32/bf16/fp16, got {q.dtype}")
+    torch._check(
+        q.shape[2] <= TRITON_MAX_HEAD_DIM and v.shape[2] <= TRITON_MAX_HEAD_DIM,
+        lambda: f"impl='triton' supports head dims up to {TRITON_MAX_HEAD_DIM}, got D={q.shape[2]}, Dv={v.shape[2]}",
+    )
+    if q.device.type == "cpu" and not _interpreting():
+        raise RuntimeError(
+            "graphopt::varlen_attention impl='triton' runs on CPU tensors only under TRITON_INTERPRET=1 "
+            "(tests); use impl='torch' on the CPU"
+        )
+
+
+def _shapes_only(q: torch.Tensor) -> bool:
+    """Whether a launcher must stop after allocating its outputs (fake tensors, interpreter only).
+
+    Under ``TRITON_INTERPRET=1`` ``wrap_triton`` hands back the raw interpreted kernel, which
+    cannot run on fake tensors. Shape propagation (Dynamo, opcheck's fake-tensor test) then only
+    needs the outputs' metadata; tracing for compilation (functional tensors) raises instead of
+    silently dropping the kernels. On GPUs ``wrap_triton`` traces the launches and this is False.
+    """
+    if not _interpreting():
+        return False
+    if isinstance(q, FunctionalTensor):
+        raise RuntimeError(
+            "graphopt::varlen_attention impl='triton' cannot be compiled under TRITON_INTERPRET=1 "
+            "(wrap_triton cannot trace interpreted kernels); compile it on CUDA, or use impl='torch'"
+        )
+    return is_fake(q)
+
+
+def _token_bounds(cu_seqlens: torch.Tensor, n_tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(seq_start, seq_end)``, each (T,) int32: the [start, end) of every token's document.
+
+    ``searchsorted(right=True)`` finds the first entry > t, which skips empty documents and the
+    padded tail of repeated T. Runs on the device: no host sync, no grid over documents.
+    """
+    tokens = torch.arange(n_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    end_index = torch.searchsorted(cu_seqlens, tokens, right=True)
+    return cu_seqlens[end_index - 1], cu_seqlens[end_index]
+
+
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _triton_meta(q: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, interleaved: bool) -> dict:
+    """Constexpr arguments shared by the kernels (block sizes over channels, flags)."""
+    head_dim, rotary_dim = q.shape[2], cos.shape[1]
+    return dict(
+        INTERLEAVED=interleaved,
+        HAS_PASS=rotary_dim < head_dim,
+        IEEE_FP32=q.dtype == torch.float32,
+        UPCAST=q.device.type == "cpu" and q.dtype != torch.float32,
+        # tl.dot needs every dimension >= 16 on GPUs.
+        BLOCK_HALF=max(16, triton.next_power_of_2(max(rotary_dim // 2, 1))),
+        BLOCK_PASS=max(16, triton.next_power_of_2(max(head_dim - rotary_dim, 1))),
+        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[2])),
+    )
+
+
+def _triton_blocks(q: torch.Tensor, kernel: str) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N). Fixed, provisional GPU sizes; 16 under the interpreter, so that small
+    test shapes cross tiles and documents."""
+    if q.device.type == "cpu":
+        return 16, 16
+    return {"fwd": (64, 64), "dkdv": (32, 64), "dq": (64, 32)}[kernel]
+
+
+@triton_op("graphopt::varlen_attention_triton_fwd", mutates_args=())
+def varlen_attention_triton_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the ``"triton"`` implementation: ``(out, lse)``.
+
+    Args:
+        q: (T, Hq, D) fp32/bf16/fp16, D <= 128.
+        k: (T, Hkv, D), Hq % Hkv == 0.
+        v: (T, Hkv, Dv), Dv <= 128.
+        cos, sin: (T, R) fp32 or q's dtype, HF per-token tables (both channels of a rotary pair
+            share an angle; the kernel reads it at the pair's first channel), R even, R <= D.
+        cu_seqlens: (N+1,) int32 document boundaries (may end in repeated T).
+        scale: softmax scale.
+        interleaved: pairwise rotary layout instead of rotate_half.
+
+    Returns:
+        out: (T, Hq, Dv) in q's dtype.
+        lse: (Hq, T) fp32, logsumexp of ``scale * q_rot . k_rot`` over each row's visible keys.
+
+    Grid: (cdiv(T, BLOCK_M), Hq). CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+    """
+    check_inputs(q, k, v, cos, sin, cu_seqlens)
+    _check_triton(q, v)
+    q, k, v, cos, sin = (_unit_last_stride(x) for x in (q, k, v, cos, sin))
+    n_tokens, n_heads, head_dim = q.shape
+    value_dim = v.shape[2]
+    out = q.new_empty((n_tokens, n_heads, value_dim))
+    lse = torch.empty((n_heads, n_tokens), dtype=torch.float32, device=q.device)
+    seq_start, _ = _token_bounds(cu_seqlens, n_tokens)
+    if _shapes_only(q):
+        return out, lse
+    block_m, block_n = _triton_blocks(q, "fwd")
+    wrap_triton(varlen_attention_fwd_kernel)[(triton.cdiv(n_tokens, block_m), n_heads)](
+        q, k, v, cos, sin, seq_start, out, lse,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
+        n_tokens, head_dim, cos.shape[1], value_dim, n_heads // k.shape[1], scale * LOG2E,
+        BLOCK_M=block_m, BLOCK_N=block_n, **_triton_meta(q, v, cos, interleaved),
+    )
+    return out, lse
+
+
+@triton_op("graphopt::varlen_attention_triton_bwd", mutates_args=())
+def varlen_attention_triton_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    interleaved: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of the ``"triton"`` implementation: ``(dq, dk, dv)`` w.r.t. the unrotated q, k, v.
+
+    Args:
+        dout: (T, Hq, Dv), gradient of ``out``.
+        q, k, v, cos, sin, cu_seqlens, scale, interleaved: as for the forward.
+        out: (T, Hq, Dv) and lse: (Hq, T) fp32, the forward's outputs.
+
+    Returns:
+        dq (T, Hq, D), dk (T, Hkv, D), dv (T, Hkv, Dv), in q's dtype.
+
+    Three launches: delta = rowsum(dO * O) (Hq, T) fp32, grid (cdiv(T, BLOCK_M), Hq); dK/dV, grid
+    (cdiv(T, BLOCK_N), Hkv); dQ, grid (cdiv(T, BLOCK_M), Hq).
+    """
+    check_inputs(q, k, v, cos, sin, cu_seqlens)
+    _check_triton(q, v)
+    q, k, v, cos, sin, dout, out = (_unit_last_stride(x) for x in (q, k, v, cos, sin, dout, out))
+    lse = lse.contiguous()
+    n_tokens, n_heads, head_dim = q.shape
+    n_kv_heads, value_dim = k.shape[1], v.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty((n_heads, n_tokens), dtype=torch.float32, device=q.device)
+    seq_start, seq_end = _token_bounds(cu_seqlens, n_tokens)
+    if _shapes_only(q):
+        return dq, dk, dv
+    meta = _triton_meta(q, v, cos, interleaved)
+    block_m, _ = _triton_blocks(q, "fwd")
+    wrap_triton(varlen_attention_bwd_preprocess_kernel)[(triton.cdiv(n_tokens, block_m), n_heads)](
+        out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), n_tokens, value_dim,
+        BLOCK_M=block_m, BLOCK_DV=meta["BLOCK_DV"],
+    )
+    sizes = (n_tokens, head_dim, cos.shape[1], value_dim, n_heads // n_kv_heads, scale, scale * LOG2E)
+    block_m, block_n = _triton_blocks(q, "dkdv")
+    wrap_triton(varlen_attention_bwd_dkdv_kernel)[(triton.cdiv(n_tokens, block_n), n_kv_heads)](
+        q, k, v, cos, sin, seq_start, seq_end, dout, lse, delta, dk, dv,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), sin.stride(0), dout.stride(0), dout.stride(1),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        *sizes, BLOCK_M=block_m, BLOCK_N=block_n, **meta,
+    )
+    block_m, block_n = _triton_blocks(q, "dq")
+    wrap_triton(varlen_attention_bwd_dq_kernel)[(triton.cdiv(n_tokens, block_m), n_heads)](
+        q, k, v, cos, sin, seq_start, dout, lse, delta, dq,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), sin.stride(0), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
+        *sizes, BLOCK_M=block_m, BLOCK_N=block_n, **meta,
+    )
+    return dq, dk, dv
+
+
+varlen_attention_triton_fwd.register_autograd(
+    _autograd_through(torch.ops.graphopt.varlen_attention_triton_bwd), setup_context=_setup_context
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# impl="flash_attn" / "torch_varlen": RoPE in torch, then a library varlen kernel; plain autograd
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _varlen_attn_options() -> tuple[dict, bool, bool]:
+    """(causal kwargs, has ``enable_gqa``, has ``scale``) for this torch's ``varlen_attn``."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    # torch <= 2.10 takes is_causal; later versions take window_size=(-1, 0) for causal.
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return causal, "enable_gqa" in params, "scale" in params
+
+
+
+def _has_torch_varlen() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _library_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, scale, interleaved, impl):
+    check_inputs(q, k, v, cos, sin, cu_seqlens)
+    _require_frozen_tables(cos, sin)
+    # Per-token tables: positions restart per document because the caller built them that way,
+    # so no per-sequence rotary (flash-attn's own assumes positions restart at each cu_seqlens).
+    q_rot = apply_rotary(q, cos, sin, interleaved)
+    k_rot = apply_rotary(k, cos, sin, interleaved)
+    if impl == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(
+            q_rot, k_rot, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+            dropout_p=0.0, softmax_scale=scale, causal=True,
+        )
+    from torch.nn.attention.varlen import varlen_attn
+
+    causal, has_gqa, has_scale = _varlen_attn_options()
+    kwargs = dict(causal)
+    if has_gqa:
+        kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
+    if has_scale:
+        kwargs["scale"] = scale
+    else:  # its fixed scale is 1/sqrt(D): fold ours into q
+        q_rot = q_rot * (scale * math.sqrt(q.shape[2]))
+    return varlen_attn(q_rot, k_rot, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The public op
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The concrete implementation ``impl`` means on ``device``; raises if it cannot run there."""
+    if impl not in IMPLS:
+        raise ValueError(f"graphopt::varlen_attention: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if impl == "flash_attn":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise RuntimeError(
+                "graphopt::varlen_attention impl='flash_attn' needs the flash-attn package "
+                "(pip install flash-attn, CUDA only); or use impl='triton' (CUDA) / 'torch' (CPU)"
+            )
+        if device.type != "cuda":
+            raise RuntimeError(
+                "graphopt::varlen_attention impl='flash_attn' runs on CUDA only; use impl='torch' on the CPU"
+            )
+    if impl == "torch_varlen":
+        if not _has_torch_varlen():
+            raise RuntimeError(
+                "graphopt::varlen_attention impl='torch_varlen' needs torch.nn.attention.varlen.varlen_attn "
+                f"(not in torch {torch.__version__}); upgrade torch or use impl='triton'"
+            )
+        if device.type != "cuda":
+            raise RuntimeError(
+                "graphopt::varlen_attention impl='torch_varlen' runs on CUDA only; use impl='torch' on the CPU"
+            )
+    return impl
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    interleaved: bool,
+    impl: str,
+) -> torch.Tensor:
+    """``graphopt::varlen_attention``: causal attention within each packed document, RoPE inside.
+
+    Args:
+        q: (T, Hq, D).
+        k: (T, Hkv, D), Hq % Hkv == 0 (GQA without repeating K/V).
+        v: (T, Hkv, Dv).
+        cos, sin: (T, R) fp32 or q's dtype, per-token HF rotary tables; R even, R <= D.
+        cu_seqlens: (N+1,) int32 on q's device, may end in repeated T (empty documents).
+        max_seqlen: upper bound on a document's length (may be loose, e.g. T).
+        scale: softmax scale.
+        interleaved: pairwise rotary layout instead of rotate_half.
+        impl: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"flash_attn"`` | ``"torch_varlen"``.
+            ``"auto"`` is ``"torch"`` on the CPU and ``"triton"`` on CUDA; the CUDA choice is
+            provisional until the impls are measured against each other on a GPU.
+
+    Returns:
+        (T, Hq, Dv) in q's dtype. Differentiable w.r.t. q, k, v (the unrotated inputs).
+    """
+    impl = resolve_impl(impl, q.device)
+    if impl == "torch":
+        return torch.ops.graphopt.varlen_attention_torch_fwd(q, k, v, cos, sin, cu_seqlens, scale, interleaved)[0]
+    if impl == "triton":
+        return torch.ops.graphopt.varlen_attention_triton_fwd(q, k, v, cos, sin, cu_seqlens, scale, interleaved)[0]
+    return _library_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, scale, interleaved, impl)
+
+
+torch.library.define(
+    "graphopt::varlen_attention",
+    torch.library.infer_schema(varlen_attention, mutates_args=()),
+)
+torch.library.impl("graphopt::varlen_attention", "CompositeImplicitAutograd")(varlen_attention)

@@ -1,0 +1,140 @@
+"""Fused LM head + cross-entropy: no full (tokens × vocabulary) logits in fp32, nor their gradient.
+
+Motivated by every HF causal LM's loss (``ForCausalLMLoss``): ``lm_head`` produces (B, S, V)
+logits, the loss upcasts them to fp32 and cross-entropy saves a softmax-sized buffer for the
+backward, so the largest activations of a 128k-vocabulary step all have V columns. For each loss
+:mod:`graphopt.losses` proved::
+
+    ce(softcap(linear(h, W).float()).view(-1, V), target, ignore_index, reduction)
+        -> loss_sum / count(target != ignore_index)        reduction="mean"
+        -> loss_sum  (then the graph's / num_items_in_batch) reduction="sum"
+    where loss_sum, logits = graphopt::linear_cross_entropy(h.view(-1, H), W, target, ...)
+
+The count stays on the device. The logits output keeps its value: the op writes it chunk by chunk
+from the matmul the loss uses (``return_logits``), unless ``drop_logits=True``, which returns an
+empty tensor in its place. Label smoothing and class weights are declined, never approximated.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from graphopt import analysis
+from graphopt.losses import LossInfo
+from graphopt.passes import PassContext
+
+
+class FusedCrossEntropy:
+    name = "fused_cross_entropy"
+
+    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> int:
+        if not ctx.options.fused_cross_entropy:
+            return 0
+        losses, reasons = ctx.losses(gm)
+        for reason in reasons:
+            ctx.report.decline(self.name, reason)
+        rewritten = 0
+        for loss in losses:
+            why = self._unsupported(loss)
+            if why:
+                ctx.report.decline(self.name, why)
+                continue
+            self._rewrite(gm, ctx, loss)
+            rewritten += 1
+        return rewritten
+
+    @staticmethod
+    def _unsupported(loss: LossInfo) -> str:
+        if loss.label_smoothing != 0.0:
+            return f"label_smoothing={loss.label_smoothing} is not supported by the fused loss"
+        if loss.class_weight is not None:
+            return "class weights are not supported by the fused loss"
+        h, w = analysis.example_value(loss.hidden), analysis.example_value(loss.weight)
+        if h.dtype != w.dtype or h.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"lm_head runs in {h.dtype} x {w.dtype}; the fused loss needs one float dtype"
+        return ""
+
+    def _rewrite(self, gm: fx.GraphModule, ctx: PassContext, loss: LossInfo) -> None:
+        from graphopt.ops.linear_cross_entropy import default_chunk_size  # registers the op
+
+        graph = gm.graph
+        h_val, w_val = analysis.example_value(loss.hidden), analysis.example_value(loss.weight)
+        vocab, hidden_size = (analysis.hint(s) for s in w_val.shape)
+        n_tokens = loss.batch * loss.seq
+        chunk = ctx.options.cross_entropy_chunk_size or default_chunk_size(n_tokens, vocab, h_val.dtype)
+        compute_grad = bool(h_val.requires_grad or w_val.requires_grad)
+        target = loss.ce.args[1] if len(loss.ce.args) > 1 else loss.ce.kwargs["target"]
+
+        # The loss path, and where its values escape to other users (the returned logits,
+        # possibly softcapped, usually).
+        chain = set(analysis.backward_slice(loss.ce.args[0], stop_at=[loss.linear]))
+        escapes = {n: [u for u in n.users if u not in chain and u is not loss.ce] for n in chain}
+        escapes = {n: users for n, users in escapes.items() if users}
+        keep_logits = bool(escapes) and not ctx.options.drop_logits
+        logits_bytes = n_tokens * vocab * h_val.element_size()
+
+        new: list[fx.Node] = []
+
+        def call(kind: str, target_, *args, **kwargs) -> fx.Node:
+            node = getattr(graph, kind)(target_, args, kwargs)
+            new.append(node)
+            return node
+
+        # The op goes before the first reader of the logits. The target path depends only on the
+        # labels input, so its nodes can move up there too.
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        anchor = min(loss.linear.users, key=order.__getitem__)
+        for node in analysis.backward_slice(target):
+            if node.op != "placeholder" and order[node] > order[anchor]:
+                anchor.prepend(node)
+        with graph.inserting_before(anchor):
+            flat = call("call_method", "reshape", loss.hidden, -1, hidden_size)
+            fused = call(
+                "call_function", torch.ops.graphopt.linear_cross_entropy.default,
+                flat, loss.weight, target, loss.ignore_index, loss.softcap, chunk, keep_logits, compute_grad, "auto",
+            )
+            loss_sum = call("call_function", operator.getitem, fused, 0)
+            if loss.reduction == "mean":
+                valid = call("call_method", "ne", target, loss.ignore_index)
+                count = call("call_method", "sum", valid)
+                value = call("call_function", torch.div, loss_sum, count)
+            else:
+                value = loss_sum
+            if keep_logits:
+                logits = call("call_function", operator.getitem, fused, 1)
+                batch = call("call_method", "size", loss.hidden, 0)
+                seq = call("call_method", "size", loss.hidden, 1)
+                replacement = call("call_method", "unflatten", logits, 0, (batch, seq))
+            elif escapes:
+                empty = call("call_method", "new_empty", loss.hidden, (0,))
+        for node in new:
+            analysis.annotate(node)
+        loss.ce.replace_all_uses_with(value)
+        graph.erase_node(loss.ce)
+        if keep_logits:  # the op's logits feed whatever the linear fed (softcap, the output)
+            loss.linear.replace_all_uses_with(replacement)
+        else:
+            for node, users in escapes.items():
+                for user in users:
+                    user.replace_input_with(node, empty)
+        analysis.erase_dead(graph, chain | {loss.linear})
+        ctx.report.rewrite(
+            self.name,
+            f"{loss.reduction}{'_softcap' if loss.softcap else ''}",
+            f"{loss.ce.name}: lm_head + cross_entropy over {n_tokens} tokens x {vocab} vocab, chunks of {chunk}",
+        )
+        if keep_logits:
+            ctx.report.note(
+                f"the graph returns the logits ({_megabytes(logits_bytes)}); "
+                f"options={{'drop_logits': True}} would not materialize them in training steps"
+            )
+        elif escapes:
+            ctx.report.note(f"drop_logits=True: logits are returned as an empty tensor (saves {_megabytes(logits_bytes)})")
+
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"

@@ -1,0 +1,355 @@
+"""Packed sequences: per-document attention with RoPE fused in, and no T×T mask.
+
+Motivated by padding-free training (HF's ``DataCollatorWithFlattening``, TRL's ``padding_free``):
+several documents share a row, ``position_ids`` restart for each, and transformers builds a
+block-causal (B, 1, S, S) mask that makes SDPA do all S² work. For every SDPA call whose mask
+:mod:`graphopt.masks` proved ``packed_causal``::
+
+    q = rope(xq, cos, sin); k = repeat_kv(rope(xk, cos, sin)); v = repeat_kv(xv)
+    sdpa(q, k, v, attn_mask=block_causal(position_ids))
+        -> graphopt::varlen_attention(xq, xk, xv, cos, sin, cu_seqlens, S, scale, interleaved)
+
+Each piece is proven by probing the subgraph between the unrotated tensors and the SDPA inputs:
+the RoPE region must equal ``x[..., :R] * cos + rot(x[..., :R]) * sin`` (half or interleaved
+rotation, partial when R < D) for random tables, and the K/V paths must equal a head repeat. The
+document boundaries are derived once per graph, on the device and with static shapes, by
+:func:`cu_seqlens_from_position_ids`, using the same rule the mask was proven to follow, so the
+rewrite is exact for every ``position_ids`` and needs no runtime guard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from graphopt import analysis
+from graphopt.masks import MaskCandidate
+from graphopt.passes import PassContext
+
+_MAX_DOMINATOR_TRIES = 8
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """Document boundaries of a packed batch, padded to a static length.
+
+    A document starts at each row start and wherever the position does not increase by exactly
+    one (transformers' ``find_packed_sequence_indices`` rule). Rows are flattened, so T = B * S.
+
+    Args:
+        position_ids: (B, S) or (1, S) integer positions.
+        batch: B.
+
+    Returns:
+        (T + 1,) int32: entry j is the first token of document j, entries past the last document
+        are T (empty documents).
+    """
+    pos = position_ids.expand(batch, -1)
+    starts = torch.cat((torch.ones_like(pos[:, :1], dtype=torch.bool), (pos[:, 1:] - pos[:, :-1]) != 1), dim=1)
+    starts = starts.reshape(-1)
+    total = starts.shape[0]
+    doc = starts.cumsum(0) - 1
+    cu = torch.full((total + 1,), total, dtype=torch.int64, device=pos.device)
+    cu = cu.scatter_reduce(0, doc, torch.arange(total, device=pos.device), "amin")
+    return cu.to(torch.int32)
+
+
+@dataclass
+class AttentionMatch:
+    """An SDPA call proven to be causal attention over rotated q/k and (repeated) v."""
+
+    sdpa: fx.Node
+    xq: fx.Node  # (B, Hq, S, D), before RoPE
+    xk: fx.Node  # (B, Hkv, S, D), before RoPE and the head repeat
+    xv: fx.Node  # (B, Hkv, S, Dv)
+    cos: fx.Node  # (B|1, 1, S, R) rotary tables
+    sin: fx.Node
+    interleaved: bool
+    scale: float
+    region: list[fx.Node]  # nodes that become dead after the rewrite
+
+
+class VarlenAttention:
+    name = "varlen_attention"
+
+    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> int:
+        if not ctx.options.varlen_attention:
+            return 0
+        rewritten = 0
+        for cand in ctx.masks(gm):
+            if cand.kind != "packed_causal":
+                continue
+            if cand.additive_users:
+                ctx.report.decline(self.name, "packed eager attention (softmax of scores + mask) is not rewritten; the mask is kept")
+                continue
+            tables = _TableAnalysis(gm, cand.input)
+            matches = []
+            for sdpa in cand.sdpa_users:
+                match = _match(gm, sdpa, tables)
+                if isinstance(match, str):
+                    ctx.report.decline(self.name, f"{sdpa.name}: {match}")
+                else:
+                    matches.append(match)
+            if not matches:
+                continue
+            cu = self._insert_cu_seqlens(gm, cand, matches[0])
+            for match in matches:
+                self._rewrite(gm, ctx, match, cu)
+                rewritten += 1
+            analysis.erase_dead(gm.graph, cand.slice_nodes)
+        return rewritten
+
+    @staticmethod
+    def _insert_cu_seqlens(gm: fx.GraphModule, cand: MaskCandidate, first: AttentionMatch) -> fx.Node:
+        """One boundary computation per graph, placed before the first rewritten attention."""
+        graph = gm.graph
+        with graph.inserting_before(first.sdpa):
+            batch = graph.call_method("size", (first.xq, 0))
+            cu = graph.call_function(cu_seqlens_from_position_ids, (cand.input, batch))
+        for node in (batch, cu):
+            analysis.annotate(node)
+        return cu
+
+    def _rewrite(self, gm: fx.GraphModule, ctx: PassContext, match: AttentionMatch, cu: fx.Node) -> None:
+        import graphopt.ops.varlen_attention  # noqa: F401  (registers torch.ops.graphopt.varlen_attention)
+
+        graph = gm.graph
+        new: list[fx.Node] = []
+
+        def call(kind: str, target, *args) -> fx.Node:
+            node = getattr(graph, kind)(target, args)
+            new.append(node)
+            return node
+
+        with graph.inserting_before(match.sdpa):
+            batch = call("call_method", "size", match.xq, 0)
+            heads = call("call_method", "size", match.xq, 1)
+            seq = call("call_method", "size", match.xq, 2)
+            value_dim = call("call_method", "size", match.xv, 3)
+            flat = []
+            for x in (match.xq, match.xk, match.xv):  # (B, H, S, D) -> (B*S, H, D)
+                t = call("call_method", "transpose", x, 1, 2)
+                flat.append(call("call_method", "flatten", call("call_method", "contiguous", t), 0, 1))
+            tables = []
+            for table in (match.cos, match.sin):  # (B|1, 1, S, R) -> (B*S, R)
+                expanded = call("call_method", "expand", table, batch, 1, seq, -1)
+                tables.append(call("call_method", "flatten", call("call_method", "select", expanded, 1, 0), 0, 1))
+            out = call(
+                "call_function", torch.ops.graphopt.varlen_attention.default,
+                *flat, *tables, cu, seq, match.scale, match.interleaved, ctx.options.attention_impl,
+            )
+            shaped = call("call_method", "view", out, batch, seq, heads, value_dim)
+            result = call("call_method", "transpose", shaped, 1, 2)
+        for node in new:
+            analysis.annotate(node)
+        match.sdpa.replace_all_uses_with(result)
+        graph.erase_node(match.sdpa)
+        analysis.erase_dead(graph, match.region)
+        ctx.report.rewrite(self.name, "sdpa_packed", f"{match.sdpa.name}: block-causal mask -> per-document attention")
+        layout = "interleaved" if match.interleaved else "half"
+        ctx.report.rewrite("rope_fusion", layout, f"{match.sdpa.name}: RoPE applied inside varlen_attention")
+
+
+class _TableAnalysis:
+    """Which nodes are RoPE-table-like: they depend only on the positions input and float
+    constants (``inv_freq``), never on tokens or trainable parameters."""
+
+    def __init__(self, gm: fx.GraphModule, positions: fx.Node):
+        deps = analysis.tensor_inputs(gm.graph)
+        self.table_only = set()
+        self.hidden = set()
+        for node in gm.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            d = deps[node]
+            ok = all(
+                p is positions or (_float(p) and not analysis.example_value(p).requires_grad) for p in d
+            ) and positions in d
+            if ok:
+                self.table_only.add(node)
+            elif d:
+                self.hidden.add(node)
+        self.placeholders_hidden = {
+            p for p in gm.graph.nodes if p.op == "placeholder" and p is not positions and isinstance(analysis.example_value(p), torch.Tensor)
+        }
+        self.deps = deps
+
+
+def _float(node: fx.Node) -> bool:
+    val = analysis.example_value(node)
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+def _dominators(node: fx.Node, tables: _TableAnalysis):
+    """Hidden-dependent ancestors of ``node`` (nearest first) through which every path from the
+    graph's token/parameter inputs to ``node`` passes."""
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    ancestors = [n for n in analysis.backward_slice(node) if n in tables.hidden and n is not node]
+    ancestors.sort(key=order.__getitem__, reverse=True)
+    tried = 0
+    for cand in ancestors:
+        if tried >= _MAX_DOMINATOR_TRIES:
+            return
+        if _dominates(cand, node, tables):
+            tried += 1
+            yield cand
+
+
+def _dominates(cand: fx.Node, node: fx.Node, tables: _TableAnalysis) -> bool:
+    stack, seen = [node], set()
+    while stack:
+        cur = stack.pop()
+        if cur in seen or cur is cand or cur in tables.table_only:
+            continue
+        seen.add(cur)
+        if cur.op == "placeholder" and cur in tables.placeholders_hidden and _is_hidden_placeholder(cur):
+            return False
+        stack.extend(cur.all_input_nodes)
+    return True
+
+
+def _is_hidden_placeholder(node: fx.Node) -> bool:
+    val = analysis.example_value(node)
+    return isinstance(val, torch.Tensor) and (val.requires_grad or not val.is_floating_point())
+
+
+def _region_leaves(node: fx.Node, x: fx.Node, tables: _TableAnalysis) -> tuple[list[fx.Node], list[fx.Node]]:
+    """The table-only nodes feeding the region between ``x`` and ``node``, and the region."""
+    leaves, region, stack, seen = [], [], [node], set()
+    while stack:
+        cur = stack.pop()
+        if cur in seen or cur is x:
+            continue
+        seen.add(cur)
+        if cur in tables.table_only:
+            leaves.append(cur)
+            continue
+        region.append(cur)
+        stack.extend(cur.all_input_nodes)
+    return list(dict.fromkeys(leaves)), region
+
+
+def rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """The RoPE partner of each channel: rotate_half, or the pairwise rotation."""
+    if interleaved:
+        pairs = x.unflatten(-1, (-1, 2))
+        return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_reference(x, cos, sin, interleaved: bool) -> torch.Tensor:
+    rotary = cos.shape[-1]
+    xr, xp = x[..., :rotary], x[..., rotary:]
+    return torch.cat((xr * cos + rotate(xr, interleaved) * sin, xp), dim=-1)
+
+
+def _probe_rope(gm, node: fx.Node, x: fx.Node, leaves: list[fx.Node]):
+    """(cos, sin, interleaved) such that node == rope(x, cos, sin), or None."""
+    if len(leaves) != 2:
+        return None
+    fn = analysis.extract_function(gm, node, stop_at=[x, *leaves])
+    gen = torch.Generator().manual_seed(3)
+    xv = analysis.example_value(x)
+    x_probe = torch.randn(analysis.hinted_shape(xv), generator=gen)
+    tables = [torch.randn(analysis.hinted_shape(analysis.example_value(leaf)), generator=gen) for leaf in leaves]
+    try:
+        out = analysis.run_function(fn, {x: x_probe, leaves[0]: tables[0], leaves[1]: tables[1]})
+    except Exception:
+        return None
+    rtol = 1e-5 if out.dtype == torch.float32 else 2e-2
+    for (ci, si) in ((0, 1), (1, 0)):
+        cos, sin = tables[ci], tables[si]
+        if cos.shape[-1] > x_probe.shape[-1] or cos.shape[-1] % 2:
+            continue
+        for interleaved in (False, True):
+            try:
+                expected = rope_reference(x_probe, cos, sin, interleaved)
+            except RuntimeError:
+                continue
+            if expected.shape == out.shape and torch.allclose(out.float(), expected, rtol=rtol, atol=rtol):
+                return leaves[ci], leaves[si], interleaved
+    return None
+
+
+def _probe_repeat(gm, node: fx.Node, x: fx.Node, n_rep: int) -> bool:
+    fn = analysis.extract_function(gm, node, stop_at=[x])
+    if any(i is not x and isinstance(analysis.example_value(i), torch.Tensor) for i in fn.inputs):
+        return False
+    probe = torch.randn(analysis.hinted_shape(analysis.example_value(x)), generator=torch.Generator().manual_seed(4))
+    try:
+        out = analysis.run_function(fn, {x: probe})
+    except Exception:
+        return False
+    expected = probe.repeat_interleave(n_rep, dim=1)
+    return out.shape == expected.shape and torch.equal(out, expected)
+
+
+def _unrepeated(gm, node: fx.Node, tables: _TableAnalysis, heads: int) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The (B, Hkv, S, D) tensor that ``node`` repeats up to ``heads`` heads (``repeat_kv``), or
+    ``node`` itself when it is not such a repeat (no GQA, or SDPA's ``enable_gqa``)."""
+    node_heads = analysis.hint(analysis.example_value(node).shape[1])
+    for dom in _dominators(node, tables):
+        val = analysis.example_value(dom)
+        if not isinstance(val, torch.Tensor) or val.dim() != 4:
+            continue
+        kv_heads = analysis.hint(val.shape[1])
+        if 0 < kv_heads < node_heads and node_heads % kv_heads == 0 and _probe_repeat(gm, node, dom, node_heads // kv_heads):
+            _, region = _region_leaves(node, dom, tables)
+            return dom, region
+    if heads % node_heads == 0:
+        return node, []
+    return None
+
+
+def _match(gm: fx.GraphModule, sdpa: fx.Node, tables: _TableAnalysis) -> AttentionMatch | str:
+    args = analysis.sdpa_arguments(sdpa)
+    if args["dropout_p"] not in (0, 0.0):
+        return "attention dropout is not supported by varlen_attention"
+    q, k, v = args["query"], args["key"], args["value"]
+    qv = analysis.example_value(q)
+    if qv is None or qv.dim() != 4:
+        return "query is not (batch, heads, seq, dim)"
+    heads, head_dim = analysis.hint(qv.shape[1]), analysis.hint(qv.shape[3])
+    scale = args["scale"] if args["scale"] is not None else head_dim**-0.5
+    if not isinstance(scale, (int, float)):
+        return "the attention scale is not a constant"
+
+    rope_q = _find_rope(gm, q, tables)
+    if rope_q is None:
+        return "could not prove the query is RoPE of a projection"
+    xq, cos, sin, interleaved, region_q = rope_q
+
+    k_src = _unrepeated(gm, k, tables, heads)
+    v_src = _unrepeated(gm, v, tables, heads)
+    if k_src is None or v_src is None:
+        return "could not prove key/value are a head repeat of projections"
+    k_embed, region_k = k_src
+    xv, region_v = v_src
+    rope_k = _find_rope(gm, k_embed, tables)
+    if rope_k is None:
+        return "could not prove the key is RoPE of a projection"
+    xk, cos_k, sin_k, interleaved_k, region_k2 = rope_k
+    if (cos_k, sin_k, interleaved_k) != (cos, sin, interleaved):
+        return "query and key use different rotary tables"
+    for table in (cos, sin):
+        tv = analysis.example_value(table)
+        if tv.dim() != 4 or analysis.hint(tv.shape[1]) != 1 or analysis.hint(tv.shape[0]) not in (1, analysis.hint(qv.shape[0])):
+            return f"rotary table {table.name} is {tuple(tv.shape)}, not (batch, 1, seq, rotary_dim)"
+    return AttentionMatch(
+        sdpa=sdpa, xq=xq, xk=xk, xv=xv, cos=cos, sin=sin, interleaved=interleaved, scale=float(scale),
+        region=region_q + region_k + region_k2 + region_v,
+    )
+
+
+def _find_rope(gm, node: fx.Node, tables: _TableAnalysis):
+    """(x, cos, sin, interleaved, region) with node == rope(x, cos, sin), x before any RoPE."""
+    for dom in _dominators(node, tables):
+        leaves, region = _region_leaves(node, dom, tables)
+        found = _probe_rope(gm, node, dom, leaves)
+        if found is not None:
+            cos, sin, interleaved = found
+            return dom, cos, sin, interleaved, region
+    return None
+

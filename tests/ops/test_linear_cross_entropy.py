@@ -1,0 +1,261 @@
+"""graphopt::linear_cross_entropy against its pure-torch reference (F.linear + F.cross_entropy).
+
+Shapes stay small: the machine is a shared 2-core CPU and the Triton kernel runs in the interpreter.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from graphopt.ops.linear_cross_entropy import (
+    cross_entropy_loss_and_grad_torch,
+    default_chunk_size,
+    linear_cross_entropy_reference,
+)
+from graphopt.ops.triton_cross_entropy import MAX_BLOCK_V
+from tests.tolerances import tol
+
+IGNORE = -100
+op = torch.ops.graphopt.linear_cross_entropy
+fwd_op = torch.ops.graphopt.linear_cross_entropy_fwd
+kernel_op = torch.ops.graphopt.cross_entropy_loss_and_grad_
+
+
+def make_inputs(n, h, v, dtype=torch.float32, ignore_frac=0.25, seed=0):
+    """hidden (n, h), weight (v, h) with logits of std ~2, target (n,) with ~ignore_frac ignored."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) * (2.0 / h**0.5)
+    target = torch.randint(0, v, (n,), generator=gen)
+    target[torch.rand(n, generator=gen) < ignore_frac] = IGNORE
+    return hidden.to(dtype), weight.to(dtype), target
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def reference_grads(hidden, weight, target, softcap, upcast=False):
+    """Loss sum and (grad_hidden, grad_weight) of the reference; ``upcast`` runs it in fp32."""
+    h, w = leaves(hidden.float() if upcast else hidden, weight.float() if upcast else weight)
+    loss = linear_cross_entropy_reference(h, w, target, IGNORE, softcap)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+def op_grads(hidden, weight, target, softcap, chunk_size, impl, return_logits=False):
+    h, w = leaves(hidden, weight)
+    loss, logits = op(h, w, target, IGNORE, softcap, chunk_size, return_logits, True, impl)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad, logits.detach()
+
+
+def assert_matches_reference(got, want, dtype):
+    loss, grad_hidden, grad_weight = got[:3]
+    ref_loss, ref_grad_hidden, ref_grad_weight = want
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss, ref_loss, **tol(dtype))
+    torch.testing.assert_close(grad_hidden.float(), ref_grad_hidden.float(), **tol(dtype, "grad"))
+    torch.testing.assert_close(grad_weight.float(), ref_grad_weight.float(), **tol(dtype, "grad"))
+
+
+# --- torch path --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 10, 37, 64], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["nocap", "softcap"])
+def test_torch_path_matches_reference(chunk_size, softcap):
+    hidden, weight, target = make_inputs(37, 24, 1001)
+    got = op_grads(hidden, weight, target, softcap, chunk_size, "torch")
+    assert_matches_reference(got, reference_grads(hidden, weight, target, softcap), torch.float32)
+
+
+def test_torch_path_bf16_matches_fp32_reference():
+    hidden, weight, target = make_inputs(37, 24, 1001, torch.bfloat16)
+    got = op_grads(hidden, weight, target, 5.0, 16, "torch")
+    assert got[1].dtype == got[2].dtype == torch.bfloat16
+    want = reference_grads(hidden, weight, target, 5.0, upcast=True)
+    assert_matches_reference(got, want, torch.bfloat16)
+
+
+@pytest.mark.parametrize("return_logits", [False, True])
+def test_return_logits(return_logits):
+    hidden, weight, target = make_inputs(37, 24, 1001)
+    loss, _, _, logits = op_grads(hidden, weight, target, 0.0, 10, "torch", return_logits)
+    torch.testing.assert_close(loss, reference_grads(hidden, weight, target, 0.0)[0], **tol(torch.float32))
+    if return_logits:
+        # Each chunk is F.linear of its rows; on this CPU (fp32) that is bitwise the full F.linear.
+        torch.testing.assert_close(logits, F.linear(hidden, weight), rtol=0, atol=0)
+    else:
+        assert logits.shape == (0,)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_grad_into_logits_and_loss(impl):
+    hidden, weight, target = make_inputs(19, 16, 301)
+    probe = torch.randn(19, 301, generator=torch.Generator().manual_seed(1))
+    count = (target != IGNORE).sum()
+
+    def objective(loss_sum, logits):
+        return loss_sum / count + (logits * probe).sum()
+
+    h, w = leaves(hidden, weight)
+    objective(*op(h, w, target, IGNORE, 0.0, 7, True, True, impl)).backward()
+    rh, rw = leaves(hidden, weight)
+    objective(linear_cross_entropy_reference(rh, rw, target, IGNORE, 0.0), F.linear(rh, rw)).backward()
+    torch.testing.assert_close(h.grad, rh.grad, **tol(torch.float32, "grad"))
+    torch.testing.assert_close(w.grad, rw.grad, **tol(torch.float32, "grad"))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_all_ignored(impl):
+    hidden, weight, _ = make_inputs(9, 8, 101)
+    target = torch.full((9,), IGNORE)
+    h, w = leaves(hidden, weight)
+    loss_sum, _ = op(h, w, target, IGNORE, 0.0, 4, False, True, impl)
+    mean = loss_sum / (target != IGNORE).sum()
+    mean.backward()
+    assert loss_sum.item() == 0.0
+    eager_mean = F.cross_entropy(F.linear(hidden, weight), target, ignore_index=IGNORE)
+    assert mean.isnan() and eager_mean.isnan()
+    # d mean / d loss_sum = 1/0 = inf, yet the gradients are exactly 0, as in eager.
+    assert not h.grad.any() and not w.grad.any()
+    rh, rw = leaves(hidden, weight)
+    F.cross_entropy(F.linear(rh, rw), target, ignore_index=IGNORE).backward()
+    assert not rh.grad.any() and not rw.grad.any()
+
+
+def test_vocab_above_128k():
+    hidden, weight, target = make_inputs(8, 16, 128256)
+    got = op_grads(hidden, weight, target, 0.0, 3, "torch")
+    assert_matches_reference(got, reference_grads(hidden, weight, target, 0.0), torch.float32)
+
+
+def test_compute_grad_false_forward_only():
+    hidden, weight, target = make_inputs(13, 8, 51)
+    h, w = leaves(hidden, weight)
+    loss, logits = op(h, w, target, IGNORE, 0.0, 5, True, False, "torch")
+    torch.testing.assert_close(loss, reference_grads(hidden, weight, target, 0.0)[0], **tol(torch.float32))
+    torch.testing.assert_close(logits, F.linear(hidden, weight), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="compute_grad=False"):
+        loss.backward()
+
+
+def test_out_of_range_target_raises():
+    hidden, weight, target = make_inputs(6, 8, 51)
+    target[2] = 51
+    with pytest.raises(RuntimeError, match=r"outside \[0, V\)"):
+        op(hidden, weight, target, IGNORE, 0.0, 4, False, True, "torch")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda h, w, t: (h, w[:, :-1], t), "disagree on H"),
+        (lambda h, w, t: (h, w, t.int()), "target must be int64"),
+        (lambda h, w, t: (h, w.double(), t), "weight dtype"),
+        (lambda h, w, t: (h, w, t[:-1]), r"target must have shape \(N,\)"),
+    ],
+    ids=["hidden_size", "target_dtype", "weight_dtype", "target_shape"],
+)
+def test_invalid_inputs_raise(change, message):
+    args = change(*make_inputs(6, 8, 51))
+    with pytest.raises(RuntimeError, match=message):
+        op(*args, IGNORE, 0.0, 4, False, True, "torch")
+    with torch._subclasses.FakeTensorMode() as mode, pytest.raises(RuntimeError, match=message):
+        op(*(mode.from_tensor(a) for a in args), IGNORE, 0.0, 4, False, True, "torch")
+
+
+def test_default_chunk_size():
+    chunk = default_chunk_size(100_000, 128256, torch.bfloat16)
+    assert chunk % 16 == 0 and 128256 * 6 * chunk <= 256 * 2**20
+    assert default_chunk_size(5, 128256, torch.float32) == 5
+    assert default_chunk_size(10_000, 10**8, torch.float32) == 16
+
+
+# --- Triton kernel (TRITON_INTERPRET=1 on CPU) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("compute_grad", [True, False], ids=["grad", "nograd"])
+@pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["nocap", "softcap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernel_matches_torch_twin(dtype, softcap, compute_grad):
+    vocab = 2 * MAX_BLOCK_V + 809  # three vocabulary blocks, the last one partial
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, vocab, generator=gen) * 3).to(dtype)
+    target = torch.randint(0, vocab, (6,), generator=gen)
+    target[[1, 4]] = IGNORE
+    got_logits, want_logits = logits.clone(), logits.clone()
+    loss = kernel_op(got_logits, target, IGNORE, softcap, compute_grad)
+    want = cross_entropy_loss_and_grad_torch(want_logits, target, IGNORE, softcap, compute_grad)
+    torch.testing.assert_close(loss, want, **tol(torch.float32))
+    assert loss[[1, 4]].eq(0).all()
+    if compute_grad:
+        torch.testing.assert_close(got_logits.float(), want_logits.float(), **tol(dtype, "grad"))
+        assert got_logits[[1, 4]].eq(0).all()
+    else:
+        assert torch.equal(got_logits, logits)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["nocap", "softcap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_path_matches_reference(dtype, softcap):
+    hidden, weight, target = make_inputs(37, 24, 1001, dtype)
+    got = op_grads(hidden, weight, target, softcap, 10, "triton")
+    want = reference_grads(hidden, weight, target, softcap, upcast=True)
+    assert_matches_reference(got, want, dtype)
+
+
+def test_triton_path_multiblock_vocab():
+    hidden, weight, target = make_inputs(5, 8, MAX_BLOCK_V + 3)
+    got = op_grads(hidden, weight, target, 0.0, 2, "triton")
+    assert_matches_reference(got, reference_grads(hidden, weight, target, 0.0), torch.float32)
+
+
+# --- torch.library checks -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("return_logits", [False, True], ids=["loss", "loss_logits"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck(dtype, return_logits, impl):
+    hidden, weight, target = make_inputs(7, 5, 33, dtype)
+    args = (*leaves(hidden, weight), target, IGNORE, 3.0, 3, return_logits, True, impl)
+    torch.library.opcheck(fwd_op.default, args)
+    torch.library.opcheck(op.default, args)
+
+
+def test_opcheck_kernel():
+    logits = torch.randn(5, 33)
+    target = torch.tensor([0, 32, IGNORE, 7, 7])
+    if torch.cuda.is_available():
+        torch.library.opcheck(kernel_op.default, (logits.cuda(), target.cuda(), IGNORE, 3.0, True))
+    else:
+        # Under TRITON_INTERPRET=1, wrap_triton hands back the interpreted kernel instead of a
+        # traceable wrapper, so fake/AOT tracing would run the interpreter on fake tensors.
+        torch.library.opcheck(
+            kernel_op.default,
+            (logits, target, IGNORE, 3.0, True),
+            test_utils=("test_schema", "test_autograd_registration"),
+        )
+
+
+def test_compiled_matches_eager():
+    hidden, weight, target = make_inputs(10, 8, 33)
+    probe = torch.randn(10, 33, generator=torch.Generator().manual_seed(1))
+
+    def step(h, w, t):
+        loss_sum, logits = op(h, w, t, IGNORE, 2.0, 4, True, True, "auto")
+        return loss_sum / (t != IGNORE).sum() + (logits * probe).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="inductor", fullgraph=True)
+    h, w = leaves(hidden, weight)
+    got = compiled(h, w, target)
+    got.backward()
+    rh, rw = leaves(hidden, weight)
+    want = step(rh, rw, target)
+    want.backward()
+    torch.testing.assert_close(got, want, **tol(torch.float32))
+    torch.testing.assert_close(h.grad, rh.grad, **tol(torch.float32, "grad"))
+    torch.testing.assert_close(w.grad, rw.grad, **tol(torch.float32, "grad"))
