@@ -139,3 +139,20 @@ def test_explain_reports_varlen_and_rope_fusion():
     assert report.counts["varlen_attention"] == N_LAYERS
     assert report.rule_counts[("rope_fusion", "interleaved")] == N_LAYERS
     assert "varlen_attention x2" in str(report)
+
+
+SCALED_ROPE = {
+    "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+    # yarn also scales cos/sin by its attention factor: still only the tables change
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+}
+
+
+@pytest.mark.parametrize("rope_type", list(SCALED_ROPE))
+def test_scaled_rope_only_changes_the_tables(rope_type):
+    cm = CompiledModel(build_tiny_model("llama", rope_parameters=SCALED_ROPE[rope_type]))
+    eager, compiled, report = cm.step(packed(seed=13, seq=40))
+    assert_steps_equal(eager, compiled)
+    assert report.counts["rope_fusion"] == N_LAYERS and report.counts["varlen_attention"] == N_LAYERS
