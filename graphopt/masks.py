@@ -173,6 +173,8 @@ def _classify(gm: fx.GraphModule, cand: MaskCandidate, inputs: frozenset[fx.Node
     for size in sizes:
         if isinstance(size, torch.SymInt) and analysis.hint(size) == cand.seq_len:
             expr = _canonical(size)
+            if expr.is_number:  # specialized to this length: nothing to vary
+                continue
             if not isinstance(expr, sympy.Symbol):
                 cand.reason = f"the sequence length is the expression {expr}, not a plain size"
                 return

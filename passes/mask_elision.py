@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from graphopt import analysis
 from graphopt.guards import Guard, right_padding_guard
-from graphopt.losses import find_losses, per_position_output
+from graphopt.losses import per_position_output
 from graphopt.masks import MaskCandidate, _canonical
 from graphopt.passes import PassContext
 
