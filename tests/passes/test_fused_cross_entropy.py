@@ -20,7 +20,13 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt.tiny_models import IGNORE_INDEX, build_tiny_model, make_batch
-from tests.harness import CompiledModel, Step, assert_steps_equal, real_positions, run_step
+from tests.harness import (
+    CompiledModel,
+    Step,
+    assert_steps_equal,
+    real_positions,
+    run_step,
+)
 from tests.tolerances import tol
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "glm4"]
@@ -94,12 +100,14 @@ def test_family_loss_is_fused_and_exact(models, family):
     assert_fused(cm, "mean_softcap" if family == "gemma2" else "mean")
 
 
-def test_logits_equal_eager_everywhere_without_mask_elision(models):
-    cm = models("llama", mask_elision=False)
+def test_chunked_logits_equal_eager_everywhere_without_mask_elision(models):
+    """32 tokens in chunks of 5 (the last one short): the op writes the logits chunk by chunk."""
+    cm = models("llama", mask_elision=False, cross_entropy_chunk_size=5)
     eager, compiled, _ = cm.step(right_padded(seed=2))
     assert_steps_equal(eager, compiled)
     torch.testing.assert_close(compiled.logits, eager.logits, **tol(torch.float32))
     assert_fused(cm, "mean")
+    assert any("chunks of 5" in r.detail for g in cm.compile_reports for r in g.rewrites if r.name == NAME)
 
 
 def test_cohere_logit_scale_is_declined_and_exact(models):
@@ -111,7 +119,7 @@ def test_cohere_logit_scale_is_declined_and_exact(models):
     assert_declined(cm.compile_reports, "not an upcast")
 
 
-def test_drop_logits_returns_empty_logits(models):
+def test_drop_logits_returns_empty_logits_and_says_what_it_saves(models):
     cm = models("llama", drop_logits=True)
     eager, compiled, _ = cm.step(right_padded(seed=3))
     assert_steps_equal(eager, compiled)
@@ -211,7 +219,7 @@ def test_twenty_adamw_steps_track_eager(models):
             batch = right_padded(seed=100 + step)
             loss_eager = _train_step(eager_model, opt_eager, batch)
             loss_compiled = _train_step(compiled, opt_compiled, batch)
-            torch.testing.assert_close(loss_compiled, loss_eager, **tol(torch.float32), msg=lambda m: f"step {step}: {m}")
+            torch.testing.assert_close(loss_compiled, loss_eager, **tol(torch.float32), msg=lambda m, step=step: f"step {step}: {m}")
     # Dynamo serves a new model instance from the graphs cached for the class: those compiled
     # here, or earlier by the module's shared llama models. Every one of them fused the loss.
     graphs = report.graphs + [g for (family, _), cm in models.compiled.items() if family == "llama" for g in cm.compile_reports]
@@ -219,7 +227,7 @@ def test_twenty_adamw_steps_track_eager(models):
     assert report.runtime["fast_path"] == 20, report
     eager_params = dict(eager_model.named_parameters())
     for name, param in model.named_parameters():
-        torch.testing.assert_close(param, eager_params[name], **tol(torch.float32, "grad"), msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(param, eager_params[name], **tol(torch.float32, "grad"), msg=lambda m, name=name: f"{name}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,12 +252,12 @@ def _loss_and_grads(fn, hidden, weight, target) -> Step:
     return Step(loss.detach(), None, {"hidden": hidden.grad, "weight": weight.grad})
 
 
-def compare_loss_fn(fn, seed: int = 0):
+def compare_loss_fn(fn, seed: int = 0, **options):
     """Eager vs compiled ``fn(hidden, weight, target)``, loss and both gradients; the report."""
     inputs = _loss_inputs(seed)
     eager = _loss_and_grads(fn, *inputs)
     with graphopt.capture() as report:
-        compiled = _loss_and_grads(torch.compile(fn, backend="graphopt"), *inputs)
+        compiled = _loss_and_grads(torch.compile(fn, backend="graphopt", options=options or None), *inputs)
     assert_steps_equal(eager, compiled)
     return report
 
@@ -272,13 +280,22 @@ def class_weighted_loss(h, w, y):
 def exp_logits_loss(h, w, y):
     """The cross_entropy input comes from a parameter through exp, with no linear on its path."""
     logits = (w[:, :S].t().reshape(1, S, V) + h[..., :1]).exp()
-    return F.cross_entropy(logits.float().view(-1, V), y.view(-1))
+    return F.cross_entropy(logits.float().reshape(-1, V), y.view(-1))
 
 
-def test_plain_function_with_shifted_labels_is_fused():
-    report = compare_loss_fn(plain_loss)
+def logits_also_regularized_loss(h, w, y):
+    """The logits feed a second term too: the op's backward adds their gradient to the loss's."""
+    logits = F.linear(h, w)
+    return F.cross_entropy(logits.float().view(-1, V), y.view(-1)) + 0.1 * logits.pow(2).mean()
+
+
+@pytest.mark.parametrize("fn", [plain_loss, logits_also_regularized_loss], ids=lambda fn: fn.__name__)
+def test_plain_function_with_unshifted_labels_is_fused(fn):
+    """Labels used as they are (shift 0); 10 tokens in chunks of 3, ignored targets included."""
+    report = compare_loss_fn(fn, cross_entropy_chunk_size=3)
     assert report.rule_counts[(NAME, "mean")] == 1, report
-    assert FUSED_OP in report.graph_code("after")[0]
+    (after,) = report.graph_code("after")
+    assert FUSED_OP in after and UNFUSED_CE not in after
 
 
 @pytest.mark.parametrize(
