@@ -64,7 +64,8 @@ class FusedCrossEntropy:
         h_val, w_val = analysis.example_value(loss.hidden), analysis.example_value(loss.weight)
         vocab, hidden_size = (analysis.hint(s) for s in w_val.shape)
         n_tokens = loss.batch * loss.seq
-        chunk = ctx.options.cross_entropy_chunk_size or default_chunk_size(n_tokens, vocab, h_val.dtype)
+        # Not capped by this compile's token count: a dynamic graph serves larger batches later.
+        chunk = ctx.options.cross_entropy_chunk_size or default_chunk_size(2**31, vocab, h_val.dtype)
         compute_grad = bool(h_val.requires_grad or w_val.requires_grad)
         target = loss.ce.args[1] if len(loss.ce.args) > 1 else loss.ce.kwargs["target"]
 

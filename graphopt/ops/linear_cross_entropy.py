@@ -278,11 +278,37 @@ def _backward(ctx, grad_loss, grad_logits, _grad_grad_hidden, _grad_grad_weight)
         d_weight = _scale(grad_weight, grad_loss)
     if grad_logits is not None and ctx.return_logits:
         hidden, weight = hidden_weight
-        logits_d_hidden = grad_logits @ weight
-        logits_d_weight = grad_logits.t() @ hidden
+        logits_d_hidden, logits_d_weight = torch.ops.graphopt.logits_backward(grad_logits, hidden, weight)
         d_hidden = logits_d_hidden if d_hidden is None else d_hidden + logits_d_hidden
         d_weight = logits_d_weight if d_weight is None else d_weight + logits_d_weight
     return d_hidden, d_weight, None, None, None, None, None, None, None
+
+
+@torch.library.custom_op("graphopt::logits_backward", mutates_args=())
+def logits_backward(
+    grad_logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_logits @ weight, grad_logits.T @ hidden)``: the gradient that flows back through the
+    returned logits, shapes (N, H) and (V, H).
+
+    Autograd hands a compiled graph a tensor of zeros for an output nobody differentiated, and HF
+    returns the logits of every training step. So the op first checks for an all-zero gradient
+    (one read of it, one host sync) and then skips the two (N x V x H) matmuls, which would
+    otherwise cost as much as the loss's own backward.
+    """
+    if not bool(grad_logits.any()):
+        return hidden.new_zeros(hidden.shape), weight.new_zeros(weight.shape)
+    grad_logits = grad_logits.to(hidden.dtype)
+    return grad_logits @ weight, grad_logits.t() @ hidden
+
+
+@logits_backward.register_fake
+def _(grad_logits, hidden, weight):
+    torch._check(
+        grad_logits.shape == (hidden.shape[0], weight.shape[0]),
+        lambda: f"grad_logits {tuple(grad_logits.shape)} is not (N, V) = ({hidden.shape[0]}, {weight.shape[0]})",
+    )
+    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape)
 
 
 torch.library.register_autograd(

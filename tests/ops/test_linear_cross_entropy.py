@@ -259,3 +259,14 @@ def test_compiled_matches_eager():
     torch.testing.assert_close(got, want, **tol(torch.float32))
     torch.testing.assert_close(h.grad, rh.grad, **tol(torch.float32, "grad"))
     torch.testing.assert_close(w.grad, rw.grad, **tol(torch.float32, "grad"))
+
+
+@pytest.mark.parametrize("zero", [True, False])
+def test_logits_backward_skips_all_zero_gradients_exactly(zero):
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(7, 5, generator=g), torch.randn(11, 5, generator=g)
+    grad_logits = torch.zeros(7, 11) if zero else torch.randn(7, 11, generator=g)
+    d_hidden, d_weight = torch.ops.graphopt.logits_backward(grad_logits, hidden, weight)
+    torch.testing.assert_close(d_hidden, grad_logits @ weight)
+    torch.testing.assert_close(d_weight, grad_logits.t() @ hidden)
+    torch.library.opcheck(torch.ops.graphopt.logits_backward, (grad_logits, hidden, weight))
