@@ -65,6 +65,9 @@ class CompiledModel:
     """
 
     def __init__(self, model, **compile_kwargs):
+        # Dynamo caches graphs per code object, and every HF model of a class shares its forward's
+        # code: without a reset this model could run a graph compiled (and reported) for another.
+        torch._dynamo.reset()
         self.model = model
         self.compiled = torch.compile(model, backend="graphopt", **compile_kwargs)
         self.compile_reports: list = []

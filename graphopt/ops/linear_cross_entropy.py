@@ -15,9 +15,12 @@ Per token ``i``, with every logit upcast to fp32::
 
 The op returns ``(loss_sum, logits)``. ``logits`` is the full (N, V) ``F.linear(hidden, weight)`` in
 the input dtype if ``return_logits`` (written chunk by chunk by the matmul the loss uses), else an
-empty tensor of shape (0,). Normalization (``loss_sum / count`` or ``/ num_items_in_batch``) is the
-caller's, so the op never reads the count back to the host. With every target ignored,
-``loss_sum`` is 0 and the gradients are 0; the caller's mean is then 0/0 = NaN, as in eager.
+empty tensor of shape (0,). Each chunk is ``F.linear`` of its rows: bitwise equal to the full
+``F.linear`` wherever the BLAS result does not depend on the row count (fp32 on CPU here; bf16 on
+CPU and cuBLAS may pick another kernel for fewer rows and differ in the last bit).
+Normalization (``loss_sum / count`` or ``/ num_items_in_batch``) is the caller's, so the op never
+reads the count back to the host. With every target ignored, ``loss_sum`` is 0 and the gradients
+are 0; the caller's mean is then 0/0 = NaN, as in eager.
 
 Memory model. Tokens are processed ``chunk_size`` at a time. Alive at once, besides the inputs:
 one (chunk, V) logits chunk in the input dtype, plus on the ``"torch"`` path up to two (chunk, V)
