@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from graphopt import analysis
 from graphopt.masks import MaskCandidate
+from graphopt.ops.varlen_attention import apply_rotary
 from graphopt.passes import PassContext
 
 _MAX_DOMINATOR_TRIES = 8
@@ -112,8 +113,6 @@ class VarlenAttention:
         return cu
 
     def _rewrite(self, gm: fx.GraphModule, ctx: PassContext, match: AttentionMatch, cu: fx.Node) -> None:
-        import graphopt.ops.varlen_attention  # noqa: F401  (registers torch.ops.graphopt.varlen_attention)
-
         graph = gm.graph
         new: list[fx.Node] = []
 
@@ -170,10 +169,17 @@ class _TableAnalysis:
                 self.table_only.add(node)
             elif d:
                 self.hidden.add(node)
-        self.placeholders_hidden = {
-            p for p in gm.graph.nodes if p.op == "placeholder" and p is not positions and isinstance(analysis.example_value(p), torch.Tensor)
+        # Inputs that carry tokens or trainable state (int ids, parameters); float buffers such
+        # as inv_freq do not.
+        self.token_inputs = {
+            p for p in gm.graph.nodes
+            if p.op == "placeholder" and p is not positions and _carries_tokens(p)
         }
-        self.deps = deps
+
+
+def _carries_tokens(node: fx.Node) -> bool:
+    val = analysis.example_value(node)
+    return isinstance(val, torch.Tensor) and (val.requires_grad or not val.is_floating_point())
 
 
 def _float(node: fx.Node) -> bool:
@@ -203,15 +209,10 @@ def _dominates(cand: fx.Node, node: fx.Node, tables: _TableAnalysis) -> bool:
         if cur in seen or cur is cand or cur in tables.table_only:
             continue
         seen.add(cur)
-        if cur.op == "placeholder" and cur in tables.placeholders_hidden and _is_hidden_placeholder(cur):
+        if cur in tables.token_inputs:
             return False
         stack.extend(cur.all_input_nodes)
     return True
-
-
-def _is_hidden_placeholder(node: fx.Node) -> bool:
-    val = analysis.example_value(node)
-    return isinstance(val, torch.Tensor) and (val.requires_grad or not val.is_floating_point())
 
 
 def _region_leaves(node: fx.Node, x: fx.Node, tables: _TableAnalysis) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -230,25 +231,14 @@ def _region_leaves(node: fx.Node, x: fx.Node, tables: _TableAnalysis) -> tuple[l
     return list(dict.fromkeys(leaves)), region
 
 
-def rotate(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """The RoPE partner of each channel: rotate_half, or the pairwise rotation."""
-    if interleaved:
-        pairs = x.unflatten(-1, (-1, 2))
-        return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rope_reference(x, cos, sin, interleaved: bool) -> torch.Tensor:
-    rotary = cos.shape[-1]
-    xr, xp = x[..., :rotary], x[..., rotary:]
-    return torch.cat((xr * cos + rotate(xr, interleaved) * sin, xp), dim=-1)
-
-
 def _probe_rope(gm, node: fx.Node, x: fx.Node, leaves: list[fx.Node]):
     """(cos, sin, interleaved) such that node == rope(x, cos, sin), or None."""
     if len(leaves) != 2:
         return None
+    for leaf in leaves:  # HF's unsqueeze_dim=1 layout: (B|1, 1, S, R)
+        lv = analysis.example_value(leaf)
+        if not isinstance(lv, torch.Tensor) or lv.dim() != 4 or analysis.hint(lv.shape[1]) != 1:
+            return None
     fn = analysis.extract_function(gm, node, stop_at=[x, *leaves])
     gen = torch.Generator().manual_seed(3)
     xv = analysis.example_value(x)
@@ -264,8 +254,8 @@ def _probe_rope(gm, node: fx.Node, x: fx.Node, leaves: list[fx.Node]):
         if cos.shape[-1] > x_probe.shape[-1] or cos.shape[-1] % 2:
             continue
         for interleaved in (False, True):
-            try:
-                expected = rope_reference(x_probe, cos, sin, interleaved)
+            try:  # apply_rotary is tokens-major: (..., S, H, D) with (..., S, R) tables
+                expected = apply_rotary(x_probe.transpose(1, 2), cos[:, 0], sin[:, 0], interleaved).transpose(1, 2)
             except RuntimeError:
                 continue
             if expected.shape == out.shape and torch.allclose(out.float(), expected, rtol=rtol, atol=rtol):
