@@ -50,13 +50,12 @@ def _loss_fn(variant: str, args: argparse.Namespace):
         sys.path.insert(0, REPO_ROOT)
         from graphopt.ops.linear_cross_entropy import default_chunk_size
 
-        dtype = getattr(torch, args.dtype)
-        chunk = args.chunk_size or default_chunk_size(args.tokens, args.vocab, dtype)
+        chunk = args.chunk_size or default_chunk_size(args.tokens, args.vocab)
         impl = variant.removeprefix("graphopt_")
 
         def graphopt_loss(h, w, t):
             loss_sum, _ = torch.ops.graphopt.linear_cross_entropy(
-                h, w, t, IGNORE_INDEX, 0.0, chunk, False, True, impl
+                h, w, t, IGNORE_INDEX, 0.0, chunk, "none", True, impl
             )
             return loss_sum / (t != IGNORE_INDEX).sum()  # device-side count: no host sync
 

@@ -11,7 +11,7 @@ backward, so the largest activations of a 128k-vocabulary step all have V column
     where loss_sum, logits = graphopt::linear_cross_entropy(h.view(-1, H), W, target, ...)
 
 The count stays on the device. The logits output keeps its value: the op writes it chunk by chunk
-from the matmul the loss uses (``return_logits``), unless ``drop_logits=True``, which returns an
+from the matmul the loss uses, unless ``drop_logits=True``, which returns an
 empty tensor in its place. Label smoothing and class weights are declined, never approximated.
 """
 
@@ -65,7 +65,7 @@ class FusedCrossEntropy:
         vocab, hidden_size = (analysis.hint(s) for s in w_val.shape)
         n_tokens = loss.batch * loss.seq
         # Not capped by this compile's token count: a dynamic graph serves larger batches later.
-        chunk = ctx.options.cross_entropy_chunk_size or default_chunk_size(2**31, vocab, h_val.dtype)
+        chunk = ctx.options.cross_entropy_chunk_size or default_chunk_size(2**31, vocab)
         compute_grad = bool(h_val.requires_grad or w_val.requires_grad)
         target = loss.ce.args[1] if len(loss.ce.args) > 1 else loss.ce.kwargs["target"]
 
@@ -95,7 +95,7 @@ class FusedCrossEntropy:
             flat = call("call_method", "reshape", loss.hidden, -1, hidden_size)
             fused = call(
                 "call_function", torch.ops.graphopt.linear_cross_entropy.default,
-                flat, loss.weight, target, loss.ignore_index, loss.softcap, chunk, keep_logits, compute_grad, "auto",
+                flat, loss.weight, target, loss.ignore_index, loss.softcap, chunk, "differentiable" if keep_logits else "none", compute_grad, "auto",
             )
             loss_sum = call("call_function", operator.getitem, fused, 0)
             if loss.reduction == "mean":

@@ -10,37 +10,48 @@ Per token ``i``, with every logit upcast to fp32::
 
     z_i    = F.linear(hidden, weight)[i].float()       matmul in the input dtype, fp32 accumulation
     z_i    = softcap * tanh(z_i / softcap)             only if softcap > 0
-    loss_i = logsumexp(z_i) - z_i[target_i]            0 where target_i == ignore_index
+    loss_i = -log_softmax(z_i)[target_i]               0 where target_i == ignore_index
     loss_sum = sum_i loss_i                            fp32, 0-dim
 
-The op returns ``(loss_sum, logits)``. ``logits`` is the full (N, V) ``F.linear(hidden, weight)`` in
-the input dtype if ``return_logits`` (written chunk by chunk by the matmul the loss uses), else an
-empty tensor of shape (0,). Each chunk is ``F.linear`` of its rows: bitwise equal to the full
-``F.linear`` wherever the BLAS result does not depend on the row count (fp32 on CPU here; bf16 on
-CPU and cuBLAS may pick another kernel for fewer rows and differ in the last bit).
-Normalization (``loss_sum / count`` or ``/ num_items_in_batch``) is the caller's, so the op never
-reads the count back to the host. With every target ignored, ``loss_sum`` is 0 and the gradients
-are 0; the caller's mean is then 0/0 = NaN, as in eager.
+The op returns ``(loss_sum, logits)``. ``logits`` is selected by the ``logits`` argument
+(:data:`LOGITS_MODES`):
 
-Memory model. Tokens are processed ``chunk_size`` at a time. Alive at once, besides the inputs:
-one (chunk, V) logits chunk in the input dtype, plus on the ``"torch"`` path up to two (chunk, V)
-fp32 work buffers (the upcast and, with softcap, the tanh), plus, when ``compute_grad``,
-``grad_hidden`` (N, H) in the input dtype and an fp32 (V, H) ``grad_weight`` accumulator
-(cast to the input dtype once at the end). The ``"triton"`` path computes loss and gradient in
-place in the logits chunk, so no fp32 chunk exists. ``return_logits`` adds the (N, V) output.
-``default_chunk_size`` picks a chunk of about 256 MB of logits work buffers.
+- ``"none"``: an empty tensor of shape (0,);
+- ``"differentiable"``: the full (N, V) ``F.linear(hidden, weight)`` in the input dtype, written
+  chunk by chunk by the matmul the loss uses; a gradient into it flows back to hidden and weight;
+- ``"detached"``: the same values, marked non-differentiable. The backend's fused-loss rewrite uses
+  this and attaches their gradient outside the compiled graph with :func:`attach_logits_grad`:
+  AOTAutograd would otherwise hand every backward a zero (N, V) gradient for them.
+
+Each chunk is ``F.linear`` of its rows: bitwise equal to the full ``F.linear`` wherever the BLAS
+result does not depend on the row count (fp32 on CPU here; bf16 on CPU and cuBLAS may pick another
+kernel for fewer rows and differ in the last bit). Normalization (``loss_sum / count`` or
+``/ num_items_in_batch``) is the caller's, so the op never reads the count back to the host. With
+every target ignored, ``loss_sum`` is 0 and the gradients are 0; the caller's mean is then
+0/0 = NaN, as in eager.
+
+Memory model. Tokens are processed ``chunk_size`` at a time through one reused (chunk, V) buffer in
+the input dtype: the logits chunk when the logits are not returned (its gradient then overwrites it
+in place), else the gradient of the chunk, which is written into the returned logits. The
+``"torch"`` path adds one fp32 (chunk, V) work buffer for bf16/fp16 inputs and two for softcap (the
+upcast and the tanh); fp32 without softcap needs none. When ``compute_grad``, ``grad_hidden`` (N, H)
+in the input dtype and an fp32 (V, H) ``grad_weight`` accumulator (cast to the input dtype once at
+the end) live too. A returned ``logits`` adds the (N, V) output. ``default_chunk_size`` picks a
+chunk of about 64 MB per (chunk, V) buffer.
 
 Autograd. ``compute_grad=True`` computes ``grad_hidden`` and ``grad_weight`` (d loss_sum / d input)
 during the forward, chunk by chunk: per chunk one matmul for the logits, then
 ``grad_hidden[chunk] = dz @ weight`` and ``grad_weight += dz.T @ hidden[chunk]``, the three matmuls of
 an unfused forward + backward. The backward only multiplies them by the incoming 0-dim gradient of
-``loss_sum`` (no host read) and, when the caller also differentiates the returned logits, adds
-``grad_logits @ weight`` and ``grad_logits.T @ hidden``. ``compute_grad=False`` (inference) skips
-the gradient work; reaching its backward raises.
+``loss_sum`` (no host read) and, for ``"differentiable"`` logits that the caller also
+differentiates, adds ``grad_logits @ weight`` and ``grad_logits.T @ hidden``.
+``compute_grad=False`` (inference) skips the gradient work; reaching its backward raises.
 
-Precision. ``dz`` is stored in the input dtype before its two matmuls, as eager autograd does after
-the ``.float()``. ``grad_weight`` is accumulated across chunks in fp32 (bf16/fp16: each chunk's
-matmul result, rounded to the input dtype, is added to the fp32 accumulator).
+Precision. The loss is read from the fp32 ``log_softmax`` as eager's ``cross_entropy`` does, and
+``dz = exp(log_softmax) - onehot`` is stored in the input dtype before its two matmuls, as eager
+autograd does after the ``.float()``. ``grad_weight`` is accumulated across chunks in fp32
+(bf16/fp16: each chunk's matmul result, rounded to the input dtype, is added to the fp32
+accumulator).
 
 Out-of-range targets (not in ``[0, V)`` and not ``ignore_index``) fail ``torch._assert_async``: a
 RuntimeError on CPU, a device-side assert on CUDA, as ``F.cross_entropy`` does.
@@ -53,31 +64,33 @@ The public op is ``CompositeImplicitAutograd``: AOTAutograd decomposes it into t
 fake impl is its shape function (a composite op takes none of its own).
 
 ``impl``: ``"torch"`` is the chunked torch path (CPU, also valid on CUDA); ``"triton"`` runs
-``graphopt::cross_entropy_loss_and_grad_`` (a ``triton_op``) on each chunk; ``"auto"`` picks
+``graphopt::cross_entropy_loss_and_grad`` (a ``triton_op``) on each chunk; ``"auto"`` picks
 ``"triton"`` on CUDA, ``"torch"`` elsewhere.
 """
 
 import torch
 import torch.nn.functional as F
 
-from graphopt.ops.triton_cross_entropy import cross_entropy_loss_and_grad_
+from graphopt.ops.triton_cross_entropy import cross_entropy_loss_and_grad
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IMPLS = ("auto", "torch", "triton")
 
-# Bytes of per-chunk logits work buffers default_chunk_size aims for.
-_CHUNK_BYTES = 256 * 1024 * 1024
+LOGITS_MODES = ("none", "differentiable", "detached")
+
+# Bytes of one (chunk, V) fp32 buffer that default_chunk_size aims for. Small enough that the
+# buffers stay a fraction of the (N, V) logits; large enough (128 rows at a 128k vocabulary) that
+# the chunk matmuls run at full speed.
+_CHUNK_BYTES = 64 * 1024 * 1024
 
 
-def default_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype) -> int:
-    """Tokens per chunk so that one chunk's logits work buffers take about 256 MB.
+def default_chunk_size(n_tokens: int, vocab: int) -> int:
+    """Tokens per chunk so that one (chunk, V) fp32 buffer takes about 64 MB.
 
-    Counts one (chunk, V) buffer in ``dtype`` (the matmul output) and one in fp32 (the upcast).
     Rounded down to a multiple of 16 rows (matmul-friendly), at least 16, at most ``n_tokens``
     (and at least 1).
     """
-    bytes_per_token = vocab * (torch.empty((), dtype=dtype).element_size() + 4)
-    chunk = max(16, (_CHUNK_BYTES // bytes_per_token) // 16 * 16)
+    chunk = max(16, (_CHUNK_BYTES // (4 * vocab)) // 16 * 16)
     return max(1, min(chunk, n_tokens))
 
 
@@ -102,41 +115,50 @@ def linear_cross_entropy_reference(
 def cross_entropy_loss_and_grad_torch(
     logits: torch.Tensor,
     target: torch.Tensor,
+    grad: torch.Tensor | None,
     ignore_index: int,
     softcap: float,
-    compute_grad: bool,
 ) -> torch.Tensor:
-    """Pure-torch twin of ``graphopt::cross_entropy_loss_and_grad_`` (same contract, same in-place write).
+    """Pure-torch twin of ``graphopt::cross_entropy_loss_and_grad`` (same contract).
 
-    ``logits`` (rows, V) fp32/bf16/fp16; ``target`` (rows,) int64. Returns the (rows,) fp32 per-row
-    loss (0 where ignored). When ``compute_grad``, overwrites ``logits`` with
-    ``d sum(loss) / d logits`` in its dtype. Works in fp32: for fp32 logits without softcap the
-    softmax is computed in place in ``logits``; otherwise one or two fp32 (rows, V) buffers.
+    ``logits`` (rows, V) fp32/bf16/fp16; ``target`` (rows,) int64; ``grad`` None or (rows, V) in
+    the dtype of ``logits``, possibly ``logits`` itself. Returns the (rows,) fp32 per-row loss (0
+    where ignored) and writes ``d sum(loss) / d logits`` into ``grad`` (0 on ignored rows).
+
+    Computed as eager's ``F.cross_entropy`` does: an fp32 ``log_softmax``, the loss read at the
+    target, and ``exp(log_softmax) - onehot`` as the gradient. For fp32 logits without softcap the
+    ``log_softmax`` is written straight into ``grad`` (no other buffer); otherwise into the one
+    fp32 temporary the upcast or the softcap needs anyway.
     """
     valid = target != ignore_index
     safe_target = torch.where(valid, target, 0).unsqueeze(1)
-    z = logits.float()  # an alias for fp32 logits: only written when compute_grad
+    z = logits.float()  # an alias for fp32 logits, never written then (grad may be another buffer)
     tanh_z = None
     if softcap > 0.0:
         tanh_z = (z / softcap).tanh_()
         z = tanh_z * softcap
-    z_target = z.gather(1, safe_target).squeeze(1)
-    if not compute_grad:
-        lse = torch.logsumexp(z, dim=1)
-        return torch.where(valid, lse - z_target, 0.0)
-    # One exp pass serves both the logsumexp and the softmax (the softmax is computed in place).
-    row_max = z.amax(dim=1, keepdim=True)
-    grad = z.sub_(row_max).exp_()
-    sum_exp = grad.sum(dim=1, keepdim=True)
-    lse = (row_max + sum_exp.log()).squeeze(1)
-    loss = torch.where(valid, lse - z_target, 0.0)
-    grad.mul_(valid.unsqueeze(1) / sum_exp)  # softmax, and 0 on ignored rows
-    grad.scatter_add_(1, safe_target, valid.to(torch.float32).neg().unsqueeze(1))
+    if grad is None:
+        loss = torch.logsumexp(z, dim=1) - z.gather(1, safe_target).squeeze(1)
+        return torch.where(valid, loss, 0.0)
+    log_p = grad if grad.dtype == torch.float32 else z  # z is a temporary here: bf16/fp16 upcast
+    torch._log_softmax(z, 1, False, out=log_p)
+    loss = torch.where(valid, log_p.gather(1, safe_target).squeeze(1).neg(), 0.0)
+    dz = log_p.exp_()  # the softmax
+    dz.scatter_add_(1, safe_target, valid.to(dz.dtype).neg().unsqueeze(1))
     if tanh_z is not None:
-        grad.mul_(tanh_z.square_().neg_().add_(1.0))
-    if grad.data_ptr() != logits.data_ptr():
-        logits.copy_(grad)
+        dz.mul_(tanh_z.square_().neg_().add_(1.0))
+    _zero_rows_(dz, ~valid)
+    if dz is not grad:
+        grad.copy_(dz)
     return loss
+
+
+def _zero_rows_(x: torch.Tensor, rows: torch.Tensor) -> None:
+    """``x[rows] = 0`` for a bool row mask, with no host sync on an accelerator."""
+    if x.device.type == "cpu":
+        x.index_fill_(0, rows.nonzero().squeeze(1), 0.0)  # touches only the ignored rows
+    else:
+        x.masked_fill_(rows.unsqueeze(1), 0.0)
 
 
 def _check_inputs(
@@ -145,6 +167,7 @@ def _check_inputs(
     target: torch.Tensor,
     softcap: float,
     chunk_size: int,
+    logits: str,
     impl: str,
 ) -> None:
     """Shape/dtype/argument checks shared by the real and the fake implementation."""
@@ -173,6 +196,7 @@ def _check_inputs(
     )
     torch._check(softcap >= 0.0, lambda: f"softcap must be >= 0 (0 disables it), got {softcap}")
     torch._check(chunk_size >= 1, lambda: f"chunk_size must be >= 1, got {chunk_size}")
+    torch._check(logits in LOGITS_MODES, lambda: f"logits must be one of {LOGITS_MODES}, got {logits!r}")
     torch._check(impl in IMPLS, lambda: f"impl must be one of {IMPLS}, got {impl!r}")
 
 
@@ -184,7 +208,7 @@ def linear_cross_entropy_fwd(
     ignore_index: int,
     softcap: float,
     chunk_size: int,
-    return_logits: bool,
+    logits: str,
     compute_grad: bool,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,11 +216,11 @@ def linear_cross_entropy_fwd(
 
     Returns:
         loss_sum: () fp32.
-        logits: (N, V) input dtype if ``return_logits``, else (0,).
+        logits: (N, V) input dtype unless ``logits == "none"``, else (0,).
         grad_hidden: (N, H) input dtype, d loss_sum / d hidden, if ``compute_grad``, else (0,).
         grad_weight: (V, H) input dtype, d loss_sum / d weight, if ``compute_grad``, else (0,).
     """
-    _check_inputs(hidden, weight, target, softcap, chunk_size, impl)
+    _check_inputs(hidden, weight, target, softcap, chunk_size, logits, impl)
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     in_range = (target >= 0) & (target < vocab)
     torch._assert_async(
@@ -204,58 +228,61 @@ def linear_cross_entropy_fwd(
         "graphopt::linear_cross_entropy: a target is outside [0, V) and is not ignore_index",
     )
     use_triton = impl == "triton" or (impl == "auto" and hidden.is_cuda)
-    loss_step = cross_entropy_loss_and_grad_ if use_triton else cross_entropy_loss_and_grad_torch
+    loss_step = cross_entropy_loss_and_grad if use_triton else cross_entropy_loss_and_grad_torch
 
+    keep_logits = logits != "none"
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     # Outputs must not alias each other, so each absent one is its own (0,) tensor.
-    logits = hidden.new_empty((n_tokens, vocab) if return_logits else (0,))
+    out_logits = hidden.new_empty((n_tokens, vocab) if keep_logits else (0,))
     grad_hidden = hidden.new_empty(hidden.shape if compute_grad else (0,))
-    grad_weight_acc = (
-        torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if compute_grad else None
-    )
+    grad_weight_acc = weight.new_zeros(weight.shape, dtype=torch.float32) if compute_grad else None
+    # One (chunk, V) buffer for every chunk, so no chunk allocates (and page-faults) its own: the
+    # logits chunk when they are not returned (its gradient then overwrites it in place), else the
+    # gradient of the returned logits chunk, which must survive.
+    buffer = None
+    if compute_grad or not keep_logits:
+        buffer = hidden.new_empty((min(chunk_size, n_tokens), vocab))
     for start in range(0, n_tokens, chunk_size):
         end = min(start + chunk_size, n_tokens)
         hidden_chunk = hidden[start:end]
-        if return_logits:
-            chunk = torch.mm(hidden_chunk, weight.t(), out=logits[start:end])
-            if compute_grad:
-                chunk = chunk.clone()  # the returned logits must survive the in-place gradient
-        else:
-            chunk = torch.mm(hidden_chunk, weight.t())
-        loss_sum += loss_step(chunk, target[start:end], ignore_index, softcap, compute_grad).sum()
+        chunk = torch.mm(hidden_chunk, weight.t(), out=out_logits[start:end] if keep_logits else buffer[: end - start])
+        grad = buffer[: end - start] if compute_grad else None
+        loss_sum += loss_step(chunk, target[start:end], grad, ignore_index, softcap).sum()
         if compute_grad:
-            # chunk now holds d loss_sum / d logits for these rows.
-            torch.mm(chunk, weight, out=grad_hidden[start:end])
-            if grad_weight_acc.dtype == chunk.dtype:
-                grad_weight_acc.addmm_(chunk.t(), hidden_chunk)
-            else:
-                grad_weight_acc += torch.mm(chunk.t(), hidden_chunk)
-        del chunk
+            torch.mm(grad, weight, out=grad_hidden[start:end])
+            if grad.dtype == torch.float32:
+                grad_weight_acc.addmm_(grad.t(), hidden_chunk)
+            else:  # rounded to the input dtype per chunk, as eager's backward matmul rounds it
+                grad_weight_acc += torch.mm(grad.t(), hidden_chunk)
     grad_weight = grad_weight_acc.to(weight.dtype) if compute_grad else weight.new_empty((0,))
-    return loss_sum, logits, grad_hidden, grad_weight
+    return loss_sum, out_logits, grad_hidden, grad_weight
 
 
 @linear_cross_entropy_fwd.register_fake
-def _(hidden, weight, target, ignore_index, softcap, chunk_size, return_logits, compute_grad, impl):
-    _check_inputs(hidden, weight, target, softcap, chunk_size, impl)
+def _(hidden, weight, target, ignore_index, softcap, chunk_size, logits, compute_grad, impl):
+    _check_inputs(hidden, weight, target, softcap, chunk_size, logits, impl)
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     loss_sum = hidden.new_empty((), dtype=torch.float32)
-    logits = hidden.new_empty((n_tokens, vocab) if return_logits else (0,))
+    out_logits = hidden.new_empty((n_tokens, vocab) if logits != "none" else (0,))
     grad_hidden = hidden.new_empty(hidden.shape if compute_grad else (0,))
     grad_weight = weight.new_empty(weight.shape if compute_grad else (0,))
-    return loss_sum, logits, grad_hidden, grad_weight
+    return loss_sum, out_logits, grad_hidden, grad_weight
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, target, ignore_index, _, _, return_logits, compute_grad, _ = inputs
-    _, _, grad_hidden, grad_weight = output
-    # Unused outputs (grad_hidden, grad_weight, often logits) get None instead of a zero-filled
-    # (N, V) or (V, H) tensor.
+    hidden, weight, target, ignore_index, _, _, logits_mode, compute_grad, _ = inputs
+    _, logits, grad_hidden, grad_weight = output
+    # grad_hidden and grad_weight are the op's saved work, not values to differentiate; "none" and
+    # "detached" logits get no gradient here either, so AOTAutograd passes them no tangent.
+    ctx.mark_non_differentiable(grad_hidden, grad_weight)
+    if logits_mode != "differentiable":
+        ctx.mark_non_differentiable(logits)
+    # Differentiable logits nobody differentiated get None instead of a zero-filled (N, V) tensor.
     ctx.set_materialize_grads(False)
     ctx.compute_grad = compute_grad
-    ctx.return_logits = return_logits
+    ctx.logits_grad = logits_mode == "differentiable"
     ctx.ignore_index = ignore_index
-    saved = (grad_hidden, grad_weight, target) + ((hidden, weight) if return_logits else ())
+    saved = (grad_hidden, grad_weight, target) + ((hidden, weight) if ctx.logits_grad else ())
     ctx.save_for_backward(*saved)
 
 
@@ -279,7 +306,7 @@ def _backward(ctx, grad_loss, grad_logits, _grad_grad_hidden, _grad_grad_weight)
         grad_loss = torch.where(any_valid, grad_loss, torch.zeros_like(grad_loss))
         d_hidden = _scale(grad_hidden, grad_loss)
         d_weight = _scale(grad_weight, grad_loss)
-    if grad_logits is not None and ctx.return_logits:
+    if grad_logits is not None and ctx.logits_grad:
         hidden, weight = hidden_weight
         logits_d_hidden, logits_d_weight = torch.ops.graphopt.logits_backward(grad_logits, hidden, weight)
         d_hidden = logits_d_hidden if d_hidden is None else d_hidden + logits_d_hidden
@@ -319,6 +346,36 @@ torch.library.register_autograd(
 )
 
 
+class _AttachLogitsGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, hidden, weight):
+        ctx.save_for_backward(hidden, weight)
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        hidden, weight = ctx.saved_tensors
+        grad_logits = grad_logits.reshape(hidden.shape[0], weight.shape[0]).to(hidden.dtype)
+        d_hidden = grad_logits @ weight if ctx.needs_input_grad[1] else None
+        d_weight = grad_logits.t() @ hidden if ctx.needs_input_grad[2] else None
+        return None, d_hidden, d_weight
+
+
+def attach_logits_grad(logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``logits`` (a view of it) with the gradient of ``logits = hidden @ weight.T`` attached.
+
+    Args:
+        logits: (..., V) values of ``hidden @ weight.T`` computed without autograd (``"detached"``
+            logits of the op), N * V elements in row-major token order.
+        hidden: (N, H), weight: (V, H), as given to the op.
+
+    The gradient is its own autograd node, outside any compiled graph: it runs only when a gradient
+    reaches the logits, and then computes ``grad @ weight`` and ``grad.T @ hidden``. A loss-only
+    backward never runs it, and nothing allocates a zero (N, V) gradient for the logits.
+    """
+    return _AttachLogitsGrad.apply(logits, hidden, weight)
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -326,7 +383,7 @@ def linear_cross_entropy(
     ignore_index: int,
     softcap: float,
     chunk_size: int,
-    return_logits: bool,
+    logits: str,
     compute_grad: bool,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,7 +396,8 @@ def linear_cross_entropy(
         ignore_index: target value whose token contributes no loss and no gradient.
         softcap: logit soft-capping value (Gemma-2 style), 0 disables.
         chunk_size: tokens per chunk, >= 1 (see ``default_chunk_size``).
-        return_logits: also return the (N, V) logits, else an empty (0,) tensor.
+        logits: ``"none"`` (an empty (0,) tensor), ``"differentiable"`` or ``"detached"`` (N, V)
+            logits; see the module docstring.
         compute_grad: compute gradients during the forward (training); False for inference.
         impl: ``"auto"`` | ``"torch"`` | ``"triton"``.
 
@@ -347,10 +405,10 @@ def linear_cross_entropy(
         loss_sum: () fp32, the summed (not averaged) loss.
         logits: (N, V) input dtype, ``F.linear(hidden, weight)``, or (0,).
     """
-    loss_sum, logits, _, _ = torch.ops.graphopt.linear_cross_entropy_fwd(
-        hidden, weight, target, ignore_index, softcap, chunk_size, return_logits, compute_grad, impl
+    loss_sum, out_logits, _, _ = torch.ops.graphopt.linear_cross_entropy_fwd(
+        hidden, weight, target, ignore_index, softcap, chunk_size, logits, compute_grad, impl
     )
-    return loss_sum, logits
+    return loss_sum, out_logits
 
 
 torch.library.define(

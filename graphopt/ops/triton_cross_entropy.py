@@ -1,6 +1,6 @@
-"""Triton kernel: cross-entropy loss of a chunk of logits, and its gradient written in place.
+"""Triton kernel: cross-entropy loss of a chunk of logits, and its gradient.
 
-``graphopt::cross_entropy_loss_and_grad_`` is the per-chunk step of the Triton path of
+``graphopt::cross_entropy_loss_and_grad`` is the per-chunk step of the Triton path of
 ``graphopt::linear_cross_entropy``. For each row ``i`` of a chunk of logits ``x`` (one program per
 row) it computes, in fp32::
 
@@ -10,9 +10,11 @@ row) it computes, in fp32::
     dz_i   = softmax(z_i) - onehot(target_i)    0 where target_i == ignore_index
     dx_i   = dz_i * (1 - (z_i / softcap)^2)     the softcap derivative, if softcap > 0
 
-and, when ``compute_grad``, overwrites ``x`` in place with ``dx = d sum_i(loss_i) / d x`` in the
-dtype of ``x``. Storing the gradient in the logits' dtype is what eager autograd does too: the
-``.float()`` before ``F.cross_entropy`` casts its fp32 gradient back to the logits' dtype.
+and, when a ``grad`` buffer is given, writes ``dx = d sum_i(loss_i) / d x`` into it in the dtype
+of ``x``. ``grad`` may be ``x`` itself (in place: the caller does not need the logits afterwards)
+or another buffer (the logits are also returned, so they must survive). Storing the gradient in
+the logits' dtype is what eager autograd does too: the ``.float()`` before ``F.cross_entropy``
+casts its fp32 gradient back to the logits' dtype.
 
 Each row is read twice (max/sum pass, then gradient pass) and written once; nothing chunk-sized is
 allocated besides the (rows,) fp32 loss.
@@ -52,6 +54,8 @@ def _softcap(x, softcap):
 def _cross_entropy_loss_and_grad_kernel(
     logits_ptr,
     stride_row,
+    grad_ptr,
+    grad_stride_row,
     target_ptr,
     loss_ptr,
     n_cols,
@@ -88,8 +92,9 @@ def _cross_entropy_loss_and_grad_kernel(
         z_target = _softcap(z_target, softcap)
     tl.store(loss_ptr + row, tl.where(valid, lse - z_target, 0.0))
 
-    # Pass 2: overwrite the row with d loss / d x.
+    # Pass 2: d loss / d x into the grad row (possibly the logits row itself).
     if COMPUTE_GRAD:
+        grad_row_ptr = grad_ptr + row * grad_stride_row
         for start in range(0, n_cols, BLOCK_V):
             cols = start + offsets
             in_row = cols < n_cols
@@ -102,26 +107,27 @@ def _cross_entropy_loss_and_grad_kernel(
                 capped = z / softcap
                 grad = grad * (1.0 - capped * capped)
             grad = tl.where(valid, grad, 0.0)
-            tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
+            tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
-@triton_op("graphopt::cross_entropy_loss_and_grad_", mutates_args={"logits"})
-def cross_entropy_loss_and_grad_(
+@triton_op("graphopt::cross_entropy_loss_and_grad", mutates_args={"grad"})
+def cross_entropy_loss_and_grad(
     logits: torch.Tensor,
     target: torch.Tensor,
+    grad: torch.Tensor | None,
     ignore_index: int,
     softcap: float,
-    compute_grad: bool,
 ) -> torch.Tensor:
-    """Per-row cross-entropy of ``logits``; overwrites ``logits`` with its gradient if ``compute_grad``.
+    """Per-row cross-entropy of ``logits``, and its gradient written into ``grad`` if one is given.
 
     Args:
-        logits: (rows, V) fp32/bf16/fp16, unit stride along V. Mutated when ``compute_grad``:
-            afterwards it holds ``d sum(loss) / d logits`` in the same dtype.
+        logits: (rows, V) fp32/bf16/fp16, unit stride along V.
         target: (rows,) int64, values in ``[0, V)`` or ``ignore_index`` (not range-checked here).
+        grad: None (loss only), or (rows, V) in the dtype of ``logits``, unit stride along V:
+            overwritten with ``d sum(loss) / d logits``, 0 on ignored rows. May be ``logits``
+            itself, which is then overwritten in place.
         ignore_index: target value whose row has loss 0 and gradient 0.
         softcap: logit soft-capping ``softcap * tanh(x / softcap)`` before the softmax; 0 disables.
-        compute_grad: whether to write the gradient (False leaves ``logits`` unchanged).
 
     Returns:
         (rows,) fp32 per-row loss, 0 for ignored rows.
@@ -140,9 +146,15 @@ def cross_entropy_loss_and_grad_(
         lambda: f"target shape {tuple(target.shape)} must be ({logits.shape[0]},)",
     )
     torch._check(softcap >= 0.0, lambda: f"softcap must be >= 0, got {softcap}")
+    if grad is not None:
+        torch._check(
+            grad.shape == logits.shape and grad.dtype == logits.dtype and grad.stride(1) == 1,
+            lambda: f"grad must be {tuple(logits.shape)} {logits.dtype} with unit stride along V, "
+            f"got {tuple(grad.shape)} {grad.dtype} strides {grad.stride()}",
+        )
     if logits.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
-            "graphopt::cross_entropy_loss_and_grad_ runs on CPU tensors only under TRITON_INTERPRET=1"
+            "graphopt::cross_entropy_loss_and_grad runs on CPU tensors only under TRITON_INTERPRET=1"
         )
     rows, vocab = logits.shape
     loss = torch.empty((rows,), dtype=torch.float32, device=logits.device)
@@ -150,13 +162,15 @@ def cross_entropy_loss_and_grad_(
     wrap_triton(_cross_entropy_loss_and_grad_kernel)[(rows,)](
         logits,
         logits.stride(0),
+        logits if grad is None else grad,
+        0 if grad is None else grad.stride(0),
         target,
         loss,
         vocab,
         ignore_index,
         softcap,
         HAS_SOFTCAP=softcap > 0.0,
-        COMPUTE_GRAD=compute_grad,
+        COMPUTE_GRAD=grad is not None,
         BLOCK_V=block_v,
         num_warps=8 if block_v >= 2048 else 4,
     )

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from graphopt.ops.linear_cross_entropy import (
+    _AttachLogitsGrad,
+    attach_logits_grad,
     cross_entropy_loss_and_grad_torch,
     default_chunk_size,
     linear_cross_entropy_reference,
@@ -18,7 +20,7 @@ from tests.tolerances import tol
 IGNORE = -100
 op = torch.ops.graphopt.linear_cross_entropy
 fwd_op = torch.ops.graphopt.linear_cross_entropy_fwd
-kernel_op = torch.ops.graphopt.cross_entropy_loss_and_grad_
+kernel_op = torch.ops.graphopt.cross_entropy_loss_and_grad
 
 
 def make_inputs(n, h, v, dtype=torch.float32, ignore_frac=0.25, seed=0):
@@ -43,9 +45,9 @@ def reference_grads(hidden, weight, target, softcap, upcast=False):
     return loss.detach(), h.grad, w.grad
 
 
-def op_grads(hidden, weight, target, softcap, chunk_size, impl, return_logits=False):
+def op_grads(hidden, weight, target, softcap, chunk_size, impl, logits="none"):
     h, w = leaves(hidden, weight)
-    loss, logits = op(h, w, target, IGNORE, softcap, chunk_size, return_logits, True, impl)
+    loss, logits = op(h, w, target, IGNORE, softcap, chunk_size, logits, True, impl)
     loss.backward()
     return loss.detach(), h.grad, w.grad, logits.detach()
 
@@ -62,32 +64,38 @@ def assert_matches_reference(got, want, dtype):
 # --- torch path --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("logits", ["none", "detached"])
 @pytest.mark.parametrize("chunk_size", [1, 10, 37, 64], ids=lambda c: f"chunk{c}")
 @pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["nocap", "softcap"])
-def test_torch_path_matches_reference(chunk_size, softcap):
+def test_torch_path_matches_reference(chunk_size, softcap, logits):
     hidden, weight, target = make_inputs(37, 24, 1001)
-    got = op_grads(hidden, weight, target, softcap, chunk_size, "torch")
+    got = op_grads(hidden, weight, target, softcap, chunk_size, "torch", logits)
     assert_matches_reference(got, reference_grads(hidden, weight, target, softcap), torch.float32)
 
 
-def test_torch_path_bf16_matches_fp32_reference():
-    hidden, weight, target = make_inputs(37, 24, 1001, torch.bfloat16)
-    got = op_grads(hidden, weight, target, 5.0, 16, "torch")
-    assert got[1].dtype == got[2].dtype == torch.bfloat16
-    want = reference_grads(hidden, weight, target, 5.0, upcast=True)
-    assert_matches_reference(got, want, torch.bfloat16)
+@pytest.mark.parametrize("logits", ["none", "detached"])
+@pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["nocap", "softcap"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_torch_path_half_matches_fp32_reference(dtype, softcap, logits):
+    hidden, weight, target = make_inputs(37, 24, 1001, dtype)
+    got = op_grads(hidden, weight, target, softcap, 16, "torch", logits)
+    assert got[1].dtype == got[2].dtype == dtype
+    want = reference_grads(hidden, weight, target, softcap, upcast=True)
+    assert_matches_reference(got, want, dtype)
 
 
-@pytest.mark.parametrize("return_logits", [False, True])
-def test_return_logits(return_logits):
+@pytest.mark.parametrize("logits", ["none", "differentiable", "detached"])
+def test_logits_modes(logits):
     hidden, weight, target = make_inputs(37, 24, 1001)
-    loss, _, _, logits = op_grads(hidden, weight, target, 0.0, 10, "torch", return_logits)
+    loss, _, _, out = op_grads(hidden, weight, target, 0.0, 10, "torch", logits)
     torch.testing.assert_close(loss, reference_grads(hidden, weight, target, 0.0)[0], **tol(torch.float32))
-    if return_logits:
-        # Each chunk is F.linear of its rows; on this CPU (fp32) that is bitwise the full F.linear.
-        torch.testing.assert_close(logits, F.linear(hidden, weight), rtol=0, atol=0)
+    if logits == "none":
+        assert out.shape == (0,)
     else:
-        assert logits.shape == (0,)
+        # Each chunk is F.linear of its rows; on this CPU (fp32) that is bitwise the full F.linear.
+        torch.testing.assert_close(out, F.linear(hidden, weight), rtol=0, atol=0)
+    h, w = leaves(hidden, weight)
+    assert op(h, w, target, IGNORE, 0.0, 10, logits, True, "torch")[1].requires_grad == (logits == "differentiable")
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -100,11 +108,46 @@ def test_grad_into_logits_and_loss(impl):
         return loss_sum / count + (logits * probe).sum()
 
     h, w = leaves(hidden, weight)
-    objective(*op(h, w, target, IGNORE, 0.0, 7, True, True, impl)).backward()
+    objective(*op(h, w, target, IGNORE, 0.0, 7, "differentiable", True, impl)).backward()
     rh, rw = leaves(hidden, weight)
     objective(linear_cross_entropy_reference(rh, rw, target, IGNORE, 0.0), F.linear(rh, rw)).backward()
     torch.testing.assert_close(h.grad, rh.grad, **tol(torch.float32, "grad"))
     torch.testing.assert_close(w.grad, rw.grad, **tol(torch.float32, "grad"))
+
+
+@pytest.mark.parametrize("through_logits", [True, False], ids=["loss_and_logits", "loss_only"])
+def test_attach_logits_grad(monkeypatch, through_logits):
+    """Detached logits + attach_logits_grad differentiate like the unfused reference; a loss-only
+    backward never runs the attached node."""
+    hidden, weight, target = make_inputs(19, 16, 301)
+    probe = torch.randn(19, 301, generator=torch.Generator().manual_seed(1))
+    count = (target != IGNORE).sum()
+    calls = []
+    backward = _AttachLogitsGrad.backward
+    monkeypatch.setattr(_AttachLogitsGrad, "backward", staticmethod(lambda ctx, g: calls.append(1) or backward(ctx, g)))
+
+    def objective(loss_sum, logits):
+        return loss_sum / count + ((logits * probe).sum() if through_logits else 0.0)
+
+    h, w = leaves(hidden, weight)
+    loss_sum, logits = op(h, w, target, IGNORE, 0.0, 7, "detached", True, "torch")
+    assert not logits.requires_grad
+    attached = attach_logits_grad(logits.unflatten(0, (1, 19)), h, w).flatten(0, 1)
+    torch.testing.assert_close(attached, F.linear(hidden, weight), rtol=0, atol=0)
+    objective(loss_sum, attached).backward()
+    rh, rw = leaves(hidden, weight)
+    objective(linear_cross_entropy_reference(rh, rw, target, IGNORE, 0.0), F.linear(rh, rw)).backward()
+    torch.testing.assert_close(h.grad, rh.grad, **tol(torch.float32, "grad"))
+    torch.testing.assert_close(w.grad, rw.grad, **tol(torch.float32, "grad"))
+    assert len(calls) == int(through_logits)
+
+
+def test_attach_logits_grad_frozen_weight():
+    hidden, weight, _ = make_inputs(5, 4, 9)
+    h = hidden.clone().requires_grad_(True)
+    attach_logits_grad(F.linear(hidden, weight), h, weight).sum().backward()
+    torch.testing.assert_close(h.grad, torch.ones(5, 9) @ weight)
+    assert weight.grad is None
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -112,7 +155,7 @@ def test_all_ignored(impl):
     hidden, weight, _ = make_inputs(9, 8, 101)
     target = torch.full((9,), IGNORE)
     h, w = leaves(hidden, weight)
-    loss_sum, _ = op(h, w, target, IGNORE, 0.0, 4, False, True, impl)
+    loss_sum, _ = op(h, w, target, IGNORE, 0.0, 4, "none", True, impl)
     mean = loss_sum / (target != IGNORE).sum()
     mean.backward()
     assert loss_sum.item() == 0.0
@@ -134,7 +177,7 @@ def test_vocab_above_128k():
 def test_compute_grad_false_forward_only():
     hidden, weight, target = make_inputs(13, 8, 51)
     h, w = leaves(hidden, weight)
-    loss, logits = op(h, w, target, IGNORE, 0.0, 5, True, False, "torch")
+    loss, logits = op(h, w, target, IGNORE, 0.0, 5, "differentiable", False, "torch")
     torch.testing.assert_close(loss, reference_grads(hidden, weight, target, 0.0)[0], **tol(torch.float32))
     torch.testing.assert_close(logits, F.linear(hidden, weight), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="compute_grad=False"):
@@ -145,7 +188,7 @@ def test_out_of_range_target_raises():
     hidden, weight, target = make_inputs(6, 8, 51)
     target[2] = 51
     with pytest.raises(RuntimeError, match=r"outside \[0, V\)"):
-        op(hidden, weight, target, IGNORE, 0.0, 4, False, True, "torch")
+        op(hidden, weight, target, IGNORE, 0.0, 4, "none", True, "torch")
 
 
 @pytest.mark.parametrize(
@@ -161,40 +204,64 @@ def test_out_of_range_target_raises():
 def test_invalid_inputs_raise(change, message):
     args = change(*make_inputs(6, 8, 51))
     with pytest.raises(RuntimeError, match=message):
-        op(*args, IGNORE, 0.0, 4, False, True, "torch")
+        op(*args, IGNORE, 0.0, 4, "none", True, "torch")
     with torch._subclasses.FakeTensorMode() as mode, pytest.raises(RuntimeError, match=message):
-        op(*(mode.from_tensor(a) for a in args), IGNORE, 0.0, 4, False, True, "torch")
+        op(*(mode.from_tensor(a) for a in args), IGNORE, 0.0, 4, "none", True, "torch")
+
+
+def test_unknown_logits_mode_raises():
+    with pytest.raises(RuntimeError, match="logits must be one of"):
+        op(*make_inputs(6, 8, 51), IGNORE, 0.0, 4, "kept", True, "torch")
 
 
 def test_default_chunk_size():
-    chunk = default_chunk_size(100_000, 128256, torch.bfloat16)
-    assert chunk % 16 == 0 and 128256 * 6 * chunk <= 256 * 2**20
-    assert default_chunk_size(5, 128256, torch.float32) == 5
-    assert default_chunk_size(10_000, 10**8, torch.float32) == 16
+    chunk = default_chunk_size(100_000, 128256)
+    assert chunk == 128 and 128256 * 4 * chunk <= 64 * 2**20
+    assert default_chunk_size(5, 128256) == 5
+    assert default_chunk_size(10_000, 10**8) == 16
 
 
 # --- Triton kernel (TRITON_INTERPRET=1 on CPU) ---------------------------------------------------
 
 
-@pytest.mark.parametrize("compute_grad", [True, False], ids=["grad", "nograd"])
+@pytest.mark.parametrize("grad", ["separate", "in_place", "none"])
 @pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["nocap", "softcap"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_kernel_matches_torch_twin(dtype, softcap, compute_grad):
+def test_kernel_matches_torch_twin(dtype, softcap, grad):
+    """The kernel and its torch twin agree on the loss and the gradient, written into a separate
+    buffer (the logits are left intact) or in place."""
     vocab = 2 * MAX_BLOCK_V + 809  # three vocabulary blocks, the last one partial
     gen = torch.Generator().manual_seed(0)
     logits = (torch.randn(6, vocab, generator=gen) * 3).to(dtype)
     target = torch.randint(0, vocab, (6,), generator=gen)
     target[[1, 4]] = IGNORE
-    got_logits, want_logits = logits.clone(), logits.clone()
-    loss = kernel_op(got_logits, target, IGNORE, softcap, compute_grad)
-    want = cross_entropy_loss_and_grad_torch(want_logits, target, IGNORE, softcap, compute_grad)
-    torch.testing.assert_close(loss, want, **tol(torch.float32))
-    assert loss[[1, 4]].eq(0).all()
-    if compute_grad:
-        torch.testing.assert_close(got_logits.float(), want_logits.float(), **tol(dtype, "grad"))
-        assert got_logits[[1, 4]].eq(0).all()
-    else:
-        assert torch.equal(got_logits, logits)
+    results = []
+    for fn in (kernel_op, cross_entropy_loss_and_grad_torch):
+        x = logits.clone()
+        out = {"separate": torch.full_like(x, float("nan")), "in_place": x, "none": None}[grad]
+        loss = fn(x, target, out, IGNORE, softcap)
+        assert loss[[1, 4]].eq(0).all()
+        if grad != "in_place":
+            assert torch.equal(x, logits)
+        if out is not None:
+            assert out[[1, 4]].eq(0).all()
+        results.append((loss, out))
+    (loss, out), (want_loss, want_out) = results
+    torch.testing.assert_close(loss, want_loss, **tol(torch.float32))
+    if out is not None:
+        torch.testing.assert_close(out.float(), want_out.float(), **tol(dtype, "grad"))
+
+
+def test_torch_twin_gradient_is_eagers():
+    """The twin's gradient is d sum(cross_entropy) / d logits computed by eager autograd."""
+    logits, target = torch.randn(7, 301) * 4, torch.tensor([0, 300, IGNORE, 5, 5, IGNORE, 17])
+    x = logits.clone().requires_grad_(True)
+    want_loss = F.cross_entropy(x, target, ignore_index=IGNORE, reduction="none")
+    want_loss.sum().backward()
+    grad = torch.empty_like(logits)
+    loss = cross_entropy_loss_and_grad_torch(logits, target, grad, IGNORE, 0.0)
+    torch.testing.assert_close(loss, want_loss.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(grad, x.grad, **tol(torch.float32, "grad"))
 
 
 @pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["nocap", "softcap"])
@@ -216,11 +283,11 @@ def test_triton_path_multiblock_vocab():
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-@pytest.mark.parametrize("return_logits", [False, True], ids=["loss", "loss_logits"])
+@pytest.mark.parametrize("logits", ["none", "differentiable", "detached"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck(dtype, return_logits, impl):
+def test_opcheck(dtype, logits, impl):
     hidden, weight, target = make_inputs(7, 5, 33, dtype)
-    args = (*leaves(hidden, weight), target, IGNORE, 3.0, 3, return_logits, True, impl)
+    args = (*leaves(hidden, weight), target, IGNORE, 3.0, 3, logits, True, impl)
     torch.library.opcheck(fwd_op.default, args)
     torch.library.opcheck(op.default, args)
 
@@ -228,16 +295,18 @@ def test_opcheck(dtype, return_logits, impl):
 def test_opcheck_kernel():
     logits = torch.randn(5, 33)
     target = torch.tensor([0, 32, IGNORE, 7, 7])
-    if torch.cuda.is_available():
-        torch.library.opcheck(kernel_op.default, (logits.cuda(), target.cuda(), IGNORE, 3.0, True))
-    else:
-        # Under TRITON_INTERPRET=1, wrap_triton hands back the interpreted kernel instead of a
-        # traceable wrapper, so fake/AOT tracing would run the interpreter on fake tensors.
-        torch.library.opcheck(
-            kernel_op.default,
-            (logits, target, IGNORE, 3.0, True),
-            test_utils=("test_schema", "test_autograd_registration"),
-        )
+    for grad in (torch.empty_like(logits), None):
+        if torch.cuda.is_available():
+            grad = grad if grad is None else grad.cuda()
+            torch.library.opcheck(kernel_op.default, (logits.cuda(), target.cuda(), grad, IGNORE, 3.0))
+        else:
+            # Under TRITON_INTERPRET=1, wrap_triton hands back the interpreted kernel instead of a
+            # traceable wrapper, so fake/AOT tracing would run the interpreter on fake tensors.
+            torch.library.opcheck(
+                kernel_op.default,
+                (logits, target, grad, IGNORE, 3.0),
+                test_utils=("test_schema", "test_autograd_registration"),
+            )
 
 
 def test_compiled_matches_eager():
@@ -245,7 +314,7 @@ def test_compiled_matches_eager():
     probe = torch.randn(10, 33, generator=torch.Generator().manual_seed(1))
 
     def step(h, w, t):
-        loss_sum, logits = op(h, w, t, IGNORE, 2.0, 4, True, True, "auto")
+        loss_sum, logits = op(h, w, t, IGNORE, 2.0, 4, "differentiable", True, "auto")
         return loss_sum / (t != IGNORE).sum() + (logits * probe).sum()
 
     torch._dynamo.reset()
