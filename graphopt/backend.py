@@ -6,7 +6,9 @@
 1. runs the passes (:mod:`graphopt.passes`) on a copy of the graph, recording a report;
 2. compiles the rewritten graph with Inductor, exactly as ``backend="inductor"`` would (same mode,
    same Inductor options, AOTAutograd for training);
-3. when a rewrite depends on input values, returns a :class:`GuardedGraph` that checks the guards
+3. when the fused loss returns detached logits, wraps the compiled graph in
+   :class:`AttachLogitsGrad`, which gives them their gradient outside the graph;
+4. when a rewrite depends on input values, returns a :class:`GuardedGraph` that checks the guards
    before every call and runs the original graph, compiled by Inductor on first need, when they
    fail.
 
@@ -53,6 +55,8 @@ def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     if not report.changed:
         return inductor(gm, example_inputs)
     fast = inductor(work, example_inputs)
+    if ctx.detached_logits:
+        fast = AttachLogitsGrad(fast, ctx.detached_logits, n_outputs=len(gm.graph.find_nodes(op="output")[0].args[0]))
     if not ctx.guards:
         return fast
     return GuardedGraph(fast, gm, ctx.guards, inductor, report.graph_id)
@@ -63,6 +67,31 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
     out = new.graph_copy(graph, {})
     new.output(out)
     return new
+
+
+class AttachLogitsGrad:
+    """Run the rewritten graph and attach the gradient of the logits it returns detached.
+
+    The fused loss returns the logits without a gradient plus, as an extra output, the hidden states
+    it read (see :mod:`graphopt.passes.fused_cross_entropy`). This restores the graph's original
+    outputs: the logits get ``d logits / d (hidden, weight)`` as an autograd node of their own
+    (:func:`~graphopt.ops.linear_cross_entropy.attach_logits_grad`), and the extra outputs go.
+    """
+
+    def __init__(self, compiled, detached: list, n_outputs: int):
+        self.compiled = compiled
+        self.detached = detached
+        self.n_outputs = n_outputs
+
+    def __call__(self, *args):
+        from graphopt.ops.linear_cross_entropy import attach_logits_grad
+
+        outputs = list(self.compiled(*args))
+        for d in self.detached:
+            logits = attach_logits_grad(outputs[d.positions[0]], outputs[d.hidden_position], args[d.weight_input])
+            for position in d.positions:
+                outputs[position] = logits
+        return outputs[: self.n_outputs]
 
 
 class GuardedGraph:

@@ -19,12 +19,29 @@ from graphopt.options import GraphoptOptions
 
 
 @dataclass
+class DetachedLogits:
+    """Logits that the rewritten graph returns without a gradient; the backend attaches it.
+
+    Attributes:
+        positions: where the logits stand in the graph's outputs.
+        hidden_position: the output the pass appended, holding the (N, H) hidden states the fused
+            loss read; the backend removes it from what the caller sees.
+        weight_input: the graph input (placeholder index) holding the lm_head weight.
+    """
+
+    positions: list[int]
+    hidden_position: int
+    weight_input: int
+
+
+@dataclass
 class PassContext:
     """What a pass may read and where it records what it did."""
 
     options: GraphoptOptions
     report: GraphReport
     guards: list[Guard] = field(default_factory=list)
+    detached_logits: list[DetachedLogits] = field(default_factory=list)
     _masks: list | None = None
     _losses: tuple | None = None
 

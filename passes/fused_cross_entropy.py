@@ -11,8 +11,19 @@ backward, so the largest activations of a 128k-vocabulary step all have V column
     where loss_sum, logits = graphopt::linear_cross_entropy(h.view(-1, H), W, target, ...)
 
 The count stays on the device. The logits output keeps its value: the op writes it chunk by chunk
-from the matmul the loss uses, unless ``drop_logits=True``, which returns an
-empty tensor in its place. Label smoothing and class weights are declined, never approximated.
+from the matmul the loss uses, unless ``drop_logits=True``, which returns an empty tensor in its
+place. Label smoothing and class weights are declined, never approximated.
+
+The returned logits keep their gradient too, in one of two ways:
+
+- ``detached`` (training graphs that return lm_head's output as is, the usual HF case): the op
+  returns the logits without a gradient, and the graph also returns the flat hidden states it read.
+  The backend then attaches ``d logits / d (hidden, weight)`` outside the compiled graph
+  (:func:`graphopt.ops.linear_cross_entropy.attach_logits_grad`), where it runs only if something
+  differentiates the logits. Inside the graph AOTAutograd would instead hand every backward a zero
+  (N, V) gradient for them, a pass over the largest tensor of the step for nothing.
+- ``differentiable`` (anything else: softcapped logits returned, logits read by other graph code,
+  an lm_head weight that is no graph input): the op's logits stay differentiable in the graph.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import torch.fx as fx
 
 from graphopt import analysis
 from graphopt.losses import LossInfo
-from graphopt.passes import PassContext
+from graphopt.passes import DetachedLogits, PassContext
 
 
 class FusedCrossEntropy:
@@ -75,6 +86,9 @@ class FusedCrossEntropy:
         escapes = {n: [u for u in n.users if u not in chain and u is not loss.ce] for n in chain}
         escapes = {n: users for n, users in escapes.items() if users}
         keep_logits = bool(escapes) and not ctx.options.drop_logits
+        output = graph.find_nodes(op="output")[0]
+        detach = keep_logits and compute_grad and _returned_as_is(loss, escapes, output)
+        logits_mode = "detached" if detach else "differentiable" if keep_logits else "none"
         logits_bytes = n_tokens * vocab * h_val.element_size()
 
         new: list[fx.Node] = []
@@ -95,7 +109,7 @@ class FusedCrossEntropy:
             flat = call("call_method", "reshape", loss.hidden, -1, hidden_size)
             fused = call(
                 "call_function", torch.ops.graphopt.linear_cross_entropy.default,
-                flat, loss.weight, target, loss.ignore_index, loss.softcap, chunk, "differentiable" if keep_logits else "none", compute_grad, "auto",
+                flat, loss.weight, target, loss.ignore_index, loss.softcap, chunk, logits_mode, compute_grad, "auto",
             )
             loss_sum = call("call_function", operator.getitem, fused, 0)
             if loss.reduction == "mean":
@@ -122,6 +136,16 @@ class FusedCrossEntropy:
                 for user in users:
                     user.replace_input_with(node, empty)
         analysis.erase_dead(graph, chain | {loss.linear})
+        if detach:
+            outputs = list(output.args[0])
+            ctx.detached_logits.append(
+                DetachedLogits(
+                    positions=[i for i, node in enumerate(outputs) if node is replacement],
+                    hidden_position=len(outputs),
+                    weight_input=ctx.placeholder_index(gm, loss.weight),
+                )
+            )
+            output.args = (tuple(outputs) + (flat,),)
         ctx.report.rewrite(
             self.name,
             f"{loss.reduction}{'_softcap' if loss.softcap else ''}",
@@ -129,12 +153,26 @@ class FusedCrossEntropy:
         )
         if keep_logits:
             ctx.report.note(
-                f"the graph returns the logits ({_megabytes(logits_bytes)}); "
+                f"the graph returns the logits ({_megabytes(logits_bytes)}, their gradient "
+                f"{'attached outside the graph' if detach else 'in the graph'}); "
                 f"options={{'drop_logits': True}} would not materialize them in training steps"
             )
         elif escapes:
             ctx.report.note(f"drop_logits=True: logits are returned as an empty tensor (saves {_megabytes(logits_bytes)})")
 
+
+
+def _returned_as_is(loss: LossInfo, escapes: dict, output: fx.Node) -> bool:
+    """lm_head's output leaves the loss path only as a graph output (a flat one), and the weight is
+    a graph input: then the backend can attach the logits' gradient outside the graph."""
+    outputs = output.args[0]
+    return (
+        list(escapes) == [loss.linear]
+        and all(user is output for user in escapes[loss.linear])
+        and isinstance(outputs, (tuple, list))
+        and all(value is None or isinstance(value, fx.Node) for value in outputs)
+        and loss.weight.op == "placeholder"
+    )
 
 
 def _megabytes(n: int) -> str:

@@ -23,13 +23,16 @@ class Step:
     grads: dict[str, torch.Tensor]
 
 
-def run_step(model, batch: dict, *, backward: bool = True) -> Step:
-    """One forward (and backward) of ``model`` on ``batch``; returns the loss and fresh grads."""
+def run_step(model, batch: dict, *, backward: bool = True, objective=None) -> Step:
+    """One forward (and backward) of ``model`` on ``batch``; returns the loss and fresh grads.
+
+    The backward differentiates ``objective(output)`` if given, else the model's loss.
+    """
     model.zero_grad(set_to_none=True)
     out = model(**batch)
     loss = out.loss
     if backward and loss is not None:
-        loss.backward()
+        (objective(out) if objective is not None else loss).backward()
     grads = {
         name: p.grad.detach().clone()
         for name, p in _named_parameters(model)
@@ -49,7 +52,7 @@ def assert_steps_equal(eager: Step, compiled: Step, *, dtype=torch.float32, real
     assert (eager.loss is None) == (compiled.loss is None)
     if eager.loss is not None:
         torch.testing.assert_close(compiled.loss, eager.loss, **tol(dtype), equal_nan=True)
-    assert set(compiled.grads) == set(eager.grads), "the compiled step left some parameter without a gradient"
+    assert set(compiled.grads) == set(eager.grads), f"the compiled step left some parameter without a gradient: {set(eager.grads) ^ set(compiled.grads)}"
     for name, grad in eager.grads.items():
         assert not torch.isnan(compiled.grads[name]).any() or torch.isnan(grad).any(), f"NaN in grad of {name}"
         torch.testing.assert_close(compiled.grads[name], grad, **tol(dtype, "grad"), msg=lambda m: f"{name}: {m}")

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import graphopt
+from graphopt.ops.linear_cross_entropy import _AttachLogitsGrad
 from graphopt.tiny_models import IGNORE_INDEX, build_tiny_model, make_batch
 from tests.harness import (
     CompiledModel,
@@ -127,6 +128,73 @@ def test_drop_logits_returns_empty_logits_and_says_what_it_saves(models):
     assert_fused(cm, "mean")
     notes = [n for g in cm.compile_reports for n in g.notes]
     assert any("drop_logits=True" in n and "saves" in n for n in notes), notes
+
+
+# ---------------------------------------------------------------------------------------------------
+# The gradient of the returned logits
+
+
+def _logits_mode(graphs) -> set[str]:
+    """The ``logits`` argument of every fused op in ``graphs`` (from the code after the passes)."""
+    modes = {mode for mode in ("'none'", "'differentiable'", "'detached'") for g in graphs if mode in g.after}
+    return {m.strip("'") for m in modes}
+
+
+def _loss_and_logits(batch: dict, probe: torch.Tensor):
+    """An objective with a second mean term on the logits (an auxiliary loss), read at real
+    positions, where mask elision keeps them exact."""
+    real = batch["attention_mask"].bool()
+    return lambda out: out.loss + (out.logits * probe)[real].mean()
+
+
+def _counting_logits_backward(monkeypatch) -> list:
+    calls = []
+    backward = _AttachLogitsGrad.backward
+    monkeypatch.setattr(_AttachLogitsGrad, "backward", staticmethod(lambda ctx, g: calls.append(1) or backward(ctx, g)))
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_gradient_through_returned_logits_is_exact(models, monkeypatch, family):
+    """A second loss term on the logits: llama's logits get their gradient attached outside the
+    graph, gemma2's softcapped logits keep it in the graph. Both equal eager."""
+    cm = models(family)
+    batch = right_padded(seed=8)
+    cm.step(batch)  # compiled (and reported) by the same shapes
+    probe = torch.randn(BATCH, SEQ, cm.model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    calls = _counting_logits_backward(monkeypatch)
+    eager = run_step(cm.model, batch, objective=_loss_and_logits(batch, probe))
+    compiled = run_step(cm.compiled, batch, objective=_loss_and_logits(batch, probe))
+    assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
+    detached = family == "llama"
+    assert _logits_mode(cm.compile_reports) == {"detached" if detached else "differentiable"}
+    assert len(calls) == int(detached)
+    where = "attached outside the graph" if detached else "in the graph"
+    assert any(where in n for g in cm.compile_reports for n in g.notes)
+
+
+def test_loss_only_backward_never_runs_the_logits_gradient(models, monkeypatch):
+    cm = models("llama")
+    calls = _counting_logits_backward(monkeypatch)
+    eager, compiled, _ = cm.step(right_padded(seed=9))
+    assert_steps_equal(eager, compiled, real_positions=real_positions(right_padded(seed=9)))
+    assert _logits_mode(cm.compile_reports) == {"detached"}
+    assert calls == []
+
+
+def test_frozen_lm_head_with_gradient_through_logits():
+    """LoRA-style: lm_head frozen, so only the hidden states get the logits' gradient."""
+    model = build_tiny_model("llama")
+    model.lm_head.weight.requires_grad_(False)
+    cm = CompiledModel(model)
+    batch = right_padded(seed=10)
+    cm.step(batch)
+    probe = torch.randn(BATCH, SEQ, model.config.vocab_size, generator=torch.Generator().manual_seed(1))
+    eager = run_step(model, batch, objective=_loss_and_logits(batch, probe))
+    compiled = run_step(cm.compiled, batch, objective=_loss_and_logits(batch, probe))
+    assert "lm_head.weight" not in compiled.grads and "model.norm.weight" in compiled.grads
+    assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
+    assert _logits_mode(cm.compile_reports) == {"detached"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -296,6 +364,38 @@ def test_plain_function_with_unshifted_labels_is_fused(fn):
     assert report.rule_counts[(NAME, "mean")] == 1, report
     (after,) = report.graph_code("after")
     assert FUSED_OP in after and UNFUSED_CE not in after
+    # Logits read by other graph code keep their gradient in the graph; plain_loss returns none.
+    assert _logits_mode(report.graphs) == ({"differentiable"} if fn is logits_also_regularized_loss else {"none"})
+
+
+def loss_and_logits(h, w, y):
+    """Returns the logits too: their gradient is attached outside the graph, to the hidden states
+    that are here a graph input (the extra output is then a view of an input)."""
+    logits = F.linear(h, w)
+    return F.cross_entropy(logits.float().view(-1, V), y.view(-1)), logits
+
+
+@pytest.mark.parametrize("through_logits", [True, False], ids=["loss_and_logits", "loss_only"])
+def test_returned_logits_of_a_graph_input(monkeypatch, through_logits):
+    calls = _counting_logits_backward(monkeypatch)
+    probe = torch.randn(B, S, V, generator=torch.Generator().manual_seed(2))
+
+    def objective(h, w, y, fn):
+        loss, logits = fn(h, w, y)
+        return loss + (logits * probe).mean() if through_logits else loss
+
+    inputs = _loss_inputs(seed=3)
+    eager = _loss_and_grads(lambda h, w, y: objective(h, w, y, loss_and_logits), *inputs)
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(loss_and_logits, backend="graphopt", options={"cross_entropy_chunk_size": 3})
+    with graphopt.capture() as report:
+        compiled = _loss_and_grads(lambda h, w, y: objective(h, w, y, compiled_fn), *inputs)
+    assert_steps_equal(eager, compiled)
+    assert report.rule_counts[(NAME, "mean")] == 1, report
+    assert _logits_mode(report.graphs) == {"detached"}
+    assert len(calls) == int(through_logits)
+    logits = compiled_fn(*inputs)[1]
+    torch.testing.assert_close(logits, F.linear(inputs[0], inputs[1]), **tol(torch.float32))
 
 
 @pytest.mark.parametrize(
