@@ -7,7 +7,7 @@
 2. compiles the rewritten graph with Inductor, exactly as ``backend="inductor"`` would (same mode,
    same Inductor options, AOTAutograd for training);
 3. when the fused loss returns detached logits, wraps the compiled graph in
-   :class:`AttachLogitsGrad`, which gives them their gradient outside the graph;
+   :class:`AttachedLogitsGraph`, which gives them their gradient outside the graph;
 4. when a rewrite depends on input values, returns a :class:`GuardedGraph` that checks the guards
    before every call and runs the original graph, compiled by Inductor on first need, when they
    fail.
@@ -56,7 +56,8 @@ def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
         return inductor(gm, example_inputs)
     fast = inductor(work, example_inputs)
     if ctx.detached_logits:
-        fast = AttachLogitsGrad(fast, ctx.detached_logits, n_outputs=len(gm.graph.find_nodes(op="output")[0].args[0]))
+        n_outputs = len(gm.graph.find_nodes(op="output")[0].args[0])
+        fast = AttachedLogitsGraph(fast, ctx.detached_logits, n_outputs)
     if not ctx.guards:
         return fast
     return GuardedGraph(fast, gm, ctx.guards, inductor, report.graph_id)
@@ -69,7 +70,7 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
     return new
 
 
-class AttachLogitsGrad:
+class AttachedLogitsGraph:
     """Run the rewritten graph and attach the gradient of the logits it returns detached.
 
     The fused loss returns the logits without a gradient plus, as an extra output, the hidden states
@@ -79,16 +80,17 @@ class AttachLogitsGrad:
     """
 
     def __init__(self, compiled, detached: list, n_outputs: int):
+        from graphopt.ops.linear_cross_entropy import attach_logits_grad  # the op module imports triton
+
         self.compiled = compiled
         self.detached = detached
         self.n_outputs = n_outputs
+        self._attach = attach_logits_grad
 
     def __call__(self, *args):
-        from graphopt.ops.linear_cross_entropy import attach_logits_grad
-
         outputs = list(self.compiled(*args))
         for d in self.detached:
-            logits = attach_logits_grad(outputs[d.positions[0]], outputs[d.hidden_position], args[d.weight_input])
+            logits = self._attach(outputs[d.positions[0]], outputs[d.hidden_position], args[d.weight_input])
             for position in d.positions:
                 outputs[position] = logits
         return outputs[: self.n_outputs]

@@ -161,7 +161,6 @@ class FusedCrossEntropy:
             ctx.report.note(f"drop_logits=True: logits are returned as an empty tensor (saves {_megabytes(logits_bytes)})")
 
 
-
 def _returned_as_is(loss: LossInfo, escapes: dict, output: fx.Node) -> bool:
     """lm_head's output leaves the loss path only as a graph output (a flat one), and the weight is
     a graph input: then the backend can attach the logits' gradient outside the graph."""

@@ -37,7 +37,7 @@ in place), else the gradient of the chunk, which is written into the returned lo
 upcast and the tanh); fp32 without softcap needs none. When ``compute_grad``, ``grad_hidden`` (N, H)
 in the input dtype and an fp32 (V, H) ``grad_weight`` accumulator (cast to the input dtype once at
 the end) live too. A returned ``logits`` adds the (N, V) output. ``default_chunk_size`` picks a
-chunk of about 64 MB per (chunk, V) buffer.
+chunk of about 64 MB per (chunk, V) buffer, at most 256 rows.
 
 Autograd. ``compute_grad=True`` computes ``grad_hidden`` and ``grad_weight`` (d loss_sum / d input)
 during the forward, chunk by chunk: per chunk one matmul for the logits, then
@@ -82,15 +82,20 @@ LOGITS_MODES = ("none", "differentiable", "detached")
 # buffers stay a fraction of the (N, V) logits; large enough (128 rows at a 128k vocabulary) that
 # the chunk matmuls run at full speed.
 _CHUNK_BYTES = 64 * 1024 * 1024
+# Rows per chunk at most, whatever the vocabulary. At small vocabularies the byte budget alone would
+# make one chunk of every token, whose buffer is as large as the logits: on the CPU such steps were
+# intermittently 20% slower as a whole (padded-short preset, docs/benchmarks.md); 256-row chunks
+# were not, and their matmuls are as fast.
+_MAX_CHUNK_ROWS = 256
 
 
 def default_chunk_size(n_tokens: int, vocab: int) -> int:
-    """Tokens per chunk so that one (chunk, V) fp32 buffer takes about 64 MB.
+    """Tokens per chunk: one (chunk, V) fp32 buffer of about 64 MB, at most 256 rows.
 
     Rounded down to a multiple of 16 rows (matmul-friendly), at least 16, at most ``n_tokens``
     (and at least 1).
     """
-    chunk = max(16, (_CHUNK_BYTES // (4 * vocab)) // 16 * 16)
+    chunk = min(_MAX_CHUNK_ROWS, max(16, (_CHUNK_BYTES // (4 * vocab)) // 16 * 16))
     return max(1, min(chunk, n_tokens))
 
 

@@ -219,6 +219,7 @@ def test_default_chunk_size():
     assert chunk == 128 and 128256 * 4 * chunk <= 64 * 2**20
     assert default_chunk_size(5, 128256) == 5
     assert default_chunk_size(10_000, 10**8) == 16
+    assert default_chunk_size(10_000, 8000) == 256  # the row cap, not the byte budget (2096 rows)
 
 
 # --- Triton kernel (TRITON_INTERPRET=1 on CPU) ---------------------------------------------------
