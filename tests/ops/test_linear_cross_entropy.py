@@ -265,13 +265,17 @@ def test_torch_twin_gradient_is_eagers():
     torch.testing.assert_close(grad, x.grad, **tol(torch.float32, "grad"))
 
 
+@pytest.mark.parametrize("logits", ["none", "detached"])
 @pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["nocap", "softcap"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_triton_path_matches_reference(dtype, softcap):
+def test_triton_path_matches_reference(dtype, softcap, logits):
+    """In place ("none") and into the reused buffer while the logits are returned ("detached")."""
     hidden, weight, target = make_inputs(37, 24, 1001, dtype)
-    got = op_grads(hidden, weight, target, softcap, 10, "triton")
+    got = op_grads(hidden, weight, target, softcap, 10, "triton", logits)
     want = reference_grads(hidden, weight, target, softcap, upcast=True)
     assert_matches_reference(got, want, dtype)
+    if logits == "detached":
+        torch.testing.assert_close(got[3].float(), F.linear(hidden, weight).float(), **tol(dtype))
 
 
 def test_triton_path_multiblock_vocab():
