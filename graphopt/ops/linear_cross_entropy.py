@@ -31,8 +31,9 @@ every target ignored, ``loss_sum`` is 0 and the gradients are 0; the caller's me
 0/0 = NaN, as in eager.
 
 Memory model. Tokens are processed ``chunk_size`` at a time through one reused (chunk, V) buffer in
-the input dtype: the logits chunk when the logits are not returned (its gradient then overwrites it
-in place), else the gradient of the chunk, which is written into the returned logits. The
+the input dtype. When the logits are not returned, the buffer receives the chunk's logits and then
+its gradient, in place. When they are, the matmul writes the chunk's logits straight into the
+returned tensor and the buffer receives only the gradient. The
 ``"torch"`` path adds one fp32 (chunk, V) work buffer for bf16/fp16 inputs and two for softcap (the
 upcast and the tanh); fp32 without softcap needs none. When ``compute_grad``, ``grad_hidden`` (N, H)
 in the input dtype and an fp32 (V, H) ``grad_weight`` accumulator (cast to the input dtype once at
