@@ -335,12 +335,19 @@ def test_compiled_matches_eager():
     torch.testing.assert_close(w.grad, rw.grad, **tol(torch.float32, "grad"))
 
 
-@pytest.mark.parametrize("zero", [True, False])
-def test_logits_backward_skips_all_zero_gradients_exactly(zero):
+@pytest.mark.parametrize("grad", ["zero", "random", "one_nonzero", "nan", "empty"])
+def test_logits_backward_skips_all_zero_gradients_exactly(grad):
     g = torch.Generator().manual_seed(0)
-    hidden, weight = torch.randn(7, 5, generator=g), torch.randn(11, 5, generator=g)
-    grad_logits = torch.zeros(7, 11) if zero else torch.randn(7, 11, generator=g)
+    n = 0 if grad == "empty" else 7
+    hidden, weight = torch.randn(n, 5, generator=g), torch.randn(11, 5, generator=g)
+    grad_logits = torch.randn(n, 11, generator=g) if grad == "random" else torch.zeros(n, 11)
+    if grad == "one_nonzero":
+        grad_logits[6, 10] = -1e-30
+    if grad == "nan":
+        grad_logits[3, 4] = float("nan")
     d_hidden, d_weight = torch.ops.graphopt.logits_backward(grad_logits, hidden, weight)
-    torch.testing.assert_close(d_hidden, grad_logits @ weight)
-    torch.testing.assert_close(d_weight, grad_logits.t() @ hidden)
-    torch.library.opcheck(torch.ops.graphopt.logits_backward, (grad_logits, hidden, weight))
+    torch.testing.assert_close(d_hidden, grad_logits @ weight, equal_nan=True)
+    torch.testing.assert_close(d_weight, grad_logits.t() @ hidden, equal_nan=True)
+    assert d_weight.isnan().any() == (grad == "nan")
+    if grad != "nan":  # opcheck compares eager and traced outputs without equal_nan
+        torch.library.opcheck(torch.ops.graphopt.logits_backward, (grad_logits, hidden, weight))
