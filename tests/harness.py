@@ -90,6 +90,17 @@ class CompiledModel:
         return "\n".join(g.after for g in self.compile_reports)
 
 
+def count_attached_logits_backward(monkeypatch) -> list:
+    """A list that gains one item each time the gradient attached to detached logits runs
+    (:func:`graphopt.ops.linear_cross_entropy.attach_logits_grad`)."""
+    from graphopt.ops.linear_cross_entropy import _AttachLogitsGrad
+
+    calls = []
+    backward = _AttachLogitsGrad.backward
+    monkeypatch.setattr(_AttachLogitsGrad, "backward", staticmethod(lambda ctx, g: calls.append(1) or backward(ctx, g)))
+    return calls
+
+
 def real_positions(batch: dict) -> torch.Tensor | None:
     mask = batch.get("attention_mask")
     return None if mask is None else mask.bool()

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from graphopt.ops.linear_cross_entropy import (
-    _AttachLogitsGrad,
     attach_logits_grad,
     cross_entropy_loss_and_grad_torch,
     default_chunk_size,
     linear_cross_entropy_reference,
 )
 from graphopt.ops.triton_cross_entropy import MAX_BLOCK_V
+from tests.harness import count_attached_logits_backward
 from tests.tolerances import tol
 
 IGNORE = -100
@@ -73,17 +73,6 @@ def test_torch_path_matches_reference(chunk_size, softcap, logits):
     assert_matches_reference(got, reference_grads(hidden, weight, target, softcap), torch.float32)
 
 
-@pytest.mark.parametrize("logits", ["none", "detached"])
-@pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["nocap", "softcap"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_torch_path_half_matches_fp32_reference(dtype, softcap, logits):
-    hidden, weight, target = make_inputs(37, 24, 1001, dtype)
-    got = op_grads(hidden, weight, target, softcap, 16, "torch", logits)
-    assert got[1].dtype == got[2].dtype == dtype
-    want = reference_grads(hidden, weight, target, softcap, upcast=True)
-    assert_matches_reference(got, want, dtype)
-
-
 @pytest.mark.parametrize("logits", ["none", "differentiable", "detached"])
 def test_logits_modes(logits):
     hidden, weight, target = make_inputs(37, 24, 1001)
@@ -122,9 +111,7 @@ def test_attach_logits_grad(monkeypatch, through_logits):
     hidden, weight, target = make_inputs(19, 16, 301)
     probe = torch.randn(19, 301, generator=torch.Generator().manual_seed(1))
     count = (target != IGNORE).sum()
-    calls = []
-    backward = _AttachLogitsGrad.backward
-    monkeypatch.setattr(_AttachLogitsGrad, "backward", staticmethod(lambda ctx, g: calls.append(1) or backward(ctx, g)))
+    calls = count_attached_logits_backward(monkeypatch)
 
     def objective(loss_sum, logits):
         return loss_sum / count + ((logits * probe).sum() if through_logits else 0.0)
@@ -267,15 +254,31 @@ def test_torch_twin_gradient_is_eagers():
 
 @pytest.mark.parametrize("logits", ["none", "detached"])
 @pytest.mark.parametrize("softcap", [0.0, 5.0], ids=["nocap", "softcap"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_triton_path_matches_reference(dtype, softcap, logits):
-    """In place ("none") and into the reused buffer while the logits are returned ("detached")."""
+@pytest.mark.parametrize(
+    "impl, dtype",
+    [("torch", torch.bfloat16), ("torch", torch.float16), ("triton", torch.float32), ("triton", torch.bfloat16)],
+    ids=lambda v: str(v).removeprefix("torch."),
+)
+def test_path_matches_upcast_reference(impl, dtype, softcap, logits):
+    """Half dtypes on the torch path, and the Triton kernel (interpreted on the CPU), against the
+    reference run in fp32: the gradient in place ("none") or into the reused buffer while the
+    logits are returned ("detached")."""
     hidden, weight, target = make_inputs(37, 24, 1001, dtype)
-    got = op_grads(hidden, weight, target, softcap, 10, "triton", logits)
+    got = op_grads(hidden, weight, target, softcap, 10, impl, logits)
+    assert got[1].dtype == got[2].dtype == dtype
     want = reference_grads(hidden, weight, target, softcap, upcast=True)
     assert_matches_reference(got, want, dtype)
     if logits == "detached":
         torch.testing.assert_close(got[3].float(), F.linear(hidden, weight).float(), **tol(dtype))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("logits", ["none", "detached"])
+def test_torch_path_on_cuda_matches_reference(logits):
+    """The torch path on an accelerator zeroes ignored rows without a host sync (masked_fill_)."""
+    hidden, weight, target = (t.cuda() for t in make_inputs(37, 24, 1001))
+    got = op_grads(hidden, weight, target, 5.0, 10, "torch", logits)
+    assert_matches_reference(got, reference_grads(hidden, weight, target, 5.0), torch.float32)
 
 
 def test_triton_path_multiblock_vocab():

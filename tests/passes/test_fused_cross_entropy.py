@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 import graphopt
-from graphopt.ops.linear_cross_entropy import _AttachLogitsGrad
 from graphopt.tiny_models import IGNORE_INDEX, build_tiny_model, make_batch
 from tests.harness import (
     CompiledModel,
     Step,
     assert_steps_equal,
+    count_attached_logits_backward,
     real_positions,
     run_step,
 )
@@ -147,13 +147,6 @@ def _loss_and_logits(batch: dict, probe: torch.Tensor):
     return lambda out: out.loss + (out.logits * probe)[real].mean()
 
 
-def _counting_logits_backward(monkeypatch) -> list:
-    calls = []
-    backward = _AttachLogitsGrad.backward
-    monkeypatch.setattr(_AttachLogitsGrad, "backward", staticmethod(lambda ctx, g: calls.append(1) or backward(ctx, g)))
-    return calls
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_gradient_through_returned_logits_is_exact(models, monkeypatch, family):
     """A second loss term on the logits: llama's logits get their gradient attached outside the
@@ -162,7 +155,7 @@ def test_gradient_through_returned_logits_is_exact(models, monkeypatch, family):
     batch = right_padded(seed=8)
     cm.step(batch)  # compiled (and reported) by the same shapes
     probe = torch.randn(BATCH, SEQ, cm.model.config.vocab_size, generator=torch.Generator().manual_seed(0))
-    calls = _counting_logits_backward(monkeypatch)
+    calls = count_attached_logits_backward(monkeypatch)
     eager = run_step(cm.model, batch, objective=_loss_and_logits(batch, probe))
     compiled = run_step(cm.compiled, batch, objective=_loss_and_logits(batch, probe))
     assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
@@ -175,9 +168,10 @@ def test_gradient_through_returned_logits_is_exact(models, monkeypatch, family):
 
 def test_loss_only_backward_never_runs_the_logits_gradient(models, monkeypatch):
     cm = models("llama")
-    calls = _counting_logits_backward(monkeypatch)
-    eager, compiled, _ = cm.step(right_padded(seed=9))
-    assert_steps_equal(eager, compiled, real_positions=real_positions(right_padded(seed=9)))
+    calls = count_attached_logits_backward(monkeypatch)
+    batch = right_padded(seed=9)
+    eager, compiled, _ = cm.step(batch)
+    assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
     assert _logits_mode(cm.compile_reports) == {"detached"}
     assert calls == []
 
@@ -377,7 +371,7 @@ def loss_and_logits(h, w, y):
 
 @pytest.mark.parametrize("through_logits", [True, False], ids=["loss_and_logits", "loss_only"])
 def test_returned_logits_of_a_graph_input(monkeypatch, through_logits):
-    calls = _counting_logits_backward(monkeypatch)
+    calls = count_attached_logits_backward(monkeypatch)
     probe = torch.randn(B, S, V, generator=torch.Generator().manual_seed(2))
 
     def objective(h, w, y, fn):
