@@ -65,6 +65,9 @@ def _cross_entropy_loss_and_grad_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    # Inductor passes Python floats to user kernels as fp64 scalars (Triton's launcher: fp32); the
+    # cast keeps the running max/sum fp32, as their loop-carried type must stay.
+    softcap = tl.cast(softcap, tl.float32)
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     target = tl.load(target_ptr + row)

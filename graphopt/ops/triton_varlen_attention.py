@@ -49,6 +49,13 @@ Block sizes (BLOCK_M x BLOCK_N) are fixed, not autotuned: forward 64x64, dK/dV 3
 GPU (provisional until measured); 16x16 under ``TRITON_INTERPRET=1``, so that small test shapes
 exercise multi-tile paths.
 fp32 inputs use IEEE fp32 matmuls (no TF32), so fp32 results match the reference tightly.
+
+Float scalar arguments (``scale``, ``qk_scale_log2``) are cast to fp32 on entry. Triton's launcher
+passes a Python float as fp32, but under ``torch.compile`` Inductor re-emits a ``wrap_triton``
+kernel with its own signature, where a Python float is an fp64 scalar: without the cast, fp32
+blocks multiplied by it become fp64, the forward's loop-carried ``m_i`` changes type and the
+kernel fails to compile (``CompilationError``), and the backward silently computes in fp64.
+``tests/ops/test_triton_frontend.py`` compiles every launch with both typings.
 """
 
 import triton
@@ -126,6 +133,7 @@ def varlen_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
+    qk_scale_log2 = tl.cast(qk_scale_log2, tl.float32)  # fp64 under Inductor: see the module docstring
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // group_size
@@ -218,6 +226,8 @@ def varlen_attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # fp64 under Inductor: see the module docstring
+    qk_scale_log2 = tl.cast(qk_scale_log2, tl.float32)
     pid_n = tl.program_id(0)
     kv_head = tl.program_id(1)
     dtype = q_ptr.dtype.element_ty
@@ -299,6 +309,8 @@ def varlen_attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
+    scale = tl.cast(scale, tl.float32)  # fp64 under Inductor: see the module docstring
+    qk_scale_log2 = tl.cast(qk_scale_log2, tl.float32)
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // group_size
