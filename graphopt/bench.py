@@ -1,6 +1,8 @@
 """Training-step benchmark: eager vs ``backend="inductor"`` vs ``backend="graphopt"`` in one run.
 
     python -m graphopt.bench --config padded --steps 5 --warmup 1
+    python -m graphopt.bench --config padded --layout left     # graphopt's exact fallback vs inductor
+    python -m graphopt.bench --vary-length --pad-to-multiple-of 64   # 100 steps, a new length each step
     python examples/benchmark.py --batch 2 --seq 256 --layers 2 --hidden 128 --vocab 2000 --steps 3
 
 A step is forward (HF computes the loss inside ``forward``) + backward + optimizer step (AdamW by
@@ -26,11 +28,16 @@ Method:
 
 Inductor config keys in ``--options`` are passed to the inductor baseline too, so both compiled
 backends run the same Inductor configuration.
+
+``--vary-length`` times a whole training run instead (see :func:`run_vary_worker`): every step draws
+a new padded length, so the run pays for Dynamo's recompilations and for graphopt's fallbacks, and
+the result is the total wall time, the number of compilations and the fast-path fraction.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
 import json
@@ -74,6 +81,10 @@ DEFAULTS = dict(
     hidden=128, layers=2, heads=0, kv_heads=0, intermediate=0, vocab=2000, steps=5, warmup=1,
 )
 
+# --vary-length targets (graphopt vs inductor): fast path on at least this fraction of the steps,
+# at most this many more Inductor compilations, and a total wall time this much shorter.
+VARY_TARGET = dict(fast_path=0.99, extra_compiles=1, wall_speedup=1.15)
+
 # |loss - eager loss| <= atol + rtol * |eager loss|. fp32 differs only in summation order; the
 # atol is looser than the test suite's because a 2048-token step sums over more terms.
 LOSS_TOLERANCE = {"float32": (1e-5, 1e-4), "bfloat16": (2e-2, 2e-2)}
@@ -91,10 +102,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", choices=sorted(PRESETS), help="preset; explicit flags override it")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--layout", choices=("right", "none", "packed"),
+    p.add_argument("--layout", choices=("right", "left", "none", "packed"),
                    help="right: right-padded rows of different lengths, labels -100 at pads; "
-                        "none: no attention_mask; packed: documents concatenated, position_ids "
-                        "restarting per document, no attention_mask")
+                        "left: the same rows with the pads first (graphopt's guard fails and its "
+                        "exact fallback runs); none: no attention_mask; packed: documents "
+                        "concatenated, position_ids restarting per document, no attention_mask")
     p.add_argument("--batch", type=int, help="rows (right/none layouts)")
     p.add_argument("--seq", type=int, help="sequence length (right/none layouts)")
     p.add_argument("--pad-fraction", type=float, help="fraction of the batch's tokens that are padding (right)")
@@ -117,6 +129,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help='JSON dict for backend="graphopt" (its Inductor keys also go to the inductor baseline)')
     p.add_argument("--no-guard-overhead", dest="guard_overhead", action="store_false",
                    help="skip the guard-overhead measurement (it compiles graphopt a second time)")
+    p.add_argument("--no-guard-step-delta", dest="guard_step_delta", action="store_false",
+                   help="measure the guard's cost per call but skip the step delta (no second compile)")
+    vary = p.add_argument_group("--vary-length: one training run whose padded length changes every step")
+    vary.add_argument("--vary-length", action="store_true",
+                      help="--steps (default 100) steps, each of a new right-padded batch whose length is drawn "
+                           "from [--min-len, --max-len] (seeded); reports total wall time with compilation, "
+                           "compile counts and graphopt's fast-path fraction")
+    vary.add_argument("--min-len", type=int, default=16, help="shortest drawn length (--vary-length)")
+    vary.add_argument("--max-len", type=int, default=4096, help="longest drawn length (--vary-length)")
+    vary.add_argument("--pad-to-multiple-of", type=int, default=1, metavar="N",
+                      help="round each batch's length up to a multiple of N, as HF's collators do (--vary-length)")
     p.add_argument("--warm-cache", action="store_true", help="use the existing Inductor cache instead of a fresh one per backend")
     p.add_argument("--json", dest="json_path", help="write every result to this file")
     p.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
@@ -125,6 +148,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     preset = dict(PRESETS[args.config]) if args.config else {}
     args.target = preset.pop("target", {})
+    if args.layout and args.layout != preset.get("layout", args.layout):
+        args.target = {}  # a preset's target is for its own layout
+    if args.vary_length:
+        preset.pop("seq", None)  # the length is drawn per step
+        args.steps = 100 if args.steps is None else args.steps
+        args.warmup, args.guard_overhead, args.target = 0, False, dict(VARY_TARGET)
+        if (args.layout or "right") != "right":
+            p.error("--vary-length draws right-padded batches (--layout right)")
+        if not 1 <= args.min_len <= args.max_len or args.pad_to_multiple_of < 1:
+            p.error("--vary-length needs 1 <= --min-len <= --max-len and --pad-to-multiple-of >= 1")
+        args.seq = round_up(args.max_len, args.pad_to_multiple_of)  # the longest batch: sizes the model's positions
     for key, default in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, default))
@@ -178,6 +212,11 @@ def make_batch(args, index: int) -> dict:
     import torch
 
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + index)
+    if args.vary_length:
+        length = int(torch.randint(args.min_len, args.max_len + 1, (), generator=gen))
+        seq = round_up(length, args.pad_to_multiple_of)
+        input_ids = torch.randint(3, args.vocab, (args.batch, seq), generator=gen)
+        return padded_batch(input_ids, right_padded_lengths(args.batch, length, args.pad_fraction), "right")
     if args.layout == "packed":
         rows, per_row = args.rows, args.tokens // args.rows
         input_ids = torch.randint(3, args.vocab, (rows, per_row), generator=gen)
@@ -196,11 +235,26 @@ def make_batch(args, index: int) -> dict:
     input_ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=gen)
     if args.layout == "none":
         return {"input_ids": input_ids, "labels": input_ids.clone()}
-    lengths = right_padded_lengths(args.batch, args.seq, args.pad_fraction)
-    attention_mask = (torch.arange(args.seq)[None, :] < torch.tensor(lengths)[:, None]).long()
-    input_ids = input_ids.masked_fill(attention_mask == 0, PAD_ID)
-    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    return padded_batch(input_ids, right_padded_lengths(args.batch, args.seq, args.pad_fraction), args.layout)
+
+
+def padded_batch(input_ids, lengths: list[int], layout: str) -> dict:
+    """input_ids, attention_mask and labels for rows holding ``lengths`` real tokens each, padded
+    after them (``"right"``) or before them (``"left"``). Pads are token PAD_ID with mask 0 and
+    label -100; positions are HF's default (no position_ids)."""
+    import torch
+
+    seq = input_ids.shape[1]
+    columns, n_real = torch.arange(seq)[None, :], torch.tensor(lengths)[:, None]
+    real = columns < n_real if layout == "right" else columns >= seq - n_real
+    attention_mask = real.long()
+    input_ids = input_ids.masked_fill(~real, PAD_ID)
+    labels = input_ids.masked_fill(~real, IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def right_padded_lengths(batch: int, seq: int, pad_fraction: float) -> list[int]:
@@ -331,6 +385,8 @@ def run_worker(args) -> dict:
 
     _, inductor_options = split_options(args.options)
     options = {"eager": {}, "inductor": inductor_options, "graphopt": args.options}[backend]
+    if args.vary_length:
+        return run_vary_worker(args, backend, options)
     memory = Memory(args.device)
     n_batches = min(args.warmup + args.steps + 1, 8)
     batches = [{k: v.to(args.device) for k, v in make_batch(args, i).items()} for i in range(n_batches)]
@@ -371,6 +427,7 @@ def run_worker(args) -> dict:
     result["dynamo"] = {
         "graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
         "graph_breaks": int(sum(torch._dynamo.utils.counters["graph_break"].values())),
+        "inductor_compiles": int(torch._dynamo.utils.counters["aot_autograd"]["total"]),
     }
     if report is not None:
         result["graphopt"] = {
@@ -384,6 +441,65 @@ def run_worker(args) -> dict:
         if args.guard_overhead:
             result["guard_overhead"] = _guard_overhead(args, trainer, batches, report, guard_times[first_timed_guard:])
     return result
+
+
+def run_vary_worker(args, backend: str, options: dict) -> dict:
+    """``--vary-length``: one training run of ``--steps`` steps, batch ``i`` of padded length drawn
+    for step ``i``, timed as a whole: compilation, recompilation and fallbacks included.
+
+    Compilations are counted two ways, from Dynamo's counters: ``dynamo_graphs`` is
+    ``counters["stats"]["unique_graphs"]`` (graphs Dynamo captured: the first compile and every
+    recompile of the model's frame, plus any frame graphopt compiles for a fallback), and
+    ``inductor_compiles`` is ``counters["aot_autograd"]["total"]`` (graphs handed to AOTAutograd,
+    which Inductor calls once per forward+backward graph it compiles: graphopt's fast graph and its
+    Inductor-compiled fallback each count). A step is a compile step when either count moved.
+    For graphopt each step's dispatch (``fast_path`` or ``fallback``) is read from
+    ``graphopt.capture()``'s runtime counters.
+    """
+    import torch
+
+    batches = [{k: v.to(args.device) for k, v in make_batch(args, i).items()} for i in range(args.steps)]
+    trainer = Trainer(args, backend, options)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    capture = contextlib.nullcontext(None)
+    if backend == "graphopt":
+        import graphopt
+
+        capture = graphopt.capture()
+    steps = []
+    with capture as report:
+        start = time.perf_counter()
+        for i, batch in enumerate(batches):
+            steps.append(_vary_step(trainer, batch, counters, report))
+            if steps[-1]["compiled"] or (i + 1) % 10 == 0:
+                log(f"{backend}: step {i + 1}/{args.steps}: S={steps[-1]['seq']} {steps[-1]['seconds']:.3f} s"
+                    + (" (compiled)" if steps[-1]["compiled"] else "") + (f" {steps[-1]['path']}" if steps[-1]["path"] else ""))
+        total = time.perf_counter() - start
+    result = {"backend": backend, "weight_checksum": trainer.checksum, "total_s": total, "steps": steps,
+              "first_loss": steps[0]["loss"], "peak_mb": Memory(args.device).peak_mb(),
+              "dynamo_graphs": _compile_counts(counters)[0], "inductor_compiles": _compile_counts(counters)[1],
+              "graph_breaks": int(sum(counters["graph_break"].values()))}
+    if report is not None:
+        result["graphopt"] = {"runtime": dict(report.runtime), "rule_counts": {f"{n}/{r}": c for (n, r), c in report.rule_counts.items()},
+                              "declines": [f"{n}: {r}" for n, r in report.declines]}
+    return result
+
+
+def _vary_step(trainer: Trainer, batch: dict, counters, report) -> dict:
+    """One step of the --vary-length run: its length, time, loss, whether it compiled, and
+    graphopt's dispatch (``"fast_path"``, ``"fallback"``, or None when no guarded graph ran)."""
+    compiles, runtime = _compile_counts(counters), dict(report.runtime) if report is not None else {}
+    seconds, loss = trainer.step(batch)
+    after = dict(report.runtime) if report is not None else {}
+    path = next((k for k in ("fallback", "fast_path") if after.get(k, 0) > runtime.get(k, 0)), None)
+    return dict(seq=batch["input_ids"].shape[1], seconds=seconds, loss=loss,
+                compiled=_compile_counts(counters) != compiles, path=path)
+
+
+def _compile_counts(counters) -> tuple[int, int]:
+    """(Dynamo graphs captured, graphs compiled through AOTAutograd) so far."""
+    return int(counters["stats"]["unique_graphs"]), int(counters["aot_autograd"]["total"])
 
 
 class GuardTimer:
@@ -447,6 +563,9 @@ def _guard_overhead(args, trainer: Trainer, batches: list[dict], report, guard_t
     if args.options.get("trust_right_padding"):
         out["step_delta"] = "skipped: --options already sets trust_right_padding"
         return out
+    if not args.guard_step_delta:
+        out["step_delta"] = "skipped: --no-guard-step-delta"
+        return out
     trusted = Trainer(args, "graphopt", dict(args.options, trust_right_padding=True))
     with Heartbeat("graphopt (trust_right_padding=True): first step (compile)"):
         trusted.step(batches[0])
@@ -504,13 +623,14 @@ def machine_info(device: str) -> dict:
 
 
 def _git_revision() -> str:
-    """``<short commit>`` of the graphopt checkout, ``+dirty`` when its tree has changes."""
+    """``<short commit>`` of the graphopt checkout, ``+dirty`` when its tree has changes;
+    ``$GRAPHOPT_REVISION`` (else "unknown") where there is no git repository."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "-C", root, "status", "--porcelain"], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("GRAPHOPT_REVISION", "unknown")
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
@@ -527,8 +647,12 @@ def run_parent(args, argv: list[str]) -> int:
     results = {}
     for backend in args.backends:
         results[backend] = _spawn(args, argv, backend)
-    summary = summarize(args, results)
-    print(format_table(args, info, results, summary))
+    if args.vary_length:
+        summary = summarize_vary(args, results)
+        print(format_vary_table(args, info, results, summary))
+    else:
+        summary = summarize(args, results)
+        print(format_table(args, info, results, summary))
     if args.json_path:
         config = {k: v for k, v in vars(args).items() if k not in ("worker", "worker_out", "json_path")}
         with open(args.json_path, "w") as f:
@@ -588,16 +712,23 @@ def summarize(args, results: dict) -> dict:
 
 
 def describe(args) -> str:
-    if args.layout == "packed":
+    if args.vary_length:
+        shape = (f"B={args.batch}, length drawn per step from [{args.min_len}, {args.max_len}]"
+                 + (f" rounded up to a multiple of {args.pad_to_multiple_of}" if args.pad_to_multiple_of > 1 else "")
+                 + f", right-padded {args.pad_fraction:.0%}")
+        steps = f"{args.steps} steps timed as one run (compilation included)"
+    elif args.layout == "packed":
         shape = f"packed {args.tokens} tokens in {args.rows} row(s), docs {args.doc_range[0]}-{args.doc_range[1]}"
-    elif args.layout == "right":
-        shape = f"B={args.batch} S={args.seq} right-padded {args.pad_fraction:.0%}"
+    elif args.layout in ("right", "left"):
+        shape = f"B={args.batch} S={args.seq} {args.layout}-padded {args.pad_fraction:.0%}"
     else:
         shape = f"B={args.batch} S={args.seq} no attention_mask"
+    if not args.vary_length:
+        steps = f"{args.steps} timed steps after {args.warmup} warm-up"
     return (
-        f"{args.config or 'custom'}: {shape}; Llama hidden {args.hidden}, {args.layers} layers, "
-        f"{args.heads}/{args.kv_heads} heads, MLP {args.intermediate}, vocab {args.vocab}; "
-        f"{args.device} {args.dtype}; {args.optimizer}; {args.steps} timed steps after {args.warmup} warm-up"
+        f"{args.config or 'custom'}{' --vary-length' if args.vary_length else ''}: {shape}; Llama hidden {args.hidden}, "
+        f"{args.layers} layers, {args.heads}/{args.kv_heads} heads, MLP {args.intermediate}, vocab {args.vocab}; "
+        f"{args.device} {args.dtype}; {args.optimizer}; {steps}"
     )
 
 
@@ -623,18 +754,12 @@ def format_table(args, info: dict, results: dict, summary: dict) -> str:
             f"{r['first_loss']:.6f}",
             f"{r['first_loss_abs_diff_vs_eager']:.2e}" if "first_loss_abs_diff_vs_eager" in r else "",
         ])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
     out = [
         "",
         describe(args),
-        f"{info['date_utc']}; {info['nproc']} CPUs ({info['cpu']}), {info['ram_gb']} GB RAM; "
-        f"torch {info['torch']}, transformers {info['transformers']}; graphopt {info['graphopt_revision']}"
-        + (f"; {info['gpu']}" if "gpu" in info else ""),
+        _machine_line(info),
         "",
-        line(header),
-        "| " + " | ".join("-" * w for w in widths) + " |",
-        *map(line, rows),
+        *_markdown(header, rows),
         "",
         f"{mem}: high-water mark of the backend's own process (import, model, compile, steps); step +MB: "
         "peak over the timed steps minus the memory held just before them.",
@@ -647,7 +772,8 @@ def format_table(args, info: dict, results: dict, summary: dict) -> str:
         if "error" in r:
             out.append(f"{b} FAILED: {r['error']}")
         if "dynamo" in r and b != "eager":
-            out.append(f"{b}: {r['dynamo']['graphs']} graph(s), {r['dynamo']['graph_breaks']} graph break(s)")
+            out.append(f"{b}: {r['dynamo']['graphs']} graph(s), {r['dynamo']['graph_breaks']} graph break(s)"
+                       + (f", {r['dynamo']['inductor_compiles']} Inductor compile(s)" if "inductor_compiles" in r["dynamo"] else ""))
     g = results.get("graphopt", {}).get("graphopt")
     if g:
         counts = ", ".join(f"{k} x{v}" for k, v in sorted(g["rule_counts"].items())) or "none"
@@ -674,6 +800,109 @@ def format_table(args, info: dict, results: dict, summary: dict) -> str:
     for name, met in summary.get("target", {}).items():
         out.append(f"target ({args.config}): graphopt vs inductor {name}: {'MET' if met else 'NOT MET'}")
     return "\n".join(out)
+
+
+def summarize_vary(args, results: dict) -> dict:
+    """Per-backend totals of a --vary-length run, and the targets (graphopt vs inductor)."""
+    ok = {b: r for b, r in results.items() if "error" not in r}
+    rtol, atol = LOSS_TOLERANCE[args.dtype]
+    summary = {"losses_agree": True, "weights_identical": len({r["weight_checksum"] for r in ok.values()}) <= 1}
+    ref = ok.get("eager")
+    for b, r in ok.items():
+        steps = r["steps"]
+        quiet = [s["seconds"] for s in steps if not s["compiled"]]
+        r["compile_steps"] = sum(s["compiled"] for s in steps)
+        r["median_step_s_without_compile"] = statistics.median(quiet) if quiet else None
+        r["dispatch"] = dict(collections.Counter(str(s["path"]) for s in steps))
+        r["fast_path_fraction"] = sum(s["path"] == "fast_path" for s in steps) / len(steps)
+        if "inductor" in ok:
+            r["wall_speedup_vs_inductor"] = ok["inductor"]["total_s"] / r["total_s"]
+            r["extra_compiles_vs_inductor"] = r["inductor_compiles"] - ok["inductor"]["inductor_compiles"]
+        if ref is not None:
+            r["first_loss_abs_diff_vs_eager"] = abs(r["first_loss"] - ref["first_loss"])
+            r["max_loss_abs_diff_vs_eager"] = max(abs(s["loss"] - e["loss"]) for s, e in zip(steps, ref["steps"]))
+            if r["first_loss_abs_diff_vs_eager"] > atol + rtol * abs(ref["first_loss"]):
+                summary["losses_agree"] = False
+    g = ok.get("graphopt")
+    if g and "inductor" in ok:
+        t = args.target
+        summary["target"] = {
+            f"fast path on >= {t['fast_path']:.0%} of steps": g["fast_path_fraction"] >= t["fast_path"],
+            f"Inductor compilations <= inductor's + {t['extra_compiles']}": g["extra_compiles_vs_inductor"] <= t["extra_compiles"],
+            f"total wall time >= {t['wall_speedup']}x faster": g["wall_speedup_vs_inductor"] >= t["wall_speedup"],
+        }
+    return summary
+
+
+def format_vary_table(args, info: dict, results: dict, summary: dict) -> str:
+    mem = "peak MB" if args.device == "cpu" else "peak alloc MB"
+    header = ["backend", "total s", "vs inductor", "first step s", "compile steps", "Dynamo graphs", "Inductor compiles",
+              "median step ms (no compile)", "fast path", mem, "first loss", "max |dloss| vs eager"]
+    rows = []
+    for b, r in results.items():
+        if "error" in r:
+            rows.append([b, "failed"] + [""] * (len(header) - 2))
+            continue
+        median = r["median_step_s_without_compile"]
+        rows.append([
+            b, f"{r['total_s']:.1f}",
+            f"{r['wall_speedup_vs_inductor']:.2f}x" if "wall_speedup_vs_inductor" in r else "",
+            f"{r['steps'][0]['seconds']:.1f}", str(r["compile_steps"]), str(r["dynamo_graphs"]), str(r["inductor_compiles"]),
+            f"{median * 1e3:.0f}" if median is not None else "n/a",
+            f"{r['fast_path_fraction']:.0%}" if b == "graphopt" else "",
+            f"{r['peak_mb']:.0f}", f"{r['first_loss']:.6f}",
+            f"{r['max_loss_abs_diff_vs_eager']:.2e}" if "max_loss_abs_diff_vs_eager" in r else "",
+        ])
+    seqs = [s["seq"] for s in next((r["steps"] for r in results.values() if "steps" in r), [])]
+    out = ["", describe(args), _machine_line(info), "", *_markdown(header, rows), ""]
+    if seqs:
+        out.append(f"padded lengths S: {min(seqs)}-{max(seqs)}, median {statistics.median(seqs):.0f}, "
+                   f"{len(set(seqs))} distinct over {len(seqs)} steps")
+    out += [
+        "total s: wall time of the whole run, compilation included. Dynamo graphs: counters['stats']['unique_graphs']; "
+        "Inductor compiles: counters['aot_autograd']['total'] (one per forward+backward graph compiled, graphopt's "
+        "fallback included). compile steps: steps during which either count moved.",
+        f"weights identical across backends: {summary['weights_identical']}; first-step losses agree: {summary['losses_agree']}",
+    ]
+    for b, r in results.items():
+        if "error" in r:
+            out.append(f"{b} FAILED: {r['error']}")
+        elif r["graph_breaks"]:
+            out.append(f"{b}: {r['graph_breaks']} graph break(s)")
+    out += _vary_dispatch_lines(results.get("graphopt", {}))
+    for name, met in summary.get("target", {}).items():
+        out.append(f"target (--vary-length): graphopt vs inductor {name}: {'MET' if met else 'NOT MET'}")
+    return "\n".join(out)
+
+
+def _vary_dispatch_lines(r: dict) -> list[str]:
+    """Where graphopt took its fast path and where it fell back, by padded length."""
+    if "steps" not in r:
+        return []
+    lines = []
+    for path in ("fast_path", "fallback", "None"):
+        seqs = [s["seq"] for s in r["steps"] if str(s["path"]) == path]
+        if seqs:
+            label = "no guarded call" if path == "None" else path
+            lines.append(f"graphopt {label}: {len(seqs)} of {len(r['steps'])} steps, S {min(seqs)}-{max(seqs)}")
+    g = r.get("graphopt", {})
+    if g:
+        lines.append("graphopt runtime: " + (", ".join(f"{k}={v}" for k, v in sorted(g["runtime"].items())) or "none"))
+        lines.append("graphopt rewrites: " + (", ".join(f"{k} x{v}" for k, v in sorted(g["rule_counts"].items())) or "none"))
+        lines += [f"graphopt declined: {d}" for d in sorted(set(g["declines"]))]
+    return lines
+
+
+def _machine_line(info: dict) -> str:
+    return (f"{info['date_utc']}; {info['nproc']} CPUs ({info['cpu']}), {info['ram_gb']} GB RAM; "
+            f"torch {info['torch']}, transformers {info['transformers']}; graphopt {info['graphopt_revision']}"
+            + (f"; {info['gpu']}" if "gpu" in info else ""))
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    return [line(header), "| " + " | ".join("-" * w for w in widths) + " |", *map(line, rows)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,60 @@
+"""The benchmark's batches and its --vary-length bookkeeping (nothing here compiles a model)."""
+
+from __future__ import annotations
+
+import torch
+
+from graphopt.bench import IGNORE_INDEX, PAD_ID, make_batch, parse_args, summarize_vary
+
+
+def test_left_layout_is_the_padded_preset_with_the_pads_first():
+    right, left = (make_batch(parse_args(["--config", "padded", "--layout", layout]), 0) for layout in ("right", "left"))
+    assert left["input_ids"].shape == right["input_ids"].shape == (2, 2048)
+    assert torch.equal(left["attention_mask"].sum(-1), right["attention_mask"].sum(-1))  # rows of 2048 and 1024
+    padded_row = left["attention_mask"][1]
+    assert padded_row[:1024].eq(0).all() and padded_row[1024:].eq(1).all()
+    pads = left["attention_mask"] == 0
+    assert left["labels"][pads].eq(IGNORE_INDEX).all() and left["input_ids"][pads].eq(PAD_ID).all()
+    assert left["labels"][~pads].ne(IGNORE_INDEX).all()
+
+
+def test_a_preset_target_is_dropped_for_another_layout():
+    assert parse_args(["--config", "padded"]).target == {"speedup": 1.2}
+    assert parse_args(["--config", "padded", "--layout", "left"]).target == {}
+
+
+def test_vary_length_draws_seeded_right_padded_lengths_rounded_up():
+    args = parse_args(["--vary-length", "--min-len", "16", "--max-len", "4096", "--pad-to-multiple-of", "64"])
+    assert (args.steps, args.warmup, args.seq) == (100, 0, 4096)
+    batches = [make_batch(args, i) for i in range(20)]
+    seqs = [b["input_ids"].shape[1] for b in batches]
+    assert all(s % 64 == 0 and 64 <= s <= 4096 for s in seqs) and len(set(seqs)) > 10
+    assert seqs == [make_batch(args, i)["input_ids"].shape[1] for i in range(20)]  # seeded
+    for b in batches:
+        mask = b["attention_mask"]
+        assert torch.equal(mask, mask.sort(dim=-1, descending=True).values)  # ones, then zeros
+        assert b["labels"][mask == 0].eq(IGNORE_INDEX).all()
+        longest, shortest = mask.sum(-1).tolist()
+        assert b["input_ids"].shape[1] - 64 < longest and shortest == round(longest / 2)  # 25% of the drawn length
+
+
+def _vary_result(backend, seconds, compiles, paths):
+    steps = [dict(seq=64 * (i + 1), seconds=s, loss=10.0, compiled=i < compiles, path=p)
+             for i, (s, p) in enumerate(zip(seconds, paths))]
+    return dict(backend=backend, weight_checksum=1.0, total_s=sum(seconds), steps=steps, first_loss=10.0,
+                peak_mb=1.0, dynamo_graphs=compiles, inductor_compiles=compiles, graph_breaks=0)
+
+
+def test_vary_length_summary_counts_fast_paths_compiles_and_wall_time():
+    args = parse_args(["--vary-length", "--steps", "4"])
+    results = {
+        "eager": _vary_result("eager", [1, 1, 1, 1], 0, [None] * 4),
+        "inductor": _vary_result("inductor", [10, 8, 1, 1], 2, [None] * 4),
+        "graphopt": _vary_result("graphopt", [9, 7, 1, 3], 3, ["fast_path", "fast_path", "fast_path", "fallback"]),
+    }
+    summary = summarize_vary(args, results)
+    g = results["graphopt"]
+    assert g["fast_path_fraction"] == 0.75 and g["extra_compiles_vs_inductor"] == 1
+    assert g["wall_speedup_vs_inductor"] == 20 / 20 and g["median_step_s_without_compile"] == 3
+    assert list(summary["target"].values()) == [False, True, False]
+    assert summary["losses_agree"] and summary["weights_identical"]
