@@ -5,19 +5,24 @@ child on CPU (includes the inputs and the torch import), ``torch.cuda.max_memory
 CUDA. Time is the median of ``--repeats`` timed steps after ``--warmup`` untimed ones; one step is
 the mean loss over the (T,) targets and its backward into hidden (T, H) and weight (V, H).
 
-Variants:
-    reference        F.linear + .float() + F.cross_entropy(reduction="mean"), as HF does
-    graphopt_torch   torch.ops.graphopt.linear_cross_entropy, impl="torch"
-    graphopt_triton  the same, impl="triton" (CUDA only)
-    torch_chunked    F.linear_cross_entropy(..., options=LinearCrossEntropyOptions()) (torch >= 2.13)
+Variants (those that cannot run here are listed as not available and skipped):
+    reference           F.linear + .float() + F.cross_entropy(reduction="mean"), as HF does
+    reference_compiled  the same under torch.compile (Inductor): what backend="inductor" makes of it
+    graphopt_torch      torch.ops.graphopt.linear_cross_entropy, impl="torch"
+    graphopt_triton     the same, impl="triton" (CUDA only)
+    torch_chunked       F.linear_cross_entropy(..., options=LinearCrossEntropyOptions()) (torch >= 2.13)
+    liger               Liger-Kernel's LigerFusedLinearCrossEntropyLoss (CUDA, when liger_kernel imports)
 
-Example (CPU)::
+Examples::
 
     python examples/bench_linear_cross_entropy.py --device cpu --dtype float32 \
         --tokens 2048 --hidden 256 --vocab 128256
+    python examples/bench_linear_cross_entropy.py --device cuda --tokens 16384 --hidden 2048 \
+        --vocab 128256 --repeats 10 --json lce.json
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -30,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ("reference", "graphopt_torch", "graphopt_triton", "torch_chunked")
+VARIANTS = ("reference", "reference_compiled", "graphopt_torch", "graphopt_triton", "torch_chunked", "liger")
 IGNORE_INDEX = -100
 
 
@@ -39,13 +44,18 @@ def _available(variant: str, device: str) -> bool:
         return device == "cuda"
     if variant == "torch_chunked":
         return hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+    if variant == "liger":
+        return device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
     return True
 
 
 def _loss_fn(variant: str, args: argparse.Namespace):
     """A function (hidden, weight, target) -> mean loss for ``variant``."""
-    if variant == "reference":
-        return lambda h, w, t: F.cross_entropy(F.linear(h, w).float(), t, ignore_index=IGNORE_INDEX)
+    if variant in ("reference", "reference_compiled"):
+        def reference(h, w, t):
+            return F.cross_entropy(F.linear(h, w).float(), t, ignore_index=IGNORE_INDEX)
+
+        return reference if variant == "reference" else torch.compile(reference)  # compiled in the warm-up
     if variant in ("graphopt_torch", "graphopt_triton"):
         sys.path.insert(0, REPO_ROOT)
         from graphopt.ops.linear_cross_entropy import default_chunk_size
@@ -63,6 +73,16 @@ def _loss_fn(variant: str, args: argparse.Namespace):
     if variant == "torch_chunked":
         options = torch.nn.LinearCrossEntropyOptions()
         return lambda h, w, t: F.linear_cross_entropy(h, w, t, ignore_index=IGNORE_INDEX, options=options)
+    if variant == "liger":
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
+
+        def liger_loss(h, w, t):
+            out = liger(w, h, t)  # (weight, input, target); some versions return (loss, extras)
+            return out[0] if isinstance(out, tuple) else out
+
+        return liger_loss
     raise ValueError(f"unknown variant {variant!r}")
 
 
@@ -121,7 +141,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variant", choices=VARIANTS, action="append",
                         help="run only these variants (repeatable); default: all available")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                        help="print the results as JSON instead of a table; with PATH, print the table and write the JSON there")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -132,6 +153,7 @@ def main() -> None:
         return
 
     variants = [v for v in (args.variant or VARIANTS) if _available(v, args.device)]
+    skipped = [v for v in (args.variant or VARIANTS) if not _available(v, args.device)]
     common = [
         "--device", args.device, "--dtype", args.dtype, "--tokens", str(args.tokens),
         "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--chunk-size", str(args.chunk_size),
@@ -144,22 +166,29 @@ def main() -> None:
             capture_output=True, text=True,
         )
         if proc.returncode != 0:
-            results.append({"variant": variant, "error": proc.stderr.strip().splitlines()[-1]})
+            results.append({"variant": variant, "error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]})
             continue
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
 
     config = dict(device=args.device, dtype=args.dtype, tokens=args.tokens, hidden=args.hidden,
                   vocab=args.vocab, torch=torch.__version__, threads=torch.get_num_threads())
-    if args.json:
-        print(json.dumps({"config": config, "results": results}, indent=2))
+    if args.json == "-":
+        print(json.dumps({"config": config, "results": results, "not_available": skipped}, indent=2))
         return
     print(" ".join(f"{k}={v}" for k, v in config.items()))
-    print(f"{'variant':<16} {'median fwd+bwd':>15} {'peak MB':>9} {'loss':>10}")
+    print(f"{'variant':<19} {'median fwd+bwd':>15} {'peak MB':>9} {'loss':>10}")
     for row in results:
         if "error" in row:
-            print(f"{row['variant']:<16} error: {row['error']}")
+            print(f"{row['variant']:<19} error: {row['error']}")
         else:
-            print(f"{row['variant']:<16} {row['median_s']:>13.3f} s {row['peak_mb']:>9.0f} {row['loss']:>10.5f}")
+            print(f"{row['variant']:<19} {row['median_s'] * 1e3:>12.1f} ms {row['peak_mb']:>9.0f} {row['loss']:>10.5f}")
+    if skipped:
+        print(f"not available here: {', '.join(skipped)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": config, "results": results, "not_available": skipped}, f, indent=2)
+    if any("error" in row for row in results):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,16 @@ Variants:
     triton        the same, impl="triton" (CUDA only)
     flash_attn    the same, impl="flash_attn" (CUDA, when flash-attn imports)
     torch_varlen  the same, impl="torch_varlen" (CUDA, when torch.nn.attention.varlen exists)
+    varlen_attn   anchor: torch's varlen_attn called directly on q, k, v (attention alone, no
+                  RoPE; K/V repeated inside the step when this torch's varlen_attn has no
+                  enable_gqa) (CUDA, when torch.nn.attention.varlen exists)
 
-Example (CPU; the defaults shrink to --tokens 4096 there)::
+Variants that cannot run here are listed as not available and skipped.
+
+Examples (on the CPU the defaults shrink to --tokens 4096)::
 
     python examples/bench_varlen_attention.py --device cpu
+    python examples/bench_varlen_attention.py --device cuda --tokens 32768 --heads 16 --kv-heads 4 --head-dim 128
 """
 
 import argparse
@@ -32,9 +38,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from graphopt.ops.varlen_attention import _has_torch_varlen, apply_rotary  # noqa: E402
+from graphopt.ops.varlen_attention import _has_torch_varlen, _varlen_attn_options, apply_rotary  # noqa: E402
 
-VARIANTS = ("sdpa_mask", "torch", "triton", "flash_attn", "torch_varlen")
+VARIANTS = ("sdpa_mask", "torch", "triton", "flash_attn", "torch_varlen", "varlen_attn")
 
 
 def available(variant: str, device: str) -> bool:
@@ -44,7 +50,7 @@ def available(variant: str, device: str) -> bool:
         return device == "cuda"
     if variant == "flash_attn":
         return device == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    if variant == "torch_varlen":
+    if variant in ("torch_varlen", "varlen_attn"):
         return device == "cuda" and _has_torch_varlen()
     return True
 
@@ -99,11 +105,32 @@ def attention_fn(variant: str, inputs: dict, args: argparse.Namespace):
             return out.squeeze(0).transpose(0, 1)
 
         return sdpa_mask
+    if variant == "varlen_attn":
+        return _varlen_attn_anchor(inputs, args, max_seqlen)
 
     def graphopt_op(q, k, v):
         return torch.ops.graphopt.varlen_attention(q, k, v, cos, sin, cu_seqlens, max_seqlen, scale, False, variant)
 
     return graphopt_op
+
+
+def _varlen_attn_anchor(inputs: dict, args: argparse.Namespace, max_seqlen: int):
+    """torch's varlen_attn on the (q, k) it is given, as a user without graphopt would call it."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    causal, has_gqa, has_scale = _varlen_attn_options()
+    kwargs = dict(causal, **({"scale": args.head_dim**-0.5} if has_scale else {}))
+    groups = args.heads // args.kv_heads
+    cu_seqlens = inputs["cu_seqlens"]
+
+    def anchor(q, k, v):
+        if has_gqa:
+            kwargs["enable_gqa"] = groups > 1
+        elif groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+    return anchor
 
 
 def time_ms(step, device: str, warmup: int, repeats: int) -> float:
@@ -140,6 +167,16 @@ def run(variant: str, inputs: dict, args: argparse.Namespace) -> dict:
     )
 
 
+def run_or_error(variant: str, inputs: dict, args: argparse.Namespace) -> dict:
+    """:func:`run`, or the variant's error in one line (the other variants still run)."""
+    try:
+        return run(variant, inputs, args)
+    except Exception as e:  # noqa: BLE001 - a benchmark reports a broken variant and goes on
+        message = (str(e).strip().splitlines() or [""])[0]
+        print(f"{variant}: {type(e).__name__}: {message}", file=sys.stderr)
+        return dict(variant=variant, error=f"{type(e).__name__}: {message}"[:300])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -167,10 +204,14 @@ def main() -> None:
         f"(len {min(lengths)}..{max(lengths)}) Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} "
         f"torch={torch.__version__} threads={torch.get_num_threads()}"
     )
-    results = [run(variant, inputs, args) for variant in VARIANTS if available(variant, args.device)]
-    base = results[0]
-    print(f"{'variant':<14}{'fwd ms':>10}{'speed-up':>10}{'fwd+bwd ms':>12}{'speed-up':>10}")
+    results = [run_or_error(variant, inputs, args) for variant in VARIANTS if available(variant, args.device)]
+    base = next((row for row in results if "error" not in row), None)
+    print(f"{'variant':<14}{'fwd ms':>10}{'speed-up':>10}{'fwd+bwd ms':>12}{'speed-up':>10}"
+          + (f"   (speed-ups vs {base['variant']})" if base else ""))
     for row in results:
+        if "error" in row:
+            print(f"{row['variant']:<14}error: {row['error']}")
+            continue
         row["fwd_speedup"] = base["fwd_ms"] / row["fwd_ms"]
         row["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / row["fwd_bwd_ms"]
         print(
@@ -182,7 +223,9 @@ def main() -> None:
         print(f"not available here: {', '.join(skipped)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(config={**vars(args), "documents": len(lengths)}, results=results), f, indent=2)
+            json.dump(dict(config={**vars(args), "documents": len(lengths)}, results=results, not_available=skipped), f, indent=2)
+    if any("error" in row for row in results):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
