@@ -1,15 +1,24 @@
 """Shared pytest setup.
 
-Triton kernels run on CPU tensors through the interpreter when no GPU is present. The variable is
-read when kernels are decorated, so it is set here, before any graphopt module is imported.
+Devices are decided here, once, from whether CUDA exists:
+
+- A Triton path's test takes its device from the ``triton_device`` fixture: CUDA where it exists,
+  else the CPU, where the kernels run in Triton's interpreter. Without CUDA this file sets
+  ``TRITON_INTERPRET=1`` before any graphopt module is imported (``triton.jit`` reads it when a
+  kernel is decorated); with CUDA it leaves the variable alone.
+- Torch-path tests use CPU tensors (and may also run on CUDA).
+- Tests marked ``cuda`` need a GPU: without one they are skipped, with that reason.
+  ``pytest -m cuda`` selects them (the GPU check).
 """
 
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # Every HF model's forward runs through the same transformers wrapper function, so Dynamo's
 # per-code-object recompile limit (8) counts the graphs of all families and layouts in a session.
@@ -18,3 +27,22 @@ import torch._dynamo  # noqa: E402
 
 torch._dynamo.config.recompile_limit = 256
 torch._dynamo.config.accumulated_recompile_limit = 4096
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); select with -m cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked cuda)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def triton_device() -> torch.device:
+    """Where a Triton path's test puts its tensors: CUDA if present, else the CPU (interpreter)."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")

@@ -1,11 +1,11 @@
 """graphopt::varlen_attention against its fp64 reference: every impl, forward and backward.
 
-The Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (set by tests/conftest.py when there
-is no GPU), so their shapes stay small: T <= 64, D <= 32, 16-token tiles that cross documents.
+The Triton path runs on the ``triton_device`` fixture's device: CUDA, or the CPU in Triton's
+interpreter (tests/conftest.py), so shapes stay small: T <= 64, D <= 32, 16-token tiles (on the
+CPU) that cross documents. GPU-sized shapes are in test_cuda_kernels.py.
 """
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -18,19 +18,11 @@ from graphopt.ops.varlen_attention import (
 )
 from tests.tolerances import tol
 
-HAS_CUDA = torch.cuda.is_available()
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
-needs_triton = pytest.mark.skipif(
-    not (HAS_CUDA or INTERPRETING), reason="the Triton kernels need CUDA or TRITON_INTERPRET=1"
-)
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 needs_flash_attn = pytest.mark.skipif(
-    not (HAS_CUDA and importlib.util.find_spec("flash_attn") is not None),
-    reason="needs CUDA and the flash-attn package",
+    importlib.util.find_spec("flash_attn") is None, reason="needs the flash-attn package"
 )
 needs_torch_varlen = pytest.mark.skipif(
-    not (HAS_CUDA and _has_torch_varlen()), reason="needs CUDA and torch.nn.attention.varlen.varlen_attn"
+    not _has_torch_varlen(), reason="needs torch.nn.attention.varlen.varlen_attn"
 )
 
 
@@ -146,28 +138,26 @@ def test_buckets_cover_every_token_once_with_bounded_padding():
 
 
 # ---------------------------------------------------------------------------------------------
-# impl="triton" (CPU tensors under the interpreter)
+# impl="triton" (on triton_device: CUDA, or CPU tensors in the interpreter)
 # ---------------------------------------------------------------------------------------------
 
 
-@needs_triton
 @pytest.mark.parametrize("case_name", list(CASES))
-def test_triton_impl_matches_reference(case_name):
-    assert_matches_reference(make_case(**CASES[case_name], device=TRITON_DEVICE), "triton")
+def test_triton_impl_matches_reference(case_name, triton_device):
+    assert_matches_reference(make_case(**CASES[case_name], device=triton_device), "triton")
 
 
-@needs_triton
 @pytest.mark.parametrize("case_name", ["gqa_partial_rotary", "mqa_interleaved"])
-def test_triton_impl_matches_reference_bf16(case_name):
+def test_triton_impl_matches_reference_bf16(case_name, triton_device):
     # Under the interpreter the kernels widen bf16 matmul operands to fp32 after rounding (its
     # tl.dot mishandles bf16), which leaves the products unchanged.
-    assert_matches_reference(make_case(**CASES[case_name], dtype=torch.bfloat16, device=TRITON_DEVICE), "triton")
+    assert_matches_reference(make_case(**CASES[case_name], dtype=torch.bfloat16, device=triton_device), "triton")
 
 
-@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
-def test_strided_inputs_from_a_fused_qkv_projection(impl):
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_strided_inputs_from_a_fused_qkv_projection(impl, triton_device):
     # Phi-3 style: q, k, v are column slices of one (T, (Hq + 2 Hkv) * D) projection.
-    device = TRITON_DEVICE if impl == "triton" else "cpu"
+    device = triton_device if impl == "triton" else "cpu"
     case = make_case([13, 4, 20], hq=4, hkv=2, d=16, r=16, device=device)
     qkv = torch.cat([case[name].detach().flatten(1) for name in ("q", "k", "v")], dim=1).requires_grad_()
     q, k, v = qkv.split([64, 32, 32], dim=1)
@@ -184,11 +174,9 @@ def test_strided_inputs_from_a_fused_qkv_projection(impl):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "impl", ["torch", pytest.param("triton", marks=needs_triton)]
-)
-def test_changing_one_document_leaves_the_others_bit_identical(impl):
-    device = TRITON_DEVICE if impl == "triton" else "cpu"
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_changing_one_document_leaves_the_others_bit_identical(impl, triton_device):
+    device = triton_device if impl == "triton" else "cpu"
     lengths = [7, 12, 9, 5]  # document 1 shares a 16-token tile with documents 0 and 2
     case = make_case(lengths, hq=4, hkv=2, d=24, r=16, device=device)
     first = run_op(case, impl)
@@ -242,13 +230,13 @@ def test_opcheck_torch_ops(case_name, dtype, requires_grad):
     )
 
 
-@needs_triton
 @pytest.mark.parametrize("case_name, dtype, requires_grad", OPCHECK_CASES)
-def test_opcheck_triton_ops(case_name, dtype, requires_grad):
+def test_opcheck_triton_ops(case_name, dtype, requires_grad, triton_device):
     # The interpreter cannot be traced by AOTAutograd (wrap_triton hands back the raw interpreted
     # kernel), so on the CPU opcheck skips its compile test; on CUDA it runs all of them.
-    test_utils = None if HAS_CUDA else ("test_schema", "test_autograd_registration", "test_faketensor")
-    case = make_case(**CASES[case_name], dtype=dtype, device=TRITON_DEVICE)
+    on_cuda = triton_device.type == "cuda"
+    test_utils = None if on_cuda else ("test_schema", "test_autograd_registration", "test_faketensor")
+    case = make_case(**CASES[case_name], dtype=dtype, device=triton_device)
     for name in ("q", "k", "v"):
         case[name].requires_grad_(requires_grad)
     args = (*_op_inputs(case), case["scale"], case["interleaved"])
@@ -275,23 +263,25 @@ def _attention_loss(q, k, v, cos, sin, cu_seqlens, max_seqlen: int, impl: str):
     return (out * out).sum()
 
 
-@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_cuda)])
-def test_compiled_matches_eager_with_dynamic_tokens(impl):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.cuda)])
+def test_compiled_matches_eager_with_dynamic_tokens(impl, dtype):
     device = "cuda" if impl == "triton" else "cpu"
+    torch._dynamo.reset()
     compiled = torch.compile(_attention_loss, fullgraph=True, backend="inductor", dynamic=True)
     for lengths in ([5, 1, 17, 9], [3, 11, 6, 2, 8]):  # two T's: one dynamic graph
-        case = make_case(lengths, hq=4, hkv=2, d=16, r=16, device=device)
+        case = make_case(lengths, hq=4, hkv=2, d=16, r=16, dtype=dtype, device=device)
         args = (*_op_inputs(case), sum(lengths), impl)
         loss = compiled(*args)
         grads = torch.autograd.grad(loss, (case["q"], case["k"], case["v"]))
         eager_loss = _attention_loss(*args)
         eager_grads = torch.autograd.grad(eager_loss, (case["q"], case["k"], case["v"]))
-        torch.testing.assert_close(loss, eager_loss, **tol(torch.float32))
+        torch.testing.assert_close(loss, eager_loss, **tol(dtype))
         for g, e in zip(grads, eager_grads):
-            torch.testing.assert_close(g, e, **tol(torch.float32, "grad"))
+            torch.testing.assert_close(g, e, **tol(dtype, "grad"))
 
 
-@pytest.mark.skipif(HAS_CUDA or not INTERPRETING, reason="checks the interpreter's compile error")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton path is interpreted only without CUDA")
 def test_compiling_triton_under_the_interpreter_raises_clearly():
     case = make_case([5, 11], hq=2, hkv=1, d=16, r=16)
     compiled = torch.compile(_attention_loss, fullgraph=True, backend="inductor")
@@ -304,19 +294,21 @@ def test_compiling_triton_under_the_interpreter_raises_clearly():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.cuda
 @needs_flash_attn
 def test_flash_attn_impl_matches_reference():
     case = make_case(**CASES["gqa_partial_rotary"] | dict(d=32, r=32), dtype=torch.bfloat16, device="cuda")
     assert_matches_reference(case, "flash_attn")
 
 
+@pytest.mark.cuda
 @needs_torch_varlen
 def test_torch_varlen_impl_matches_reference():
     case = make_case(**CASES["gqa_partial_rotary"] | dict(d=32, r=32), dtype=torch.bfloat16, device="cuda")
     assert_matches_reference(case, "torch_varlen")
 
 
-@needs_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_triton_impl_matches_reference_bf16_cuda(case_name):
     assert_matches_reference(make_case(**CASES[case_name], dtype=torch.bfloat16, device="cuda"), "triton")
