@@ -6,26 +6,35 @@ Shapes and dtypes (N tokens, H hidden size, V vocabulary size)::
     weight  (V, H)  same dtype as hidden (the LM head / tied embedding)
     target  (N,)    int64, values in [0, V) or ignore_index
 
-Per token ``i``, with every logit upcast to fp32::
+Per token ``i``::
 
-    z_i    = F.linear(hidden, weight)[i].float()       matmul in the input dtype, fp32 accumulation
+    z_i    = F.linear(hidden, weight)[i]               matmul in the input dtype, fp32 accumulation
+    z_i    = z_i * logit_scale                         in the input dtype, as eager's tensor * float
+                                                       rounds (skipped when logit_scale == 1.0)
+    z_i    = z_i.float()
     z_i    = softcap * tanh(z_i / softcap)             only if softcap > 0
     loss_i = -log_softmax(z_i)[target_i]               0 where target_i == ignore_index
     loss_sum = sum_i loss_i                            fp32, 0-dim
+
+``logit_scale`` is a constant some families put between the LM head and the loss (Cohere's
+``logits * logit_scale``; a model computing ``logits / s`` is ``logit_scale = 1 / s``, which is
+bitwise eager's division when ``s`` is a power of two, and otherwise may differ in the last bit of
+the scale).
 
 The op returns ``(loss_sum, logits)``. ``logits`` is selected by the ``logits`` argument
 (:data:`LOGITS_MODES`):
 
 - ``"none"``: an empty tensor of shape (0,);
-- ``"differentiable"``: the full (N, V) ``F.linear(hidden, weight)`` in the input dtype, written
-  chunk by chunk by the matmul the loss uses; a gradient into it flows back to hidden and weight;
+- ``"differentiable"``: the full (N, V) scaled logits ``F.linear(hidden, weight) * logit_scale``
+  in the input dtype, written chunk by chunk by the matmul the loss uses; a gradient into them
+  flows back to hidden and weight;
 - ``"detached"``: the same values, marked non-differentiable. The backend's fused-loss rewrite uses
   this and attaches their gradient outside the compiled graph with :func:`attach_logits_grad`:
   AOTAutograd would otherwise hand every backward a zero (N, V) gradient for them.
 
-Each chunk is ``F.linear`` of its rows: bitwise equal to the full ``F.linear`` wherever the BLAS
-result does not depend on the row count (fp32 on CPU here; bf16 on CPU and cuBLAS may pick another
-kernel for fewer rows and differ in the last bit). Normalization (``loss_sum / count`` or
+Each chunk's logits are ``hidden[chunk] @ weight.T``: the same math as the full ``F.linear``, not
+always the same bits, since GEMM blocking may depend on the row count (it does for fp32 on some
+CPUs, and cuBLAS may pick another kernel for fewer rows). Normalization (``loss_sum / count`` or
 ``/ num_items_in_batch``) is the caller's, so the op never reads the count back to the host. With
 every target ignored, ``loss_sum`` is 0 and the gradients are 0; the caller's mean is then
 0/0 = NaN, as in eager.
@@ -36,23 +45,28 @@ its gradient, in place. When they are, the matmul writes the chunk's logits stra
 returned tensor and the buffer receives only the gradient. The
 ``"torch"`` path adds one fp32 (chunk, V) work buffer for bf16/fp16 inputs and two for softcap (the
 upcast and the tanh); fp32 without softcap needs none. When ``compute_grad``, ``grad_hidden`` (N, H)
-in the input dtype and an fp32 (V, H) ``grad_weight`` accumulator (cast to the input dtype once at
-the end) live too. A returned ``logits`` adds the (N, V) output. ``default_chunk_size`` picks a
-chunk of about 64 MB per (chunk, V) buffer, at most 256 rows.
+in the input dtype lives too, and, unless ``compute_grad_weight=False``, an fp32 (V, H)
+``grad_weight`` accumulator (cast to the input dtype once at the end). A returned ``logits`` adds
+the (N, V) output. ``default_chunk_size`` picks a chunk of about 64 MB per (chunk, V) buffer, at
+most 256 rows.
 
 Autograd. ``compute_grad=True`` computes ``grad_hidden`` and ``grad_weight`` (d loss_sum / d input)
 during the forward, chunk by chunk: per chunk one matmul for the logits, then
 ``grad_hidden[chunk] = dz @ weight`` and ``grad_weight += dz.T @ hidden[chunk]``, the three matmuls of
-an unfused forward + backward. The backward only multiplies them by the incoming 0-dim gradient of
-``loss_sum`` (no host read) and, for ``"differentiable"`` logits that the caller also
-differentiates, adds ``grad_logits @ weight`` and ``grad_logits.T @ hidden``.
+an unfused forward + backward. ``compute_grad_weight=False`` (a frozen LM head, e.g. under PEFT
+LoRA) skips the last matmul and the (V, H) accumulator: the ``_fwd`` op then returns an empty
+``grad_weight`` and the backward gives the weight no gradient (the weight must not require one).
+The backward only multiplies the saved gradients by the incoming 0-dim gradient of ``loss_sum``
+(no host read) and, for ``"differentiable"`` logits that the caller also differentiates, adds
+``(grad_logits * logit_scale) @ weight`` and its ``.T @ hidden``.
 ``compute_grad=False`` (inference) skips the gradient work; reaching its backward raises.
 
 Precision. The loss is read from the fp32 ``log_softmax`` as eager's ``cross_entropy`` does, and
 ``dz = exp(log_softmax) - onehot`` is stored in the input dtype before its two matmuls, as eager
-autograd does after the ``.float()``. ``grad_weight`` is accumulated across chunks in fp32
-(bf16/fp16: each chunk's matmul result, rounded to the input dtype, is added to the fp32
-accumulator).
+autograd does after the ``.float()``; with a ``logit_scale`` it is then multiplied by the scale in
+the input dtype, as eager's backward of ``logits * logit_scale`` does. ``grad_weight`` is
+accumulated across chunks in fp32 (bf16/fp16: each chunk's matmul result, rounded to the input
+dtype, is added to the fp32 accumulator).
 
 Out-of-range targets (not in ``[0, V)`` and not ``ignore_index``) fail ``torch._assert_async``: a
 RuntimeError on CPU, a device-side assert on CUDA, as ``F.cross_entropy`` does.
@@ -62,12 +76,15 @@ Ops:
     ``graphopt::linear_cross_entropy_fwd`` the opaque op that also returns (grad_hidden,
                                            grad_weight), so its ``register_autograd`` can save them.
 The public op is ``CompositeImplicitAutograd``: AOTAutograd decomposes it into the ``_fwd`` op, whose
-fake impl is its shape function (a composite op takes none of its own).
+fake impl is its shape function (a composite op takes none of its own). Both take
+``logit_scale: float = 1.0`` and ``compute_grad_weight: bool = True`` after ``impl``.
 
 ``impl``: ``"torch"`` is the chunked torch path (CPU, also valid on CUDA); ``"triton"`` runs
 ``graphopt::cross_entropy_loss_and_grad`` (a ``triton_op``) on each chunk; ``"auto"`` picks
 ``"triton"`` on CUDA, ``"torch"`` elsewhere.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -106,13 +123,17 @@ def linear_cross_entropy_reference(
     target: torch.Tensor,
     ignore_index: int,
     softcap: float,
+    logit_scale: float = 1.0,
 ) -> torch.Tensor:
     """The definition of correct: the summed loss computed the unfused way, as HF does.
 
     ``hidden`` (N, H), ``weight`` (V, H), ``target`` (N,) int64. Returns the fp32 0-dim loss sum.
     Materializes the full (N, V) logits (and an fp32 copy).
     """
-    logits = F.linear(hidden, weight).float()
+    logits = F.linear(hidden, weight)
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    logits = logits.float()
     if softcap > 0.0:
         logits = softcap * torch.tanh(logits / softcap)
     return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
@@ -175,6 +196,7 @@ def _check_inputs(
     chunk_size: int,
     logits: str,
     impl: str,
+    logit_scale: float,
 ) -> None:
     """Shape/dtype/argument checks shared by the real and the fake implementation."""
     torch._check(hidden.dim() == 2, lambda: f"hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")
@@ -201,6 +223,7 @@ def _check_inputs(
         lambda: f"hidden, weight, target on different devices: {hidden.device}, {weight.device}, {target.device}",
     )
     torch._check(softcap >= 0.0, lambda: f"softcap must be >= 0 (0 disables it), got {softcap}")
+    torch._check(math.isfinite(logit_scale), lambda: f"logit_scale must be finite, got {logit_scale}")
     torch._check(chunk_size >= 1, lambda: f"chunk_size must be >= 1, got {chunk_size}")
     torch._check(logits in LOGITS_MODES, lambda: f"logits must be one of {LOGITS_MODES}, got {logits!r}")
     torch._check(impl in IMPLS, lambda: f"impl must be one of {IMPLS}, got {impl!r}")
@@ -217,31 +240,55 @@ def linear_cross_entropy_fwd(
     logits: str,
     compute_grad: bool,
     impl: str,
+    logit_scale: float = 1.0,
+    compute_grad_weight: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunked loss (and gradients) of the LM head; see the module docstring for the math.
 
     Returns:
         loss_sum: () fp32.
-        logits: (N, V) input dtype unless ``logits == "none"``, else (0,).
+        logits: (N, V) input dtype, the scaled logits, unless ``logits == "none"``, else (0,).
         grad_hidden: (N, H) input dtype, d loss_sum / d hidden, if ``compute_grad``, else (0,).
-        grad_weight: (V, H) input dtype, d loss_sum / d weight, if ``compute_grad``, else (0,).
+        grad_weight: (V, H) input dtype, d loss_sum / d weight, if ``compute_grad`` and
+            ``compute_grad_weight``, else (0,).
     """
-    _check_inputs(hidden, weight, target, softcap, chunk_size, logits, impl)
-    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    _check_inputs(hidden, weight, target, softcap, chunk_size, logits, impl, logit_scale)
+    vocab = weight.shape[0]
     in_range = (target >= 0) & (target < vocab)
     torch._assert_async(
         (in_range | (target == ignore_index)).all(),
         "graphopt::linear_cross_entropy: a target is outside [0, V) and is not ignore_index",
     )
     use_triton = impl == "triton" or (impl == "auto" and hidden.is_cuda)
-    loss_step = cross_entropy_loss_and_grad if use_triton else cross_entropy_loss_and_grad_torch
+    return _chunked_loss_and_grads(
+        hidden, weight, target, ignore_index, softcap, chunk_size, logits != "none", compute_grad,
+        compute_grad and compute_grad_weight, logit_scale,
+        cross_entropy_loss_and_grad if use_triton else cross_entropy_loss_and_grad_torch,
+    )
 
-    keep_logits = logits != "none"
+
+def _chunked_loss_and_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    softcap: float,
+    chunk_size: int,
+    keep_logits: bool,
+    compute_grad: bool,
+    compute_grad_weight: bool,
+    logit_scale: float,
+    loss_step,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunk loop of ``graphopt::linear_cross_entropy_fwd`` (same outputs), with the per-chunk
+    loss step (:func:`cross_entropy_loss_and_grad_torch` or its Triton twin) chosen by the caller.
+    A plain function, so tests can watch the aten ops it runs."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     # Outputs must not alias each other, so each absent one is its own (0,) tensor.
     out_logits = hidden.new_empty((n_tokens, vocab) if keep_logits else (0,))
     grad_hidden = hidden.new_empty(hidden.shape if compute_grad else (0,))
-    grad_weight_acc = weight.new_zeros(weight.shape, dtype=torch.float32) if compute_grad else None
+    grad_weight_acc = weight.new_zeros(weight.shape, dtype=torch.float32) if compute_grad_weight else None
     # One (chunk, V) buffer for every chunk, so no chunk allocates (and page-faults) its own: the
     # logits chunk when they are not returned (its gradient then overwrites it in place), else the
     # gradient of the returned logits chunk, which must survive.
@@ -252,31 +299,41 @@ def linear_cross_entropy_fwd(
         end = min(start + chunk_size, n_tokens)
         hidden_chunk = hidden[start:end]
         chunk = torch.mm(hidden_chunk, weight.t(), out=out_logits[start:end] if keep_logits else buffer[: end - start])
+        if logit_scale != 1.0:
+            chunk.mul_(logit_scale)  # in the input dtype, as eager's logits * logit_scale
         grad = buffer[: end - start] if compute_grad else None
         loss_sum += loss_step(chunk, target[start:end], grad, ignore_index, softcap).sum()
         if compute_grad:
+            if logit_scale != 1.0:
+                grad.mul_(logit_scale)  # eager's backward of logits * logit_scale, in the input dtype
             torch.mm(grad, weight, out=grad_hidden[start:end])
-            if grad.dtype == torch.float32:
-                grad_weight_acc.addmm_(grad.t(), hidden_chunk)
-            else:  # rounded to the input dtype per chunk, as eager's backward matmul rounds it
-                grad_weight_acc += torch.mm(grad.t(), hidden_chunk)
-    grad_weight = grad_weight_acc.to(weight.dtype) if compute_grad else weight.new_empty((0,))
+        if compute_grad_weight and grad.dtype == torch.float32:
+            grad_weight_acc.addmm_(grad.t(), hidden_chunk)
+        elif compute_grad_weight:  # rounded to the input dtype per chunk, as eager's backward matmul rounds it
+            grad_weight_acc += torch.mm(grad.t(), hidden_chunk)
+    grad_weight = grad_weight_acc.to(weight.dtype) if compute_grad_weight else weight.new_empty((0,))
     return loss_sum, out_logits, grad_hidden, grad_weight
 
 
 @linear_cross_entropy_fwd.register_fake
-def _(hidden, weight, target, ignore_index, softcap, chunk_size, logits, compute_grad, impl):
-    _check_inputs(hidden, weight, target, softcap, chunk_size, logits, impl)
+def _(hidden, weight, target, ignore_index, softcap, chunk_size, logits, compute_grad, impl, logit_scale=1.0,
+      compute_grad_weight=True):
+    _check_inputs(hidden, weight, target, softcap, chunk_size, logits, impl, logit_scale)
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     loss_sum = hidden.new_empty((), dtype=torch.float32)
     out_logits = hidden.new_empty((n_tokens, vocab) if logits != "none" else (0,))
     grad_hidden = hidden.new_empty(hidden.shape if compute_grad else (0,))
-    grad_weight = weight.new_empty(weight.shape if compute_grad else (0,))
+    grad_weight = weight.new_empty(weight.shape if compute_grad and compute_grad_weight else (0,))
     return loss_sum, out_logits, grad_hidden, grad_weight
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, target, ignore_index, _, _, logits_mode, compute_grad, _ = inputs
+    hidden, weight, target, ignore_index, _, _, logits_mode, compute_grad, _, logit_scale, compute_grad_weight = inputs
+    if compute_grad and not compute_grad_weight and weight.requires_grad:
+        raise RuntimeError(
+            "graphopt::linear_cross_entropy was called with compute_grad_weight=False but the weight "
+            "requires grad; pass compute_grad_weight=True, or freeze the weight (requires_grad=False)"
+        )
     _, logits, grad_hidden, grad_weight = output
     # grad_hidden and grad_weight are the op's saved work, not values to differentiate; "none" and
     # "detached" logits get no gradient here either, so AOTAutograd passes them no tangent.
@@ -286,8 +343,10 @@ def _setup_context(ctx, inputs, output):
     # Differentiable logits nobody differentiated get None instead of a zero-filled (N, V) tensor.
     ctx.set_materialize_grads(False)
     ctx.compute_grad = compute_grad
+    ctx.compute_grad_weight = compute_grad_weight
     ctx.logits_grad = logits_mode == "differentiable"
     ctx.ignore_index = ignore_index
+    ctx.logit_scale = logit_scale
     saved = (grad_hidden, grad_weight, target) + ((hidden, weight) if ctx.logits_grad else ())
     ctx.save_for_backward(*saved)
 
@@ -311,21 +370,29 @@ def _backward(ctx, grad_loss, grad_logits, _grad_grad_hidden, _grad_grad_weight)
         any_valid = (target != ctx.ignore_index).any()
         grad_loss = torch.where(any_valid, grad_loss, torch.zeros_like(grad_loss))
         d_hidden = _scale(grad_hidden, grad_loss)
-        d_weight = _scale(grad_weight, grad_loss)
+        d_weight = _scale(grad_weight, grad_loss) if ctx.compute_grad_weight else None
     if grad_logits is not None and ctx.logits_grad:
         hidden, weight = hidden_weight
-        logits_d_hidden, logits_d_weight = torch.ops.graphopt.logits_backward(grad_logits, hidden, weight)
+        logits_d_hidden, logits_d_weight = torch.ops.graphopt.logits_backward(
+            grad_logits, hidden, weight, ctx.logit_scale, ctx.compute_grad_weight
+        )
         d_hidden = logits_d_hidden if d_hidden is None else d_hidden + logits_d_hidden
-        d_weight = logits_d_weight if d_weight is None else d_weight + logits_d_weight
-    return d_hidden, d_weight, None, None, None, None, None, None, None
+        if ctx.compute_grad_weight:
+            d_weight = logits_d_weight if d_weight is None else d_weight + logits_d_weight
+    return d_hidden, d_weight, None, None, None, None, None, None, None, None, None
 
 
 @torch.library.custom_op("graphopt::logits_backward", mutates_args=())
 def logits_backward(
-    grad_logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor
+    grad_logits: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    logit_scale: float = 1.0,
+    compute_grad_weight: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad_logits @ weight, grad_logits.T @ hidden)``: the gradient that flows back through the
-    returned logits, shapes (N, H) and (V, H).
+    """The gradient that flows back through the returned (scaled) logits: with
+    ``g = grad_logits * logit_scale`` in the input dtype, ``(g @ weight, g.T @ hidden)``, shapes
+    (N, H) and (V, H); the second is an empty (0,) tensor when ``compute_grad_weight`` is False.
 
     Autograd hands a compiled graph a tensor of zeros for an output nobody differentiated, and HF
     returns the logits of every training step. So the op first checks for an all-zero gradient
@@ -333,10 +400,17 @@ def logits_backward(
     otherwise cost as much as the loss's own backward. The check is ``aminmax`` (vectorized, about
     3x faster than ``any`` on the CPU); a NaN fails it, so NaN gradients still propagate.
     """
+    d_weight_shape = weight.shape if compute_grad_weight else (0,)
     if _all_zero(grad_logits):
-        return hidden.new_zeros(hidden.shape), weight.new_zeros(weight.shape)
-    grad_logits = grad_logits.to(hidden.dtype)
-    return grad_logits @ weight, grad_logits.t() @ hidden
+        return hidden.new_zeros(hidden.shape), weight.new_zeros(d_weight_shape)
+    grad_logits = _unscaled_grad(grad_logits.to(hidden.dtype), logit_scale)
+    d_weight = grad_logits.t() @ hidden if compute_grad_weight else weight.new_empty(d_weight_shape)
+    return grad_logits @ weight, d_weight
+
+
+def _unscaled_grad(grad_logits: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """The gradient w.r.t. the logits before ``* logit_scale``, rounded as eager's backward of it."""
+    return grad_logits if logit_scale == 1.0 else grad_logits * logit_scale
 
 
 def _all_zero(x: torch.Tensor) -> bool:
@@ -347,12 +421,12 @@ def _all_zero(x: torch.Tensor) -> bool:
 
 
 @logits_backward.register_fake
-def _(grad_logits, hidden, weight):
+def _(grad_logits, hidden, weight, logit_scale=1.0, compute_grad_weight=True):
     torch._check(
         grad_logits.shape == (hidden.shape[0], weight.shape[0]),
         lambda: f"grad_logits {tuple(grad_logits.shape)} is not (N, V) = ({hidden.shape[0]}, {weight.shape[0]})",
     )
-    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape)
+    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape if compute_grad_weight else (0,))
 
 
 torch.library.register_autograd(
@@ -362,32 +436,39 @@ torch.library.register_autograd(
 
 class _AttachLogitsGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, hidden, weight):
+    def forward(ctx, logits, hidden, weight, logit_scale):
         ctx.save_for_backward(hidden, weight)
+        ctx.logit_scale = logit_scale
         return logits.view_as(logits)
 
     @staticmethod
     def backward(ctx, grad_logits):
         hidden, weight = ctx.saved_tensors
         grad_logits = grad_logits.reshape(hidden.shape[0], weight.shape[0]).to(hidden.dtype)
+        grad_logits = _unscaled_grad(grad_logits, ctx.logit_scale)
         d_hidden = grad_logits @ weight if ctx.needs_input_grad[1] else None
         d_weight = grad_logits.t() @ hidden if ctx.needs_input_grad[2] else None
-        return None, d_hidden, d_weight
+        return None, d_hidden, d_weight, None
 
 
-def attach_logits_grad(logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``logits`` (a view of it) with the gradient of ``logits = hidden @ weight.T`` attached.
+def attach_logits_grad(
+    logits: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, *, logit_scale: float = 1.0
+) -> torch.Tensor:
+    """``logits`` (a view of it) with the gradient of ``logits = (hidden @ weight.T) * logit_scale``
+    attached.
 
     Args:
-        logits: (..., V) values of ``hidden @ weight.T`` computed without autograd (``"detached"``
-            logits of the op), N * V elements in row-major token order.
+        logits: (..., V) values of ``(hidden @ weight.T) * logit_scale`` computed without autograd
+            (``"detached"`` logits of the op), N * V elements in row-major token order.
         hidden: (N, H), weight: (V, H), as given to the op.
+        logit_scale: the op's ``logit_scale``.
 
     The gradient is its own autograd node, outside any compiled graph: it runs only when a gradient
-    reaches the logits, and then computes ``grad @ weight`` and ``grad.T @ hidden``. A loss-only
-    backward never runs it, and nothing allocates a zero (N, V) gradient for the logits.
+    reaches the logits, and then computes ``g = grad * logit_scale`` (in the input dtype, as eager's
+    backward of the scaling), ``g @ weight`` and ``g.T @ hidden``. A loss-only backward never runs
+    it, and nothing allocates a zero (N, V) gradient for the logits.
     """
-    return _AttachLogitsGrad.apply(logits, hidden, weight)
+    return _AttachLogitsGrad.apply(logits, hidden, weight, logit_scale)
 
 
 def linear_cross_entropy(
@@ -400,6 +481,8 @@ def linear_cross_entropy(
     logits: str,
     compute_grad: bool,
     impl: str,
+    logit_scale: float = 1.0,
+    compute_grad_weight: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss_sum, logits)``: the public op ``graphopt::linear_cross_entropy``.
 
@@ -414,13 +497,18 @@ def linear_cross_entropy(
             logits; see the module docstring.
         compute_grad: compute gradients during the forward (training); False for inference.
         impl: ``"auto"`` | ``"torch"`` | ``"triton"``.
+        logit_scale: constant the logits are multiplied by (in the input dtype) before the fp32
+            upcast; 1.0 (the default) skips it.
+        compute_grad_weight: False for a frozen weight (``requires_grad=False``): no weight
+            gradient is computed (no (V, H) accumulator, no ``dz.T @ hidden`` matmul).
 
     Returns:
         loss_sum: () fp32, the summed (not averaged) loss.
-        logits: (N, V) input dtype, ``F.linear(hidden, weight)``, or (0,).
+        logits: (N, V) input dtype, ``F.linear(hidden, weight) * logit_scale``, or (0,).
     """
     loss_sum, out_logits, _, _ = torch.ops.graphopt.linear_cross_entropy_fwd(
-        hidden, weight, target, ignore_index, softcap, chunk_size, logits, compute_grad, impl
+        hidden, weight, target, ignore_index, softcap, chunk_size, logits, compute_grad, impl, logit_scale,
+        compute_grad_weight,
     )
     return loss_sum, out_logits
 
