@@ -3,14 +3,14 @@
 ``torch.compile(model, backend="graphopt", mode=..., options=...)`` hands each Dynamo graph to
 :func:`graphopt_backend`, which
 
-1. runs the passes (:mod:`graphopt.passes`) on a copy of the graph, recording a report;
+1. runs the passes (:func:`graphopt.passes.run_passes`) on a copy of the graph, recording a report;
 2. compiles the rewritten graph with Inductor, exactly as ``backend="inductor"`` would (same mode,
    same Inductor options, AOTAutograd for training);
 3. when the fused loss returns detached logits, wraps the compiled graph in
    :class:`AttachedLogitsGraph`, which gives them their gradient outside the graph;
 4. when a rewrite depends on input values, returns a :class:`GuardedGraph` that checks the guards
-   before every call and runs the original graph, compiled by Inductor on first need, when they
-   fail.
+   before every call and otherwise runs an :class:`ExactFallback`: the graph with every rewrite
+   that needs no guard (the fused loss, packed attention), compiled by Inductor on first need.
 
 A graph with nothing to rewrite goes to Inductor unchanged.
 """
@@ -34,40 +34,43 @@ log = logging.getLogger("graphopt")
 
 def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str | None = None, options: dict | None = None):
     """Dynamo backend entry point (registered as ``"graphopt"``)."""
+    from graphopt.passes import run_passes
+
     opts, inductor_options = split_options(options)
     inductor = torch._TorchCompileInductorWrapper(mode, inductor_options, None)
-
-    from graphopt.passes import PassContext, enabled_passes
-
     report = inspection.new_graph_report(gm.code)
-    work = fx.GraphModule(gm, _copy_graph(gm.graph))
-    ctx = PassContext(opts, report)
-    start = time.perf_counter()
-    for p in enabled_passes(opts):
-        p.apply(work, ctx)
-        work.graph.lint()
-    work.recompile()
-    report.pass_seconds = time.perf_counter() - start
+    work, ctx = run_passes(gm, opts, report)
     report.after = work.code if report.changed else report.before
     report.guards = [inspection.GuardRecord(g.name, g.description, list(g.rewrites)) for g in ctx.guards]
+    fallback = _exact_fallback(gm, opts, report, inductor) if report.changed and ctx.guards else None
     inspection.publish(report, opts.dump_dir)
 
     if not report.changed:
         return inductor(gm, example_inputs)
-    fast = inductor(work, example_inputs)
-    if ctx.detached_logits:
-        n_outputs = len(gm.graph.find_nodes(op="output")[0].args[0])
-        fast = AttachedLogitsGraph(fast, ctx.detached_logits, n_outputs)
+    fast = _attach_logits(inductor(work, example_inputs), ctx.detached_logits, gm)
     if not ctx.guards:
-        return fast
-    return GuardedGraph(fast, gm, ctx.guards, inductor, report.graph_id)
+        return RewrittenGraph(fast)
+    return GuardedGraph(fast, fallback, ctx.guards, report.graph_id)
 
 
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    new = fx.Graph()
-    out = new.graph_copy(graph, {})
-    new.output(out)
-    return new
+def _exact_fallback(gm: fx.GraphModule, opts, report: inspection.GraphReport, inductor) -> ExactFallback:
+    """The graph to run when a guard fails: ``gm`` with the rewrites that need no guard."""
+    from graphopt.passes import run_passes
+
+    quiet = inspection.GraphReport(graph_id=report.graph_id, before=report.before, quiet=True)
+    work, ctx = run_passes(gm, opts, quiet, allow_guards=False)
+    if quiet.changed:
+        kept = ", ".join(sorted(quiet.counts)) or "none"
+        report.note(f"the exact fallback keeps the rewrites that need no guard ({kept})")
+        return ExactFallback(gm, work.graph, ctx.detached_logits, inductor, report.graph_id)
+    return ExactFallback(gm, gm.graph, [], inductor, report.graph_id)
+
+
+def _attach_logits(compiled, detached: list, original: fx.GraphModule):
+    if not detached:
+        return compiled
+    n_outputs = len(original.graph.output_node().args[0])
+    return AttachedLogitsGraph(compiled, detached, n_outputs)
 
 
 class AttachedLogitsGraph:
@@ -90,29 +93,77 @@ class AttachedLogitsGraph:
     def __call__(self, *args):
         outputs = list(self.compiled(*args))
         for d in self.detached:
-            logits = self._attach(outputs[d.positions[0]], outputs[d.hidden_position], args[d.weight_input])
+            scale = {} if d.logit_scale == 1.0 else {"logit_scale": d.logit_scale}
+            logits = self._attach(outputs[d.positions[0]], outputs[d.hidden_position], args[d.weight_input], **scale)
             for position in d.positions:
                 outputs[position] = logits
         return outputs[: self.n_outputs]
 
 
-class GuardedGraph:
-    """Run the rewritten graph when every guard holds, the original graph otherwise.
+class RewrittenGraph:
+    """A rewritten graph that needs no guard; counts its calls as ``fast_path`` in the report."""
 
-    The original is compiled lazily, with Inductor and the same options, the first time a call
-    fails a guard, and reused after that: a run of failing batches does not recompile. A failed
-    condition is logged once per graph with advice on how to reach the fast path.
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __call__(self, *args):
+        inspection.record_runtime("fast_path")
+        return self.compiled(*args)
+
+
+class ExactFallback:
+    """The graph a :class:`GuardedGraph` runs when a guard fails, compiled by Inductor on first use.
+
+    It is compiled with ``torch.compile(backend=<the same Inductor>)`` on a GraphModule built at
+    first use: Dynamo skips the code of GraphModules generated while it compiles a frame, so
+    compiling the one Dynamo handed us would silently run it eagerly. Dynamo then guards and
+    reuses it like any compiled function (one compile per shape regime, not per batch).
     """
 
-    def __init__(self, fast, original: fx.GraphModule, guards: list[Guard], inductor, graph_id: int):
-        self.fast = fast
-        self.original = original
-        self.guards = guards
+    def __init__(self, root: fx.GraphModule, graph: fx.Graph, detached: list, inductor, graph_id: int):
+        self.root = root
+        self.graph = graph
+        self.detached = detached
         self.inductor = inductor
         self.graph_id = graph_id
-        self._fallback = None
-        self._warned: set[str] = set()
+        self._compiled = None
         self._lock = threading.Lock()
+
+    def __call__(self, *args):
+        return self.compiled(*args)
+
+    @property
+    def compiled(self):
+        with self._lock:
+            if self._compiled is None:
+                start = time.perf_counter()
+                module = fx.GraphModule(self.root, _copy_graph(self.graph))
+                compiled = torch.compile(module, backend=self.inductor)
+                self._compiled = _attach_logits(compiled, self.detached, self.root)
+                log.info("graph %d: exact fallback prepared in %.2fs (compiles on first call)", self.graph_id, time.perf_counter() - start)
+            return self._compiled
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph()
+    out = new.graph_copy(graph, {})
+    new.output(out)
+    return new
+
+
+class GuardedGraph:
+    """Run the rewritten graph when every guard holds, the :class:`ExactFallback` otherwise.
+
+    A failed condition is logged once per graph with advice on how to reach the fast path; only
+    the condition that is the cause is reported (see :func:`~graphopt.guards.evaluate_guards`).
+    """
+
+    def __init__(self, fast, fallback: ExactFallback, guards: list[Guard], graph_id: int):
+        self.fast = fast
+        self.fallback = fallback
+        self.guards = guards
+        self.graph_id = graph_id
+        self._warned: set[str] = set()
 
     def __call__(self, *args):
         failed = evaluate_guards(self.guards, args)
@@ -124,15 +175,6 @@ class GuardedGraph:
             inspection.record_runtime(f"failed:{name}")
         self._warn(failed)
         return self.fallback(*args)
-
-    @property
-    def fallback(self):
-        with self._lock:
-            if self._fallback is None:
-                start = time.perf_counter()
-                self._fallback = torch.compile(self.original, backend=self.inductor)
-                log.info("graph %d: exact fallback prepared in %.2fs (compiles on first call)", self.graph_id, time.perf_counter() - start)
-            return self._fallback
 
     def _warn(self, failed: list[str]) -> None:
         new = [name for name in failed if name not in self._warned]

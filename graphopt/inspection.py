@@ -55,6 +55,7 @@ class GraphReport:
     guards: list[GuardRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     pass_seconds: float = 0.0
+    quiet: bool = False  # a report that is never published (the fallback graph's) logs nothing
 
     @property
     def changed(self) -> bool:
@@ -67,11 +68,13 @@ class GraphReport:
 
     def rewrite(self, name: str, rule: str, detail: str) -> None:
         self.rewrites.append(Rewrite(name, rule, detail))
-        log.debug("graph %d: %s/%s: %s", self.graph_id, name, rule, detail)
+        if not self.quiet:
+            log.debug("graph %d: %s/%s: %s", self.graph_id, name, rule, detail)
 
     def decline(self, name: str, reason: str) -> None:
         self.declines.append(Decline(name, reason))
-        log.info("graph %d: %s declined: %s", self.graph_id, name, reason)
+        if not self.quiet:
+            log.info("graph %d: %s declined: %s", self.graph_id, name, reason)
 
     def note(self, text: str) -> None:
         self.notes.append(text)

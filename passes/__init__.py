@@ -3,12 +3,16 @@
 A pass is an object with a ``name`` and ``apply(graph_module, context)``. It rewrites the Dynamo
 FX graph in place, records every rewrite and every decline on ``context.report``, and registers a
 :class:`graphopt.guards.Guard` for each assumption about input values that its rewrite relies on.
-Passes run in :data:`PASSES` order; each leaves a valid graph (``graph.lint()`` passes, dead
-nodes it created are gone).
+:func:`run_passes` runs them in order on a copy of the graph; each leaves a valid graph
+(``graph.lint()`` passes, dead nodes it created are gone). A pass that raises is undone and
+reported as a decline: a failing analysis never breaks a user's compile.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+import time
 from dataclasses import dataclass, field
 
 import torch.fx as fx
@@ -17,36 +21,64 @@ from graphopt.guards import Guard
 from graphopt.inspection import GraphReport
 from graphopt.options import GraphoptOptions
 
+log = logging.getLogger("graphopt")
+_warned: set[tuple[int, str]] = set()
+
+
+class InvalidProgramError(ValueError):
+    """The traced program fails in eager too (for example ``cross_entropy`` with int32 targets).
+
+    A pass raises it instead of compiling a program that silently computes something eager would
+    refuse; :func:`run_passes` lets it through (every other exception of a pass becomes a
+    decline). The message says what eager says and how to fix the input.
+    """
+
 
 @dataclass
 class DetachedLogits:
     """Logits that the rewritten graph returns without a gradient; the backend attaches it.
+
+    This is the contract between :mod:`graphopt.passes.fused_cross_entropy`, which appends an extra
+    output, and :class:`graphopt.backend.AttachedLogitsGraph`, which removes it again.
 
     Attributes:
         positions: where the logits stand in the graph's outputs.
         hidden_position: the output the pass appended, holding the (N, H) hidden states the fused
             loss read; the backend removes it from what the caller sees.
         weight_input: the graph input (placeholder index) holding the lm_head weight.
+        logit_scale: the constant the logits were multiplied by after the matmul (1.0: none).
     """
 
     positions: list[int]
     hidden_position: int
     weight_input: int
+    logit_scale: float = 1.0
 
 
 @dataclass
 class PassContext:
-    """What a pass may read and where it records what it did."""
+    """What a pass may read and where it records what it did.
+
+    Attributes:
+        options: the user's options.
+        report: where rewrites, declines and notes go.
+        allow_guards: False when building the exact fallback graph: a rewrite that needs a runtime
+            guard is then not made (the fallback runs exactly when a guard fails).
+        guards: the runtime guards the rewrites registered.
+        detached_logits: logits whose gradient the backend attaches outside the graph.
+    """
 
     options: GraphoptOptions
     report: GraphReport
+    allow_guards: bool = True
     guards: list[Guard] = field(default_factory=list)
     detached_logits: list[DetachedLogits] = field(default_factory=list)
     _masks: list | None = None
     _losses: tuple | None = None
 
     def masks(self, gm: fx.GraphModule) -> list:
-        """The attention masks of ``gm`` (:func:`graphopt.masks.find_masks`), found once."""
+        """The attention masks of ``gm`` (:func:`graphopt.masks.find_masks`), found once per
+        version of the graph (:meth:`invalidate` drops them)."""
         if self._masks is None:
             from graphopt.masks import find_masks
 
@@ -54,21 +86,28 @@ class PassContext:
         return self._masks
 
     def losses(self, gm: fx.GraphModule) -> tuple[list, list[str]]:
-        """The proven losses of ``gm`` and the reasons others are not (:func:`graphopt.losses.find_losses`)."""
+        """The proven losses of ``gm`` and the reasons others are not (:func:`graphopt.losses.find_losses`),
+        found once per version of the graph."""
         if self._losses is None:
             from graphopt.losses import find_losses
 
             self._losses = find_losses(gm)
         return self._losses
 
+    def invalidate(self) -> None:
+        """Forget the cached analyses: the graph they describe was changed."""
+        self._masks = None
+        self._losses = None
+
     def placeholder_index(self, gm: fx.GraphModule, node: fx.Node) -> int:
         """Position of placeholder ``node`` in the graph's argument list."""
         return [n for n in gm.graph.nodes if n.op == "placeholder"].index(node)
 
     def add_guard(self, guard: Guard) -> Guard:
-        """Register ``guard``, or return the equal one already registered."""
+        """Register ``guard``, or return the one already registered with the same identity (name,
+        inputs and parameters: see :attr:`Guard.key`)."""
         for existing in self.guards:
-            if existing.name == guard.name and list(existing.input_indices) == list(guard.input_indices):
+            if existing.key == guard.key:
                 existing.rewrites.extend(guard.rewrites)
                 return existing
         self.guards.append(guard)
@@ -76,9 +115,75 @@ class PassContext:
 
 
 def enabled_passes(options: GraphoptOptions) -> list:
-    """The passes to run, in order, for ``options``."""
+    """The passes to run, in order: each pass whose option (``mask_elision``,
+    ``varlen_attention``, ``fused_cross_entropy``) is on."""
     from graphopt.passes.fused_cross_entropy import FusedCrossEntropy
     from graphopt.passes.mask_elision import MaskElision
     from graphopt.passes.varlen_attention import VarlenAttention
 
-    return [MaskElision(), VarlenAttention(), FusedCrossEntropy()]
+    candidates = [
+        (options.mask_elision, MaskElision),
+        (options.varlen_attention, VarlenAttention),
+        (options.fused_cross_entropy, FusedCrossEntropy),
+    ]
+    return [cls() for enabled, cls in candidates if enabled]
+
+
+def run_passes(
+    gm: fx.GraphModule, options: GraphoptOptions, report: GraphReport, *, allow_guards: bool = True
+) -> tuple[fx.GraphModule, PassContext]:
+    """Run :func:`enabled_passes` on a copy of ``gm``; returns the copy and the context.
+
+    ``gm`` itself is never modified. A pass that raises is undone (its graph changes, guards and
+    detached logits are dropped), logged once and reported as a decline naming the exception;
+    the passes after it still run. The copy keeps ``gm.meta``.
+
+    Raises:
+        InvalidProgramError: the program is one eager refuses to run (the user's input is wrong).
+    """
+    work = _copy_module(gm)
+    ctx = PassContext(options, report, allow_guards=allow_guards)
+    start = time.perf_counter()
+    for p in enabled_passes(options):
+        work, changed = _apply_undoable(p, work, ctx)
+        if changed:
+            ctx.invalidate()
+    work.recompile()
+    report.pass_seconds = time.perf_counter() - start
+    return work, ctx
+
+
+def _apply_undoable(p, work: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, bool]:
+    """Apply pass ``p`` to ``work`` in place; returns (the graph to continue with, changed).
+
+    If ``p`` raises, a copy of ``work`` taken before it runs replaces it (the analyses cached on
+    ``work`` are dropped with it) and everything ``p`` registered is removed.
+    """
+    snapshot = _copy_module(work)
+    report = ctx.report
+    n_guards, n_detached, n_rewrites, n_notes = len(ctx.guards), len(ctx.detached_logits), len(report.rewrites), len(report.notes)
+    try:
+        p.apply(work, ctx)
+        work.graph.lint()
+    except InvalidProgramError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of an analysis must become a decline
+        del ctx.guards[n_guards:], ctx.detached_logits[n_detached:], report.rewrites[n_rewrites:], report.notes[n_notes:]
+        ctx.invalidate()
+        reason = f"the pass raised {type(e).__name__}: {e}; the graph is left as it was"
+        if (report.graph_id, p.name) not in _warned:  # the fallback graph runs the passes again
+            _warned.add((report.graph_id, p.name))
+            log.warning("graphopt: graph %d: %s %s", report.graph_id, p.name, reason, exc_info=log.isEnabledFor(logging.DEBUG))
+        report.decline(p.name, reason)
+        return snapshot, False
+    return work, len(report.rewrites) > n_rewrites
+
+
+def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule over a copy of ``gm``'s graph (nodes keep their meta), with ``gm.meta``."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    new = fx.GraphModule(gm, graph)
+    new.meta = copy.copy(gm.meta)
+    return new
