@@ -28,39 +28,42 @@ def shift_targets(labels: torch.Tensor, shift: int, ignore_index: int) -> torch.
 
 def right_padding_guard(
     attention_mask: torch.Tensor,
-    labels: torch.Tensor | None,
+    targets: torch.Tensor | None,
     *,
-    shift: int,
     ignore_index: int,
 ) -> dict[str, torch.Tensor]:
     """Conditions under which causal attention without the padding mask is exact.
 
     Dropping the key-padding term of ``causal ∧ attention_mask[b, kv]`` changes nothing for a query
     at a real position when every row is right-padded: all keys ``kv <= q`` of a real ``q`` are real.
-    Queries at padded positions do change, so nothing derived from them may reach the loss:
+    Queries at padded positions do change, so nothing derived from them may reach the loss. In
+    order of precedence (a failure is reported only for the first condition that fails, the cause):
 
     - ``right_padded``: every row of ``attention_mask`` is ones followed by zeros (all-ones rows
       included). Nonzero counts as one, as transformers casts the mask to bool.
     - ``no_empty_rows``: no row is entirely padding. Such a row would still be exact (all its
       queries are padded) but it is a sign of a broken collator, and the masked path handles it.
-    - ``pads_ignored``: every target scored at a padded query position is ``ignore_index``. The
-      target at position ``t`` is ``labels[t + shift]`` (``shift=1`` is the causal-LM label shift).
-      Omitted when ``labels`` is None (the caller promised padded outputs are unused).
+    - ``pads_ignored``: the target the loss scores at every padded query position is
+      ``ignore_index``. ``targets`` holds exactly what the loss scores, per query position:
+      the graph's own label path (HF's shift, and any transform a wrapper applies to the labels)
+      evaluated on this call's inputs. Omitted when ``targets`` is None (the caller promised
+      padded outputs are unused).
 
     Args:
         attention_mask: (B, S) integer or bool padding mask.
-        labels: (B, S) int64 labels, or None.
+        targets: (B, S) integer targets scored at each query position, or None.
 
     Returns:
-        name → 0-dim bool tensor, on ``attention_mask``'s device (no host sync here).
+        name → 0-dim bool tensor, on ``attention_mask``'s device (no host sync here), in order of
+        precedence.
     """
     keep = attention_mask != 0
     conditions = {
         "right_padded": (keep[:, 1:] <= keep[:, :-1]).all(),
         "no_empty_rows": keep[:, 0].all(),
     }
-    if labels is not None:
-        targets = shift_targets(labels, shift, ignore_index).to(keep.device)
+    if targets is not None:
+        targets = targets.to(keep.device).reshape(keep.shape)
         conditions["pads_ignored"] = (keep | (targets == ignore_index)).all()
     return conditions
 
@@ -71,14 +74,18 @@ GUARD_ADVICE = {
         "holes). Pad on the right (tokenizer.padding_side = 'right') to get the fast path."
     ),
     "no_empty_rows": "a row of the batch is entirely padding; drop empty rows to get the fast path.",
-    "probed_length": (
-        "the sequence is longer than any length the attention mask was proven causal at, or the "
-        "attention_mask length differs from the sequence length (symbolic shapes); such calls run "
-        "the exact masked path."
+    "lengths_agree": (
+        "the attention_mask has a different length than the input sequence (transformers pads or "
+        "slices it); pass an attention_mask as long as input_ids to get the fast path."
+    ),
+    "proven_length": (
+        "the attention mask is not causal at this sequence length (a sliding window or chunk shorter "
+        "than the sequence?); such calls run the exact masked path."
     ),
     "pads_ignored": (
-        "labels at padded positions are not ignored. Set labels[attention_mask == 0] = -100 "
-        "(the ignore_index) to get the fast path."
+        "the loss scores a target at a padded position (labels, as the graph shifts and transforms "
+        "them, are not the ignore_index there). Set labels[attention_mask == 0] = -100 (the "
+        "ignore_index), and do not map -100 to a class before the loss, to get the fast path."
     ),
 }
 
@@ -89,41 +96,53 @@ class Guard:
 
     Attributes:
         name: the guard's name in reports, e.g. ``"right_padding"``.
-        fn: ``fn(*tensors) -> dict[condition, 0-dim bool tensor or bool]`` (a bool is a
-            condition decided on the host, from shapes).
-        input_indices: positions in the graph's argument list of the tensors ``fn`` takes
-            (None passes None).
+        fn: ``fn(*inputs) -> dict[condition, 0-dim bool tensor or bool]`` (a bool is a
+            condition decided on the host, from shapes), in order of precedence.
+        input_indices: positions in the graph's argument list of the values ``fn`` takes.
         description: one line for the inspection report.
+        params: everything else ``fn`` depends on (ignore index, lengths, which loss it reads).
+            Two guards are the same guard only if name, inputs and params are all equal.
         rewrites: the rewrites that depend on it.
     """
 
     name: str
-    fn: Callable[..., dict[str, torch.Tensor]]
-    input_indices: Sequence[int | None]
+    fn: Callable[..., dict[str, torch.Tensor | bool]]
+    input_indices: Sequence[int]
     description: str
+    params: tuple = ()
     rewrites: list[str] = field(default_factory=list)
 
-    def conditions(self, args: Sequence) -> dict[str, torch.Tensor]:
-        tensors = [None if i is None else args[i] for i in self.input_indices]
-        return self.fn(*tensors)
+    @property
+    def key(self) -> tuple:
+        """The guard's identity: registering an equal key twice installs one guard."""
+        return (self.name, tuple(self.input_indices), self.params)
+
+    def conditions(self, args: Sequence) -> dict[str, torch.Tensor | bool]:
+        return self.fn(*(args[i] for i in self.input_indices))
 
 
 def evaluate_guards(guards: Sequence[Guard], args: Sequence) -> list[str]:
-    """Evaluate all guards with one host read. Returns the names of the failed conditions."""
-    failed: list[str] = []
-    names: list[str] = []
-    values: list[torch.Tensor] = []
+    """Evaluate all guards with one host read. Returns the failed conditions that are causes:
+    per guard, the first failing one in its order of precedence."""
+    per_guard: list[tuple[list[str], list]] = []
+    device_values: list[torch.Tensor] = []
     for guard in guards:
+        names, values = [], []
         for name, value in guard.conditions(args).items():
-            if isinstance(value, bool):  # decided on the host (shapes)
-                if not value:
-                    failed.append(name)
-                continue
             names.append(name)
-            values.append(value.reshape(()))
-    if values:
-        if len({v.device for v in values}) > 1:
-            values = [v.cpu() for v in values]
-        held = torch.stack(values).tolist()  # the one device-to-host read
-        failed.extend(name for name, ok in zip(names, held) if not ok)
+            if isinstance(value, bool):  # decided on the host (shapes)
+                values.append(value)
+            else:
+                values.append(len(device_values))
+                device_values.append(value.reshape(()))
+        per_guard.append((names, values))
+    held: list[bool] = []
+    if device_values:
+        if len({v.device for v in device_values}) > 1:
+            device_values = [v.cpu() for v in device_values]
+        held = torch.stack(device_values).tolist()  # the one device-to-host read
+    failed = []
+    for names, values in per_guard:
+        causes = [name for name, v in zip(names, values) if not (v if isinstance(v, bool) else held[v])]
+        failed.extend(causes[:1])
     return failed

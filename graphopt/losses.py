@@ -3,6 +3,7 @@
 The loss subgraph of every HF causal LM is, in meaning::
 
     logits = hidden @ W.T                      # lm_head (tied or not), hidden (B, S, H)
+    logits = logits * scale                    # optional constant (Cohere's logit_scale, a divisor)
     z      = softcap(upcast(logits))           # both optional, elementwise
     target = labels[:, t + shift] or ignore    # the label shift (shift=1), or pre-shifted labels
     loss   = cross_entropy(z.view(-1, V), target.view(-1), ignore_index, reduction)
@@ -10,8 +11,11 @@ The loss subgraph of every HF causal LM is, in meaning::
 
 :func:`find_losses` locates each ``cross_entropy`` call, walks back to the ``linear`` that produces
 its input, and proves the two halves by probing: the logits path must be an elementwise map of the
-linear's output laid out row-major over (B, S), and the target path must equal the shift of the
-labels input by ``shift`` positions.
+linear's output laid out row-major over (B, S) (so cross-entropy row ``i`` scores query position
+``divmod(i, S)``), and the target path must be a function of one integer input. Its slice is kept
+(:attr:`LossInfo.targets`) so a runtime guard can evaluate exactly the targets the loss scores, on
+each call's own labels: a wrapper that transforms the labels in the graph (``clamp``, a remap) is
+then checked on what it produces, never on the input it came from.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ CE_TARGETS = (torch.nn.functional.cross_entropy,)
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 CE_ARG_NAMES = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
 # Ops allowed between the lm_head linear and cross_entropy's input; they must also pass the probe.
-_PASS_THROUGH_METHODS = frozenset({"float", "to", "view", "reshape", "contiguous", "__truediv__", "__mul__", "div", "mul", "tanh"})
+_PASS_THROUGH_METHODS = frozenset({"float", "to", "view", "reshape", "contiguous", "__truediv__", "__mul__", "__rmul__", "div", "mul", "tanh"})
 _PASS_THROUGH_FUNCTIONS = frozenset({operator.truediv, operator.mul, torch.tanh, torch.reshape, torch.div, torch.mul})
+# Label values that a pure shift carries through unchanged and a transform (clamp, remap) would not.
+_LABEL_PROBE_VALUES = (-100, -1, 0, 1, 2)
 
 
 @dataclass
@@ -41,11 +47,18 @@ class LossInfo:
         ce: the ``cross_entropy`` node.
         linear: the lm_head ``linear`` node; ``hidden`` (B, S, H) and ``weight`` (V, H) its inputs.
         labels: the labels placeholder; ``shift`` the label shift (1: HF's causal shift, 0: labels
-            given already shifted).
+            given already shifted), found on ordinary label values.
+        targets: the target path as a function of graph inputs (labels, and symbolic sizes), on
+            the graph's own devices: ``targets.module(*inputs)`` is the (B*S,) target of each
+            cross-entropy row.
+        labels_transformed: the target path changes label values (it is not a pure shift on values
+            that include ``ignore_index``), e.g. a wrapper's ``labels.clamp(min=0)``.
         ignore_index, reduction, label_smoothing, class_weight: cross_entropy's arguments.
+        logit_scale: the constant the logits are multiplied by before the upcast (1.0 when none).
+        scaled: the node holding ``linear * logit_scale`` as (B, S, V) (``linear`` when unscaled).
         softcap: final-logit softcapping value (0.0 when absent).
         loss_out: the node the graph returns as the loss (``ce``, or ``ce / num_items``).
-        divisor: the ``num_items_in_batch`` node for reduction="sum", else None.
+        divisor: the ``num_items_in_batch`` value for reduction="sum" (a node or a number), else None.
     """
 
     ce: fx.Node
@@ -54,10 +67,14 @@ class LossInfo:
     weight: fx.Node
     labels: fx.Node
     shift: int
+    targets: analysis.ExtractedFunction
+    labels_transformed: bool
     ignore_index: int
     reduction: str
     label_smoothing: float
     class_weight: fx.Node | None
+    logit_scale: float
+    scaled: fx.Node
     softcap: float
     loss_out: fx.Node
     divisor: fx.Node | object | None
@@ -120,19 +137,23 @@ def _prove(gm: fx.GraphModule, ce: fx.Node, deps) -> LossInfo | str:
     batch, seq = analysis.hint(h_val.shape[0]), analysis.hint(h_val.shape[1])
     vocab = analysis.hint(w_val.shape[0])
 
-    softcap = _softcap_constant(chain)
-    ok = _probe_logits_path(gm, logits, linear, batch, seq, vocab, softcap)
-    if ok is not True:
-        return ok
+    found = _prove_logits_path(gm, logits, linear, chain, batch, seq, vocab)
+    if isinstance(found, str):
+        return found
+    logit_scale, softcap, scaled = found
 
-    # 2. The target path: a function of one integer input, equal to a label shift.
+    # 2. The target path: a function of one integer input, laid out like the logits rows.
     tdeps = deps[target]
     if len(tdeps) != 1:
         return "the cross_entropy target depends on " + (", ".join(n.name for n in tdeps) or "no input")
     labels = next(iter(tdeps))
+    if analysis.example_value(labels).is_floating_point():
+        return f"the cross_entropy target comes from the float input {labels.name}"
     shift = _probe_shift(gm, target, labels, batch, seq, args["ignore_index"])
     if shift is None:
         return "the cross_entropy target is not a shift of the labels input"
+    transformed = not _is_pure_shift(analysis.extract_function(gm, target), labels, batch, seq, shift, args["ignore_index"])
+    targets = analysis.extract_function(gm, target, for_probes=False)
 
     # 3. What the graph returns as the loss.
     loss_out, divisor = ce, None
@@ -140,16 +161,14 @@ def _prove(gm: fx.GraphModule, ce: fx.Node, deps) -> LossInfo | str:
         users = list(ce.users)
         if len(users) == 1 and _is_div(users[0]) and users[0].args[0] is ce:
             loss_out, divisor = users[0], users[0].args[1]
-        if isinstance(divisor, fx.Node) and any(
-            analysis.example_value(d).is_floating_point() for d in deps[divisor]
-        ):
-            return "the loss divisor depends on float inputs"
+        if isinstance(divisor, fx.Node) and _reads_activations(divisor):
+            return f"the loss divisor {divisor.name} is computed from model activations, not given"
     cw = args["weight"]
     return LossInfo(
-        ce=ce, linear=linear, hidden=hidden, weight=weight, labels=labels, shift=shift,
-        ignore_index=int(args["ignore_index"]), reduction=args["reduction"],
-        label_smoothing=float(args["label_smoothing"]), class_weight=cw, softcap=softcap,
-        loss_out=loss_out, divisor=divisor, batch=batch, seq=seq,
+        ce=ce, linear=linear, hidden=hidden, weight=weight, labels=labels, shift=shift, targets=targets,
+        labels_transformed=transformed, ignore_index=int(args["ignore_index"]), reduction=args["reduction"],
+        label_smoothing=float(args["label_smoothing"]), class_weight=cw, logit_scale=logit_scale,
+        scaled=scaled, softcap=softcap, loss_out=loss_out, divisor=divisor, batch=batch, seq=seq,
     )
 
 
@@ -159,49 +178,102 @@ def _is_div(node: fx.Node) -> bool:
     )
 
 
-def _softcap_constant(chain: list[fx.Node]) -> float:
-    """The scalar a tanh in the chain is wrapped with (``c * tanh(z / c)``), or 0.0."""
-    for node in chain:
-        if _is_div(node) and isinstance(node.args[1], (int, float)):
-            return float(node.args[1])
-    return 0.0
+def _reads_activations(node: fx.Node) -> bool:
+    """Whether ``node``'s value is computed from parameters or attention (model activations), as
+    opposed to inputs given to the model (``num_items_in_batch``, an int or float tensor, on any
+    device). Rewrites change activations at padded positions, so a divisor must not read them."""
+    for n in analysis.backward_slice(node):
+        val = analysis.example_value(n)
+        if n.op == "placeholder" and isinstance(val, torch.Tensor) and val.requires_grad:
+            return True
+        if analysis.is_sdpa(n) or (n.op == "call_function" and n.target in LINEAR_TARGETS):
+            return True
+    return False
 
 
-def _probe_logits_path(gm, logits, linear, batch, seq, vocab, softcap) -> bool | str:
-    """The path linear → cross_entropy input must map z (B, S, V) to ``f(z).view(B*S, V)`` where
-    f is the upcast, with softcapping when ``softcap`` is set."""
+def _scalar_operand(node: fx.Node) -> float | None:
+    """The constant of ``x * c``, ``c * x`` or ``x / c`` (as the factor: c or 1/c), else None."""
+    if len(node.args) != 2:
+        return None
+    a, b = node.args
+    if not isinstance(b, (int, float)) and isinstance(a, (int, float)) and not _is_div(node):
+        a, b = b, a
+    if not isinstance(b, (int, float)) or isinstance(b, bool) or b == 0:
+        return None
+    return 1.0 / b if _is_div(node) else float(b)
+
+
+def _prove_logits_path(gm, logits, linear, chain, batch, seq, vocab) -> tuple[float, float, fx.Node] | str:
+    """``(logit_scale, softcap, scaled)``: the path linear → cross_entropy input maps z (B, S, V) to
+    ``softcap(upcast(z * logit_scale)).view(B*S, V)`` (softcap optional), and ``scaled`` holds
+    ``z * logit_scale``. Candidates come from the path's constants; a probe decides."""
+    path = list(reversed(chain))  # from the linear's first user to cross_entropy's input
+    has_tanh = any(n.target in ("tanh", torch.tanh) for n in path)
+    constants = [(n, _scalar_operand(n)) for n in path if _is_div(n) or n.target in (operator.mul, torch.mul, "mul", "__mul__", "__rmul__")]
+    constants = [(n, c) for n, c in constants if c is not None]
+    candidates = [(1.0, 0.0, linear)]
+    for i, (node, factor) in enumerate(constants):
+        if not has_tanh or i < len(constants) - 2:  # scaling before a softcap's c * tanh(z / c)
+            candidates.append((factor, 0.0, node))
+    if has_tanh:
+        caps = [1.0 / c for _, c in constants if c > 0] + [c for _, c in constants if c > 0]
+        candidates = [(scale, cap, node) for scale, _, node in candidates for cap in caps] + candidates
     fn = analysis.extract_function(gm, logits, stop_at=[linear])
     if any(inp is not linear for inp in fn.inputs if isinstance(analysis.example_value(inp), torch.Tensor)):
         return "the logits path reads other tensors besides lm_head's output"
     # A few positions suffice to see the layout; the full (B, S, V) could be gigabytes.
     batch, seq = min(batch, 2), min(seq, 3)
-    gen = torch.Generator().manual_seed(1)
-    z = torch.randn((batch, seq, vocab), generator=gen) * 8
+    z = torch.randn((batch, seq, vocab), generator=torch.Generator().manual_seed(1)) * 8
     try:
         out = analysis.run_function(fn, {linear: z})
     except Exception as e:
         return f"probing the logits path failed: {type(e).__name__}: {e}"
-    expected = z if softcap == 0.0 else softcap * torch.tanh(z / softcap)
     if out.dtype != torch.float32 or out.shape != (batch * seq, vocab):
         return f"cross_entropy input is {tuple(out.shape)} {out.dtype}, expected fp32 rows of (batch*seq, vocab)"
-    if not torch.allclose(out, expected.reshape(batch * seq, vocab), rtol=1e-6, atol=1e-6):
-        return "the logits path is not an upcast (with optional softcapping) of lm_head's output"
-    return True
+    for scale, cap, node in candidates:
+        expected = z * scale
+        if cap:
+            expected = cap * torch.tanh(expected / cap)
+        if torch.allclose(out, expected.reshape(batch * seq, vocab), rtol=1e-6, atol=1e-6):
+            if node is linear or _holds(gm, node, linear, z, z * scale):
+                return scale, cap, node
+    return "the logits path is not an upcast of lm_head's output (with an optional constant scale and softcapping)"
+
+
+def _holds(gm, node: fx.Node, linear: fx.Node, z: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether ``node``, as a function of the linear's output, maps ``z`` to ``expected``."""
+    try:
+        out = analysis.run_function(analysis.extract_function(gm, node, stop_at=[linear]), {linear: z})
+    except Exception:
+        return False
+    return out.shape == expected.shape and torch.allclose(out.float(), expected, rtol=1e-6, atol=1e-6)
 
 
 def _probe_shift(gm, target, labels, batch, seq, ignore_index) -> int | None:
+    """The shift that the target path applies to distinct ordinary label values, or None."""
     fn = analysis.extract_function(gm, target)
     probe = torch.arange(batch * seq, dtype=torch.int64).reshape(batch, seq) + 7
-    try:
-        out = analysis.run_function(fn, {labels: probe})
-    except Exception:
-        return None
-
+    out = _run_targets(fn, labels, probe)
     for shift in (1, 0):
         expected = shift_targets(probe, shift, ignore_index).reshape(-1)
-        if out.shape == expected.shape and torch.equal(out, expected):
+        if out is not None and out.shape == expected.shape and torch.equal(out, expected):
             return shift
     return None
+
+
+def _is_pure_shift(fn: analysis.ExtractedFunction, labels, batch, seq, shift, ignore_index) -> bool:
+    """Whether the target path also carries ``ignore_index``, negatives, 0 and 1 through unchanged."""
+    values = torch.tensor((ignore_index, *_LABEL_PROBE_VALUES))
+    probe = values[torch.arange(batch * seq) % len(values)].reshape(batch, seq)
+    out = _run_targets(fn, labels, probe)
+    return out is not None and torch.equal(out, shift_targets(probe, shift, ignore_index).reshape(-1))
+
+
+def _run_targets(fn: analysis.ExtractedFunction, labels, probe: torch.Tensor) -> torch.Tensor | None:
+    try:
+        return analysis.run_function(fn, {labels: probe.to(analysis.example_value(labels).dtype)})
+    except Exception:
+        return None
 
 
 def per_position_output(value, batch: int, seq: int) -> bool:

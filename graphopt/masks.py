@@ -20,7 +20,10 @@ spelling has in common:
    one single value everywhere else.
 
 When sizes are symbolic the slice is also evaluated at other sizes, and the proof covers sequence
-lengths up to the largest size probed (``MaskCandidate.max_probed_len``); longer ones fall back.
+lengths up to the largest size probed (``MaskCandidate.max_probed_len``). A mask that is causal at
+length L is causal at every shorter length for every deviation masks are built from (a sliding
+window or chunk of size W shows as soon as L > W). Longer lengths are proven when they first
+arrive (:func:`prove_length`, from the runtime guard), at the next power of two, and remembered.
 Anything else (sliding windows, chunked or bidirectional attention, masks of several inputs) is
 reported as ``unknown`` with the reason.
 """
@@ -56,6 +59,7 @@ class MaskCandidate:
             it (query and key lengths, the mask input's length) when shapes are dynamic.
         max_probed_len: the proof holds for sequence lengths up to this.
         reason: why ``kind`` is ``"unknown"``.
+        function: the mask's slice as a function, kept to prove it at more lengths later.
     """
 
     node: fx.Node
@@ -68,6 +72,7 @@ class MaskCandidate:
     seq_symbols: frozenset = frozenset()
     max_probed_len: int = 0
     reason: str = ""
+    function: analysis.ExtractedFunction | None = None
 
     @property
     def users(self) -> list[fx.Node]:
@@ -165,6 +170,7 @@ def _classify(gm: fx.GraphModule, cand: MaskCandidate, inputs: frozenset[fx.Node
         cand.reason = "the mask depends on several inputs: " + ", ".join(n.name for n in inputs)
         return
     fn = analysis.extract_function(gm, cand.node)
+    cand.function = fn
     symbols = set()
     sizes = [q_len, kv_len]
     for inp in fn.inputs:
@@ -182,29 +188,51 @@ def _classify(gm: fx.GraphModule, cand: MaskCandidate, inputs: frozenset[fx.Node
     cand.seq_symbols = frozenset(symbols)
     input_node = next(iter(inputs), None)
     hypotheses = ["causal"] if input_node is None else ["causal_padding", "packed_causal"]
+    details = []
     for kind in hypotheses:
-        ok, detail = _check(fn, cand, input_node, kind)
+        ok, detail = _check(fn, cand, input_node, kind, _sizes(cand))
         if ok:
             cand.kind, cand.input = kind, input_node
+            cand.max_probed_len = max(_sizes(cand))
             return
-        cand.reason = detail
-    if input_node is not None:
+        details.append(detail)
+    failures = [d for d in details if d.startswith("probing the mask failed")]
+    if failures:  # nothing was learnt about what the mask is
+        cand.reason = failures[0]
+    elif input_node is None:
+        cand.reason = f"the mask depends on no input and is not causal ({details[0]})"
+    else:
         cand.reason = (
             f"the mask built from {input_node.name} is neither causal ∧ padding nor packed "
-            "block-causal (sliding window, chunked or bidirectional attention?)"
+            f"block-causal (sliding window, chunked or bidirectional attention?): {'; '.join(details)}"
         )
 
 
 def _sizes(cand: MaskCandidate) -> list[int]:
+    """Lengths probed at compile time. Longer ones are proven when they arrive (prove_length)."""
     if not cand.seq_symbols:
         return [cand.seq_len]
-    return sorted({cand.seq_len, *PROBE_LENGTHS, max(PROBE_LENGTHS) + 1, 2 * cand.seq_len})
+    return sorted({cand.seq_len, *PROBE_LENGTHS, max(PROBE_LENGTHS) + 1})
 
 
-def _check(fn, cand: MaskCandidate, input_node, kind: str) -> tuple[bool, str]:
+def prove_length(cand: MaskCandidate, length: int) -> bool:
+    """Prove a symbolic-size mask, already proven ``cand.kind``, at sequence length ``length``.
+
+    Probes on the CPU, as at compile time; on success raises ``cand.max_probed_len``. Used by the
+    runtime guard when a longer sequence than any proven arrives.
+    """
+    if not cand.seq_symbols or cand.function is None or cand.kind == "unknown":
+        return False
+    ok, _ = _check(cand.function, cand, cand.input, cand.kind, [length])
+    if ok:
+        cand.max_probed_len = max(cand.max_probed_len, length)
+    return ok
+
+
+def _check(fn, cand: MaskCandidate, input_node, kind: str, lengths) -> tuple[bool, str]:
     gen = torch.Generator().manual_seed(0)
-    masked_values: set[float] = set()
-    for seq_len in _sizes(cand):
+    masked_values: set[float] = set() if cand.masked_value is None else {cand.masked_value}
+    for seq_len in lengths:
         assignment = {sym: sympy.Integer(seq_len) for sym in cand.seq_symbols}
         for probe in range(N_PROBES if input_node is not None else 1):
             chosen = {}
@@ -222,16 +250,15 @@ def _check(fn, cand: MaskCandidate, input_node, kind: str) -> tuple[bool, str]:
                     chosen[inp] = _size_under(ev, assignment)
             try:
                 out = analysis.run_function(fn, chosen)
+                ref = _reference(kind, ref_input, seq_len)
             except Exception as e:  # a slice that cannot run on the probe proves nothing
                 return False, f"probing the mask failed: {type(e).__name__}: {e}"
-            ref = _reference(kind, ref_input, seq_len)
             ok, detail = _compare(out, ref, masked_values)
             if not ok:
                 return False, f"{kind} probe at length {seq_len}: {detail}"
     if len(masked_values) > 1:
         return False, f"additive mask uses several masked values {sorted(masked_values)}"
     cand.masked_value = next(iter(masked_values), None)
-    cand.max_probed_len = max(_sizes(cand))
     return True, ""
 
 
@@ -295,10 +322,19 @@ def _reference(kind: str, inp: torch.Tensor | None, seq_len: int) -> torch.Tenso
     if kind == "causal":
         return causal
     if kind == "causal_padding":
-        return causal & (inp != 0)[:, None, None, :]
+        return causal & (padding_to_length(inp, seq_len) != 0)[:, None, None, :]
     docs = document_ids(inp)
     same = docs[:, :, None] == docs[:, None, :]
     return causal & same[:, None]
+
+
+def padding_to_length(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
+    """The (B, length) padding mask transformers reads from a 2-D ``attention_mask`` of another
+    length: columns past the end count as padding (zeros), extra columns are dropped."""
+    width = attention_mask.shape[-1]
+    if width < length:
+        return torch.nn.functional.pad(attention_mask, (0, length - width))
+    return attention_mask[:, :length]
 
 
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:

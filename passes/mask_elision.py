@@ -18,14 +18,15 @@ Outputs at padded positions (logits, hidden states, K/V) are unspecified on the 
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import torch.fx as fx
 
 from graphopt import analysis
 from graphopt.guards import Guard, right_padding_guard
-from graphopt.losses import per_position_output
-from graphopt.masks import MaskCandidate, _canonical
+from graphopt.losses import LossInfo, per_position_output
+from graphopt.masks import MaskCandidate, _canonical, prove_length
 from graphopt.passes import PassContext
 
 
@@ -42,8 +43,6 @@ class MaskElision:
                 continue
             if cand.kind == "packed_causal":
                 continue  # the varlen_attention pass owns packed masks
-            if not ctx.options.mask_elision:
-                continue
             guards = self._guards(gm, ctx, cand)
             if guards is None:
                 continue
@@ -74,55 +73,50 @@ class MaskElision:
         """The guards the rewrite of ``cand`` needs, or None after recording a decline."""
         guards = []
         if cand.seq_symbols:
-            guards.append(probed_length_guard(gm, ctx, cand))
-        if cand.kind == "causal":
-            return guards
-        mask_index = ctx.placeholder_index(gm, cand.input)
-        batch, seq = (analysis.hint(s) for s in analysis.example_value(cand.input).shape)
-        losses, reasons = ctx.losses(gm)
-        if ctx.options.trust_right_padding:
-            ctx.report.note("trust_right_padding=True: the right-padding guard is OFF (unsafe)")
-            return guards
-        if not losses:
-            if not ctx.options.padded_outputs_unused:
-                why = "; ".join(reasons) or "the graph computes no loss from labels"
-                ctx.report.decline(
-                    self.name,
-                    f"{cand.node.name} is causal ∧ padding, but outputs at padded positions may be "
-                    f"read ({why}). Pass options={{'padded_outputs_unused': True}} if they are not.",
-                )
+            guards.append(proven_length_guard(gm, cand))
+        if cand.kind == "causal_padding":
+            why = self._padding_decline(gm, ctx, cand)
+            if why is not None:
+                if why:
+                    ctx.report.decline(self.name, why)
                 return None
-            labels_index, shift, ignore_index = None, 0, -100
-        else:
-            if len(losses) > 1:
-                ctx.report.decline(self.name, "the graph computes several losses")
-                return None
-            loss = losses[0]
-            if (loss.batch, loss.seq) != (batch, seq):
-                ctx.report.decline(self.name, "the loss is not computed over the masked positions")
-                return None
-            for out in gm.graph.output_node().all_input_nodes:
-                if out is loss.loss_out or per_position_output(analysis.example_value(out), batch, seq):
-                    continue
-                ctx.report.decline(
-                    self.name,
-                    f"the graph returns {out.name}, which may reduce over padded positions",
-                )
-                return None
-            labels_index = ctx.placeholder_index(gm, loss.labels)
-            shift, ignore_index = loss.shift, loss.ignore_index
-        guards.append(
-            Guard(
-                name="right_padding",
-                fn=functools.partial(right_padding_guard, shift=shift, ignore_index=ignore_index),
-                input_indices=(mask_index, labels_index),
-                description=(
-                    f"{cand.input.name} rows are ones then zeros"
-                    + ("" if labels_index is None else f", and labels (shift {shift}) are {ignore_index} at padded positions")
-                ),
-            )
-        )
+            if ctx.options.trust_right_padding:
+                ctx.report.note("trust_right_padding=True: the right-padding guard is OFF (unsafe)")
+            else:
+                losses, _ = ctx.losses(gm)
+                guards.append(right_padding_guard_for(gm, ctx, cand, losses[0] if losses else None))
+        if guards and not ctx.allow_guards:
+            return None  # the exact fallback keeps the mask
         return guards
+
+    def _padding_decline(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> str | None:
+        """Why a causal ∧ padding mask cannot be dropped behind a guard, or None when it can."""
+        mask_len = analysis.example_value(cand.input).shape[-1]
+        if not cand.seq_symbols and analysis.hint(mask_len) != cand.seq_len:
+            return (
+                f"{cand.input.name} has {analysis.hint(mask_len)} columns for {cand.seq_len} tokens "
+                "(transformers pads or slices it); the mask is kept"
+            )
+        batch = analysis.hint(analysis.example_value(cand.input).shape[0])
+        losses, reasons = ctx.losses(gm)
+        if not losses:
+            if ctx.options.padded_outputs_unused:
+                return None
+            why = "; ".join(reasons) or "the graph computes no loss from labels"
+            return (
+                f"{cand.node.name} is causal ∧ padding, but outputs at padded positions may be "
+                f"read ({why}). Pass options={{'padded_outputs_unused': True}} if they are not."
+            )
+        if len(losses) > 1:
+            return "the graph computes several losses"
+        loss = losses[0]
+        if (loss.batch, loss.seq) != (batch, cand.seq_len):
+            return "the loss is not computed over the masked positions"
+        for out in gm.graph.output_node().all_input_nodes:
+            if out is loss.loss_out or per_position_output(analysis.example_value(out), batch, cand.seq_len):
+                continue
+            return f"the graph returns {out.name}, which may reduce over padded positions"
+        return None
 
     @staticmethod
     def _replace_additive(gm: fx.GraphModule, add: fx.Node, cand: MaskCandidate) -> None:
@@ -141,9 +135,81 @@ class MaskElision:
             analysis.annotate(node)
 
 
-def probed_length_guard(gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> Guard:
-    """A host-side guard: every graph input size that carried the mask's sequence length still
-    agrees, and is at most the longest length the mask was proven at. Reads shapes only."""
+class _ScoredTargetsGuard:
+    """``right_padding_guard`` on the targets a proven loss scores, recomputed from this call's
+    inputs by the graph's own label path (so an in-graph transform of the labels is seen)."""
+
+    def __init__(self, loss: LossInfo | None):
+        self.targets = None if loss is None else loss.targets.module
+        self.ignore_index = -100 if loss is None else loss.ignore_index
+
+    def __call__(self, attention_mask: torch.Tensor, *target_inputs) -> dict[str, torch.Tensor]:
+        targets = None
+        if self.targets is not None:
+            with torch.no_grad():
+                targets = self.targets(*target_inputs)
+        return right_padding_guard(attention_mask, targets, ignore_index=self.ignore_index)
+
+
+def right_padding_guard_for(gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate, loss: LossInfo | None) -> Guard:
+    """The right-padding guard of ``cand``: its padding input, and the targets ``loss`` scores."""
+    target_inputs = [] if loss is None else [ctx.placeholder_index(gm, n) for n in loss.targets.inputs]
+    if loss is None:
+        detail = ""
+    elif loss.labels_transformed:
+        detail = f", and the targets the loss scores ({loss.labels.name} as transformed in the graph) are {loss.ignore_index} at padded positions"
+    else:
+        detail = f", and {loss.labels.name} (shift {loss.shift}) are {loss.ignore_index} at padded positions"
+    return Guard(
+        name="right_padding",
+        fn=_ScoredTargetsGuard(loss),
+        input_indices=(ctx.placeholder_index(gm, cand.input), *target_inputs),
+        description=f"{cand.input.name} rows are ones then zeros" + detail,
+        params=(None, None) if loss is None else (loss.ce.name, loss.ignore_index),
+    )
+
+
+class _LengthProof:
+    """The ``proven_length`` guard of a symbolic-size mask: every input size that carried the
+    mask's sequence length agrees (``lengths_agree``), and the mask is proven causal at that length
+    (``proven_length``). A length longer than any proven is proven when it first arrives, at the
+    next power of two (so a run of growing lengths proves a handful of times), on the CPU, once;
+    the result is remembered. Reads shapes only, never device data."""
+
+    def __init__(self, cand: MaskCandidate, dims: list[list[int | None]]):
+        self.cand = cand
+        self.dims = dims
+        self.failed_from: int | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, *values) -> dict[str, bool]:
+        lengths = {int(v) if d is None else v.shape[d] for v, ds in zip(values, self.dims) for d in ds}
+        if len(lengths) > 1:
+            return {"lengths_agree": False}
+        length = lengths.pop() if lengths else 0
+        return {"lengths_agree": True, "proven_length": self._proven(length)}
+
+    def _proven(self, length: int) -> bool:
+        with self._lock:
+            if length <= self.cand.max_probed_len:
+                return True
+            if self.failed_from is not None and length >= self.failed_from:
+                return False
+            target = 1 << (length - 1).bit_length()
+            if self.failed_from is not None:
+                target = min(target, self.failed_from - 1)
+            if target > length:
+                if prove_length(self.cand, target):
+                    return True
+                self.failed_from = target
+            if prove_length(self.cand, length):
+                return True
+            self.failed_from = length
+            return False
+
+
+def proven_length_guard(gm: fx.GraphModule, cand: MaskCandidate) -> Guard:
+    """The host-side :class:`_LengthProof` guard of a symbolic-size mask ``cand``."""
     where: list[tuple[int, int | None]] = []
     for index, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         val = analysis.example_value(node)
@@ -154,13 +220,12 @@ def probed_length_guard(gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidat
     indices = sorted({i for i, _ in where})
     dims = [[d for i, d in where if i == index] for index in indices]
     return Guard(
-        name="probed_length",
-        fn=functools.partial(_lengths_agree, dims=dims, limit=cand.max_probed_len),
+        name="proven_length",
+        fn=_LengthProof(cand, dims),
         input_indices=indices,
-        description=f"sequence length <= {cand.max_probed_len} (the longest length the mask was proven at)",
+        description=(
+            f"the sequence length is one length, and {cand.node.name} is proven {cand.kind} at it "
+            f"(proven up to {cand.max_probed_len} at compile time; longer lengths are proven on arrival)"
+        ),
+        params=(cand.node.name,),
     )
-
-
-def _lengths_agree(*values, dims: list[list[int | None]], limit: int) -> dict[str, bool]:
-    lengths = {int(v) if d is None else v.shape[d] for v, ds in zip(values, dims) for d in ds}
-    return {"probed_length": len(lengths) <= 1 and all(n <= limit for n in lengths)}

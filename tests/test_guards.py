@@ -58,7 +58,8 @@ def definition(mask, labels) -> dict[str, bool]:
 @given(masks_and_labels())
 def test_guard_matches_its_definition(case):
     mask, labels = case
-    got = {k: bool(v) for k, v in right_padding_guard(mask, labels, shift=1, ignore_index=IGNORE).items()}
+    targets = shift_targets(labels, 1, IGNORE)
+    got = {k: bool(v) for k, v in right_padding_guard(mask, targets, ignore_index=IGNORE).items()}
     assert got == definition(mask, labels)
 
 
@@ -71,7 +72,7 @@ def _attention(q, k, v, mask=None):
 def test_when_the_guard_holds_elision_is_exact(case, seed):
     mask, labels = case
     batch, seq = mask.shape
-    conditions = right_padding_guard(mask, labels, shift=1, ignore_index=IGNORE)
+    conditions = right_padding_guard(mask, shift_targets(labels, 1, IGNORE), ignore_index=IGNORE)
     if not all(bool(v) for v in conditions.values()):
         return
     g = torch.Generator().manual_seed(seed)
@@ -99,13 +100,34 @@ def test_shift_targets_pads_with_ignore_index():
     assert shift_targets(labels, 0, IGNORE).tolist() == labels.tolist()
 
 
-def test_evaluate_guards_reports_failed_conditions_and_host_decisions():
+def _guard(m, labels):
+    return right_padding_guard(m, shift_targets(labels, 1, IGNORE), ignore_index=IGNORE)
+
+
+def test_evaluate_guards_reports_the_cause_of_each_guard_and_host_decisions():
+    """A left-padded row also has an empty first column and a scored pad, but only the first
+    failing condition of a guard (its cause) is reported; each guard reports its own."""
     mask = torch.tensor([[0, 1, 1]])
     labels = torch.tensor([[5, 5, 5]])
     guards = [
-        Guard("right_padding", lambda m, l: right_padding_guard(m, l, shift=1, ignore_index=IGNORE), (0, 1), ""),
-        Guard("length", lambda m: {"probed_length": m.shape[1] <= 2}, (0,), ""),
+        Guard("right_padding", _guard, (0, 1), ""),
+        Guard("length", lambda m: {"lengths_agree": True, "proven_length": m.shape[1] <= 2}, (0,), ""),
     ]
-    failed = evaluate_guards(guards, [mask, labels])
-    assert sorted(failed) == ["no_empty_rows", "pads_ignored", "probed_length", "right_padded"]
+    assert sorted(evaluate_guards(guards, [mask, labels])) == ["proven_length", "right_padded"]
+    # Right padded, but a row is empty and a pad is scored: the empty row is the cause.
+    assert evaluate_guards(guards[:1], [torch.tensor([[1, 1, 0], [0, 0, 0]]), torch.tensor([[1, 2, 3], [4, 4, 4]])]) == ["no_empty_rows"]
+    assert evaluate_guards(guards[:1], [torch.tensor([[1, 0, 0]]), torch.tensor([[1, 2, 3]])]) == ["pads_ignored"]
     assert evaluate_guards(guards[:1], [torch.tensor([[1, 1, 0]]), torch.tensor([[1, 2, IGNORE]])]) == []
+
+
+def test_guard_identity_includes_its_parameters():
+    """Two guards with the same name and inputs but other parameters are two guards."""
+    from graphopt.inspection import GraphReport
+    from graphopt.options import GraphoptOptions
+    from graphopt.passes import PassContext
+
+    ctx = PassContext(GraphoptOptions(), GraphReport(0, ""))
+    a = ctx.add_guard(Guard("right_padding", _guard, (0, 1), "", params=("ce", -100)))
+    b = ctx.add_guard(Guard("right_padding", _guard, (0, 1), "", params=("ce", -1)))
+    c = ctx.add_guard(Guard("right_padding", _guard, (0, 1), "", params=("ce", -100), rewrites=["mask"]))
+    assert a is not b and c is a and len(ctx.guards) == 2 and a.rewrites == ["mask"]

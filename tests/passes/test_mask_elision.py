@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from graphopt import masks
 from graphopt.tiny_models import build_tiny_model, make_batch
 from tests.harness import CompiledModel, assert_steps_equal, real_positions
 
@@ -135,7 +136,7 @@ def test_dynamic_sequence_lengths_keep_the_rewrite_with_bounded_compiles():
     assert fast == 20
     assert n_graphs <= 2  # one static, then one dynamic graph that serves every length
     assert all(r.counts["mask_elision"] == N_LAYERS for r in cm.compile_reports)
-    assert any(g.name == "probed_length" for g in cm.compile_reports[-1].guards)
+    assert any(g.name == "proven_length" for g in cm.compile_reports[-1].guards)
 
 
 def test_trust_right_padding_installs_no_guard():
@@ -145,7 +146,7 @@ def test_trust_right_padding_installs_no_guard():
     eager, compiled, report = cm.step(batch)
     assert_steps_equal(eager, compiled)
     assert report.counts["mask_elision"] == N_LAYERS
-    # (a probed_length guard may remain: shapes can be dynamic after earlier tests; it reads no data)
+    # (a proven_length guard may remain: shapes can be dynamic after earlier tests; it reads no data)
     assert not any(g.name == "right_padding" for g in report.guards)
 
 
@@ -157,3 +158,172 @@ def test_mask_elision_can_be_switched_off():
     assert_steps_equal(eager, compiled)
     assert report.counts["mask_elision"] == 0
     assert "attn_mask = attention_mask" in "\n".join(report.graph_code("after"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The guard checks what the loss scores
+
+
+class LabelWrapper(torch.nn.Module):
+    """A user's wrapper that transforms the labels inside the compiled forward."""
+
+    def __init__(self, model, transform):
+        super().__init__()
+        self.model = model
+        self.transform = transform
+
+    def forward(self, input_ids, attention_mask, labels):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=self.transform(labels))
+
+
+LABEL_TRANSFORMS = {
+    # -100 becomes class 0: pads are scored, the fast path would be wrong.
+    "clamp": (lambda labels: labels.clamp(min=0), "pads_ignored"),
+    "ignored_to_eos": (lambda labels: labels.masked_fill(labels < 0, 2), "pads_ignored"),
+    # a remap that keeps -100: still right to take the fast path.
+    "remap_keeps_ignore": (lambda labels: torch.where(labels == 7, 8, labels), None),
+}
+
+
+@pytest.fixture(scope="module")
+def wrapped():
+    """One compiled wrapper per transform, built on first use."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            torch.manual_seed(0)
+            cache[name] = CompiledModel(LabelWrapper(build_tiny_model("llama"), LABEL_TRANSFORMS[name][0]))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(LABEL_TRANSFORMS))
+def test_labels_transformed_in_the_graph_are_guarded_on_the_scored_targets(wrapped, name):
+    """Issue: ``labels.clamp(min=0)`` in a wrapper passed a guard that read the labels input, and
+    the fast path returned a wrong loss. The guard now evaluates the graph's own label path."""
+    cm = wrapped(name)
+    failing = LABEL_TRANSFORMS[name][1]
+    batch = make_batch("right", batch=2, seq=SEQ, seed=11)
+    eager, compiled, report = cm.step(batch)
+    assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
+    assert cm.counts()["mask_elision"] == N_LAYERS
+    if failing is None:
+        assert report.runtime["fast_path"] == 1 and report.runtime["fallback"] == 0, report
+    else:
+        assert report.runtime["fallback"] == 1 and report.runtime[f"failed:{failing}"] == 1, report
+        assert {k for k in report.runtime if k.startswith("failed:")} == {f"failed:{failing}"}, report
+        assert any("as transformed in the graph" in g.description for r in cm.compile_reports for g in r.guards)
+        with torch.no_grad():  # the transform matters: a guard on the raw labels would be wrong
+            untransformed = cm.model.model(**batch).loss
+        assert not torch.isclose(compiled.loss, untransformed)
+
+
+def test_left_padding_reports_only_its_cause(family_model):
+    """A left-padded batch also scores a pad and may start with a pad; only the cause is reported."""
+    family, cm = family_model
+    batch = make_batch("left", batch=2, seq=SEQ, seed=12)
+    eager, compiled, report = cm.step(batch)
+    assert_steps_equal(eager, compiled)
+    assert {k for k in report.runtime if k.startswith("failed:")} == {"failed:right_padded"}, report
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs eager accepts compile, inputs eager rejects fail as clearly
+
+
+@pytest.mark.parametrize("extra_columns", [-3, 2])
+def test_attention_mask_of_another_length_compiles_and_is_exact(extra_columns):
+    """transformers pads a shorter attention_mask with zeros and slices a longer one."""
+    torch.manual_seed(0)
+    cm = CompiledModel(build_tiny_model("llama"))
+    batch = make_batch("right", batch=2, seq=SEQ, seed=13)
+    mask = batch["attention_mask"]
+    if extra_columns < 0:
+        mask = mask[:, :extra_columns]
+        batch["labels"][:, extra_columns:] = -100  # columns past the mask are padding
+    else:
+        mask = torch.cat((mask, torch.ones(2, extra_columns, dtype=mask.dtype)), dim=1)
+    batch["attention_mask"] = mask
+    eager, compiled, report = cm.step(batch)
+    assert_steps_equal(eager, compiled)
+    assert report.counts["mask_elision"] == 0
+    assert any("columns for" in reason for _, reason in report.declines), report
+
+
+def test_int32_labels_fail_with_eagers_message():
+    torch.manual_seed(0)
+    model = build_tiny_model("llama")
+    batch = make_batch("right", batch=2, seq=SEQ, seed=14)
+    batch["labels"] = batch["labels"].int()
+    with pytest.raises(RuntimeError, match="expected target dtype to be Long or Byte"):
+        model(**batch)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="expected target dtype to be Long or Byte.*labels.long"):
+        torch.compile(model, backend="graphopt")(**batch)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every sequence length: longer lengths are proven when they arrive
+
+
+def test_lengths_past_the_compile_time_probes_are_proven_on_arrival(monkeypatch):
+    """With compile-time probes only up to 9 tokens, every longer batch is proven when it first
+    arrives (at the next power of two) and takes the fast path."""
+    monkeypatch.setattr(masks, "PROBE_LENGTHS", (1, 2, 5, 8))
+    torch.manual_seed(0)
+    cm = CompiledModel(build_tiny_model("llama"))
+    lengths = [12, 14, 20, 33, 40, 17, 64]
+    for i, seq in enumerate(lengths):
+        batch = make_batch("right", batch=2, seq=seq, seed=200 + i)
+        eager, compiled, report = cm.step(batch)
+        assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
+        assert report.runtime["fast_path"] == 1 and report.runtime["fallback"] == 0, (seq, report)
+    assert len(cm.compile_reports) <= 2
+    (guard,) = [g for g in cm.compile_reports[-1].guards if g.name == "proven_length"]
+    assert "longer lengths are proven on arrival" in guard.description
+
+
+def test_a_window_longer_than_the_probes_fails_its_proof_past_it(monkeypatch):
+    """A mask with a 24-token window is causal ∧ padding at every compile-time probe (up to 9
+    tokens); the length guard proves each longer length on arrival and refuses those past the
+    window, remembering both outcomes."""
+    import torch.nn.functional as F
+
+    from graphopt.passes.mask_elision import proven_length_guard
+    from tests.retarget import capture_graphs
+
+    def attention(q, k, v, am):
+        idx = torch.arange(am.shape[1])
+        window = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - 24)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=window[None, None] & am.bool()[:, None, None, :])
+
+    monkeypatch.setattr(masks, "PROBE_LENGTHS", (1, 2, 5, 8))
+    q = torch.randn(2, 2, 8, 4)
+    torch._dynamo.mark_dynamic(q, 2)
+    am = torch.ones(2, 8, dtype=torch.long)
+    torch._dynamo.mark_dynamic(am, 1)
+    (gm,) = capture_graphs(attention, q, q, q, am)
+    (cand,) = masks.find_masks(gm)
+    assert cand.kind == "causal_padding" and cand.max_probed_len == 9
+    guard = proven_length_guard(gm, cand)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+    def check(length):
+        args = []
+        for node in placeholders:
+            value = node.meta["example_value"]
+            if isinstance(value, torch.SymInt):
+                args.append(length)
+            else:
+                shape = [length if isinstance(s, torch.SymInt) else s for s in value.shape]
+                args.append(torch.ones(shape, dtype=value.dtype))
+        return guard.conditions(args)
+
+    assert check(20) == {"lengths_agree": True, "proven_length": True}  # proven at 20 (32 fails)
+    assert check(30) == {"lengths_agree": True, "proven_length": False}
+    assert check(22) == {"lengths_agree": True, "proven_length": True}
+    assert check(9) == {"lengths_agree": True, "proven_length": True}
+    assert check(100)["proven_length"] is False
+    assert cand.max_probed_len == 22
