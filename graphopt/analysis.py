@@ -11,6 +11,13 @@ them. The tools for that live here:
 - :func:`probe_inputs` builds concrete stand-ins for the slice inputs (hinted sizes for symbolic
   shapes), so a pass can evaluate the slice on values it chooses and compare the result with a
   reference definition.
+
+Probes run on :data:`PROBE_DEVICE` (the CPU), whatever devices the graph names. This module owns that
+choice: :func:`extract_function` rewrites every device constant of the slice (``device=`` arguments,
+``.to(device)``, ``.cuda()``) to it, and :func:`probe_inputs` / :func:`run_function` put every
+argument there. Recognizers build their probe values and references with plain CPU factories, so a
+graph traced for CUDA (or with fake CUDA tensors, in tests) is recognized exactly as its CPU twin and
+no probe ever compares tensors of two devices.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+
+PROBE_DEVICE = torch.device("cpu")
 
 _SHAPE_METHODS = frozenset({"size", "dim", "numel", "stride", "ndimension"})
 _SHAPE_ATTRS = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
@@ -124,13 +133,15 @@ class ExtractedFunction:
 
 
 def extract_function(
-    root: fx.GraphModule, node: fx.Node, stop_at: Iterable[fx.Node] = ()
+    root: fx.GraphModule, node: fx.Node, stop_at: Iterable[fx.Node] = (), *, for_probes: bool = True
 ) -> ExtractedFunction:
     """Lift the backward slice of ``node`` into its own GraphModule.
 
     The new module takes the original placeholders that the slice reaches (tensors and symbolic
     ints alike), plus the ``stop_at`` nodes it reaches, which become inputs instead of being
     computed. It returns the value of ``node``. ``get_attr`` constants resolve against ``root``.
+    With ``for_probes`` (the default) it runs on :data:`PROBE_DEVICE`; otherwise it is the graph's
+    own computation, on the graph's devices (a runtime guard evaluates it on real inputs).
     """
     stop = set(stop_at)
     nodes = backward_slice(node, stop)
@@ -145,7 +156,56 @@ def extract_function(
         else:
             env[n] = graph.node_copy(n, lambda x: env[x])
     graph.output(env[node])
-    return ExtractedFunction(fx.GraphModule(root, graph), inputs)
+    if for_probes:
+        _retarget_to_probe_device(graph)
+    module = fx.GraphModule(root, graph)
+    if for_probes:
+        _constants_to_probe_device(module)
+    return ExtractedFunction(module, inputs)
+
+
+def _probe_device_of(value):
+    """``value`` with every device it names replaced by :data:`PROBE_DEVICE`."""
+    if isinstance(value, torch.device):
+        return PROBE_DEVICE
+    return value
+
+
+def _retarget_to_probe_device(graph: fx.Graph) -> None:
+    """Make a lifted slice run on :data:`PROBE_DEVICE`: device arguments, ``device=`` keywords,
+    string devices given to ``.to`` and ``.cuda()`` calls all name it instead."""
+    for node in graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        node.args = fx.node.map_aggregate(node.args, _probe_device_of)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, _probe_device_of)
+        if isinstance(node.kwargs.get("device"), str):
+            node.kwargs = {**node.kwargs, "device": PROBE_DEVICE}
+        if node.op == "call_method" and node.target == "to":
+            node.args = tuple(PROBE_DEVICE if _names_device(a) else a for a in node.args)
+        if node.op == "call_method" and node.target == "cuda":
+            node.target, node.args, node.kwargs = "to", (node.args[0], PROBE_DEVICE), {}
+
+
+def _constants_to_probe_device(module: fx.GraphModule) -> None:
+    """Give the slice CPU copies of the tensor constants (``get_attr``) it reads from elsewhere."""
+    for node in module.graph.find_nodes(op="get_attr"):
+        owner_path, _, name = node.target.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        value = getattr(owner, name, None)
+        if isinstance(value, torch.Tensor) and value.device != PROBE_DEVICE and value.device.type != "meta":
+            delattr(owner, name)  # it may be registered as a parameter or buffer of the copy
+            setattr(owner, name, value.detach().to(PROBE_DEVICE))
+
+
+def _names_device(value) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        torch.device(value)
+    except RuntimeError:
+        return False
+    return True
 
 
 def probe_inputs(
@@ -153,19 +213,20 @@ def probe_inputs(
 ) -> list[object]:
     """Concrete arguments for an extracted slice.
 
-    Inputs named in ``chosen`` get the given value. Other tensors get zeros of their hinted shape
-    (a slice only reads their shape, or the caller would have chosen them); symbolic ints get
-    their hint.
+    Inputs named in ``chosen`` get the given value (moved to :data:`PROBE_DEVICE`). Other tensors
+    get zeros of their hinted shape there (a slice only reads their shape, or the caller would have
+    chosen them); symbolic ints get their hint.
     """
     chosen = chosen or {}
     args = []
     for inp in inputs:
         if inp in chosen:
-            args.append(chosen[inp])
+            value = chosen[inp]
+            args.append(value.to(PROBE_DEVICE) if isinstance(value, torch.Tensor) else value)
             continue
         val = example_value(inp)
         if isinstance(val, torch.Tensor):
-            args.append(torch.zeros(hinted_shape(val), dtype=val.dtype, device=val.device))
+            args.append(torch.zeros(hinted_shape(val), dtype=val.dtype, device=PROBE_DEVICE))
         elif isinstance(val, (torch.SymInt, int)):
             args.append(hint(val))
         else:
@@ -209,13 +270,18 @@ def annotate(node: fx.Node) -> None:
     fake_mode = modes[0]
     args = fx.node.map_arg(node.args, example_value)
     kwargs = fx.node.map_arg(node.kwargs, example_value)
-    with fake_mode:
+    # Computed without autograd (only metadata is wanted); requires_grad follows the inputs.
+    with fake_mode, torch.no_grad():
         if node.op == "call_function":
             value = node.target(*args, **kwargs)
         elif node.op == "call_method":
             value = getattr(args[0], node.target)(*args[1:], **kwargs)
         else:
             return
+    if any(getattr(v, "requires_grad", False) for v in inputs):
+        for out in torch.utils._pytree.tree_leaves(value):
+            if isinstance(out, torch.Tensor) and (out.is_floating_point() or out.is_complex()):
+                out.requires_grad_(True)
     node.meta["example_value"] = value
 
 

@@ -47,7 +47,10 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch: int) -> torc
         are T (empty documents).
     """
     pos = position_ids.expand(batch, -1)
-    starts = torch.cat((torch.ones_like(pos[:, :1], dtype=torch.bool), (pos[:, 1:] - pos[:, :-1]) != 1), dim=1)
+    width = pos.shape[1]
+    # narrow rather than indexing: the same ops, and no device guard when traced with fake tensors.
+    step = pos.narrow(1, 1, width - 1) - pos.narrow(1, 0, width - 1)
+    starts = torch.cat((torch.ones_like(pos.narrow(1, 0, 1), dtype=torch.bool), step != 1), dim=1)
     starts = starts.reshape(-1)
     total = starts.shape[0]
     doc = starts.cumsum(0) - 1
@@ -67,6 +70,7 @@ class AttentionMatch:
     cos: fx.Node  # (B|1, 1, S, R) rotary tables
     sin: fx.Node
     interleaved: bool
+    fp32_tables: bool  # the rotation runs in fp32 on upcast q/k (Cohere): pass the tables as fp32
     scale: float
     region: list[fx.Node]  # nodes that become dead after the rewrite
 
@@ -132,6 +136,8 @@ class VarlenAttention:
                 flat.append(call("call_method", "flatten", call("call_method", "contiguous", t), 0, 1))
             tables = []
             for table in (match.cos, match.sin):  # (B|1, 1, S, R) -> (B*S, R)
+                if match.fp32_tables:
+                    table = call("call_method", "float", table)
                 expanded = call("call_method", "expand", table, batch, 1, seq, -1)
                 tables.append(call("call_method", "flatten", call("call_method", "select", expanded, 1, 0), 0, 1))
             out = call(
@@ -309,7 +315,7 @@ def _match(gm: fx.GraphModule, sdpa: fx.Node, tables: _TableAnalysis) -> Attenti
     rope_q = _find_rope(gm, q, tables)
     if rope_q is None:
         return "could not prove the query is RoPE of a projection"
-    xq, cos, sin, interleaved, region_q = rope_q
+    xq, cos, sin, interleaved, region_q, fp32_math = rope_q
 
     k_src = _unrepeated(gm, k, tables, heads)
     v_src = _unrepeated(gm, v, tables, heads)
@@ -320,26 +326,44 @@ def _match(gm: fx.GraphModule, sdpa: fx.Node, tables: _TableAnalysis) -> Attenti
     rope_k = _find_rope(gm, k_embed, tables)
     if rope_k is None:
         return "could not prove the key is RoPE of a projection"
-    xk, cos_k, sin_k, interleaved_k, region_k2 = rope_k
-    if (cos_k, sin_k, interleaved_k) != (cos, sin, interleaved):
+    xk, cos_k, sin_k, interleaved_k, region_k2, fp32_math_k = rope_k
+    if (cos_k, sin_k, interleaved_k, fp32_math_k) != (cos, sin, interleaved, fp32_math):
         return "query and key use different rotary tables"
+    if not _dtype(xq) == _dtype(xk) == _dtype(xv):
+        return f"query, key and value are {_dtype(xq)}, {_dtype(xk)}, {_dtype(xv)} before RoPE, not one dtype"
     for table in (cos, sin):
         tv = analysis.example_value(table)
         if tv.dim() != 4 or analysis.hint(tv.shape[1]) != 1 or analysis.hint(tv.shape[0]) not in (1, analysis.hint(qv.shape[0])):
             return f"rotary table {table.name} is {tuple(tv.shape)}, not (batch, 1, seq, rotary_dim)"
     return AttentionMatch(
-        sdpa=sdpa, xq=xq, xk=xk, xv=xv, cos=cos, sin=sin, interleaved=interleaved, scale=float(scale),
-        region=region_q + region_k + region_k2 + region_v,
+        sdpa=sdpa, xq=xq, xk=xk, xv=xv, cos=cos, sin=sin, interleaved=interleaved, fp32_tables=fp32_math,
+        scale=float(scale), region=region_q + region_k + region_k2 + region_v,
     )
 
 
 def _find_rope(gm, node: fx.Node, tables: _TableAnalysis):
-    """(x, cos, sin, interleaved, region) with node == rope(x, cos, sin), x before any RoPE."""
+    """(x, cos, sin, interleaved, region, fp32_math) with node == rope(x, cos, sin), x before any
+    RoPE. ``fp32_math``: the rotation runs on an fp32 upcast of x and is rounded back to x's dtype
+    once (Cohere), which the op reproduces when given fp32 tables."""
     for dom in _dominators(node, tables):
         leaves, region = _region_leaves(node, dom, tables)
         found = _probe_rope(gm, node, dom, leaves)
         if found is not None:
             cos, sin, interleaved = found
-            return dom, cos, sin, interleaved, region
+            source = dom.args[0] if _is_upcast(dom) else None
+            if isinstance(source, fx.Node) and _dtype(source) == _dtype(node) != _dtype(dom):
+                return source, cos, sin, interleaved, region + [dom], True
+            return dom, cos, sin, interleaved, region, False
     return None
+
+
+def _dtype(node: fx.Node):
+    return analysis.example_value(node).dtype
+
+
+def _is_upcast(node: fx.Node) -> bool:
+    """``x.float()`` or ``x.to(torch.float32)``."""
+    if node.op != "call_method":
+        return False
+    return node.target == "float" or (node.target == "to" and torch.float32 in (*node.args[1:], *node.kwargs.values()))
 
