@@ -5,10 +5,16 @@ logits, the loss upcasts them to fp32 and cross-entropy saves a softmax-sized bu
 backward, so the largest activations of a 128k-vocabulary step all have V columns. For each loss
 :mod:`graphopt.losses` proved::
 
-    ce(softcap(linear(h, W).float()).view(-1, V), target, ignore_index, reduction)
+    ce(softcap((linear(h, W) * scale).float()).view(-1, V), target, ignore_index, reduction)
         -> loss_sum / count(target != ignore_index)        reduction="mean"
         -> loss_sum  (then the graph's / num_items_in_batch) reduction="sum"
     where loss_sum, logits = graphopt::linear_cross_entropy(h.view(-1, H), W, target, ...)
+
+The constant ``scale`` (Cohere's ``logit_scale``, or a divisor) is folded into the op, which then
+returns the scaled logits. Under ``torch.autocast`` the op runs in the dtype autocast gives the
+linear (hidden and weight are cast to it, as autocast casts them), so the logits it returns have
+eager's dtype and the loss is computed in fp32 from them, as HF does. A frozen lm_head (PEFT) gets no
+weight gradient: the op then keeps no fp32 (V, H) accumulator and skips that matmul.
 
 The count stays on the device. The logits output keeps its value: the op writes it chunk by chunk
 from the matmul the loss uses, unless ``drop_logits=True``, which returns an empty tensor in its
@@ -35,7 +41,7 @@ import torch.fx as fx
 
 from graphopt import analysis
 from graphopt.losses import LossInfo
-from graphopt.passes import DetachedLogits, PassContext
+from graphopt.passes import DetachedLogits, InvalidProgramError, PassContext
 
 
 class FusedCrossEntropy:
@@ -64,8 +70,21 @@ class FusedCrossEntropy:
         if loss.class_weight is not None:
             return "class weights are not supported by the fused loss"
         h, w = analysis.example_value(loss.hidden), analysis.example_value(loss.weight)
-        if h.dtype != w.dtype or h.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        out = analysis.example_value(loss.linear)
+        if h.dtype != w.dtype and out.dtype in (h.dtype, w.dtype):
             return f"lm_head runs in {h.dtype} x {w.dtype}; the fused loss needs one float dtype"
+        if out.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"lm_head runs in {out.dtype}; the fused loss needs fp32, bf16 or fp16"
+        target = analysis.example_value(_target(loss))
+        if target.dtype not in (torch.int64, torch.uint8):
+            raise InvalidProgramError(
+                f"cross_entropy's target ({loss.labels.name}) is {target.dtype}: eager raises "
+                f"'expected target dtype to be Long or Byte'. Pass int64 labels (labels.long())."
+            )
+        if target.dtype != torch.int64:
+            return f"the cross_entropy target is {target.dtype}; the fused loss takes int64 class indices"
+        if loss.scaled is not loss.linear and any(u is not loss.scaled for u in loss.linear.users):
+            return "the unscaled lm_head output is used besides the scaled logits"
         return ""
 
     def _rewrite(self, gm: fx.GraphModule, ctx: PassContext, loss: LossInfo) -> None:
@@ -73,16 +92,23 @@ class FusedCrossEntropy:
 
         graph = gm.graph
         h_val, w_val = analysis.example_value(loss.hidden), analysis.example_value(loss.weight)
+        dtype = analysis.example_value(loss.linear).dtype  # autocast's, when it is on
         vocab, hidden_size = (analysis.hint(s) for s in w_val.shape)
         n_tokens = loss.batch * loss.seq
         # Not capped by this compile's token count: a dynamic graph serves larger batches later.
         chunk = ctx.options.cross_entropy_chunk_size or default_chunk_size(2**31, vocab)
         compute_grad = bool(h_val.requires_grad or w_val.requires_grad)
-        target = loss.ce.args[1] if len(loss.ce.args) > 1 else loss.ce.kwargs["target"]
+        extra = {}
+        if loss.logit_scale != 1.0:
+            extra["logit_scale"] = loss.logit_scale
+        if compute_grad and not w_val.requires_grad:
+            extra["compute_grad_weight"] = False
+        target = _target(loss)
 
         # The loss path, and where its values escape to other users (the returned logits,
-        # possibly softcapped, usually).
-        chain = set(analysis.backward_slice(loss.ce.args[0], stop_at=[loss.linear]))
+        # possibly scaled or softcapped, usually). Values before the scale are not escapes: the
+        # check in _unsupported saw that the scale is lm_head's only user.
+        chain = set(analysis.backward_slice(loss.ce.args[0], stop_at=[loss.scaled]))
         escapes = {n: [u for u in n.users if u not in chain and u is not loss.ce] for n in chain}
         escapes = {n: users for n, users in escapes.items() if users}
         keep_logits = bool(escapes) and not ctx.options.drop_logits
@@ -107,9 +133,15 @@ class FusedCrossEntropy:
                 anchor.prepend(node)
         with graph.inserting_before(anchor):
             flat = call("call_method", "reshape", loss.hidden, -1, hidden_size)
+            weight = loss.weight
+            if dtype != h_val.dtype:  # autocast: the casts it would make for the linear
+                flat = call("call_method", "to", flat, dtype)
+            if dtype != w_val.dtype:
+                weight = call("call_method", "to", weight, dtype)
             fused = call(
                 "call_function", torch.ops.graphopt.linear_cross_entropy.default,
-                flat, loss.weight, target, loss.ignore_index, loss.softcap, chunk, logits_mode, compute_grad, "auto",
+                flat, weight, target, loss.ignore_index, loss.softcap, chunk, logits_mode, compute_grad, "auto",
+                **extra,
             )
             loss_sum = call("call_function", operator.getitem, fused, 0)
             if loss.reduction == "mean":
@@ -129,13 +161,13 @@ class FusedCrossEntropy:
             analysis.annotate(node)
         loss.ce.replace_all_uses_with(value)
         graph.erase_node(loss.ce)
-        if keep_logits:  # the op's logits feed whatever the linear fed (softcap, the output)
-            loss.linear.replace_all_uses_with(replacement)
+        if keep_logits:  # the op's (scaled) logits feed whatever they fed (upcast, softcap, output)
+            loss.scaled.replace_all_uses_with(replacement)
         else:
             for node, users in escapes.items():
                 for user in users:
                     user.replace_input_with(node, empty)
-        analysis.erase_dead(graph, chain | {loss.linear})
+        analysis.erase_dead(graph, chain | {loss.scaled, loss.linear})
         if detach:
             outputs = list(output.args[0])
             ctx.detached_logits.append(
@@ -143,12 +175,13 @@ class FusedCrossEntropy:
                     positions=[i for i, node in enumerate(outputs) if node is replacement],
                     hidden_position=len(outputs),
                     weight_input=ctx.placeholder_index(gm, loss.weight),
+                    logit_scale=loss.logit_scale,
                 )
             )
             output.args = (tuple(outputs) + (flat,),)
         ctx.report.rewrite(
             self.name,
-            f"{loss.reduction}{'_softcap' if loss.softcap else ''}",
+            f"{loss.reduction}{'_scaled' if loss.logit_scale != 1.0 else ''}{'_softcap' if loss.softcap else ''}",
             f"{loss.ce.name}: lm_head + cross_entropy over {n_tokens} tokens x {vocab} vocab, chunks of {chunk}",
         )
         if keep_logits:
@@ -161,13 +194,20 @@ class FusedCrossEntropy:
             ctx.report.note(f"drop_logits=True: logits are returned as an empty tensor (saves {_megabytes(logits_bytes)})")
 
 
+def _target(loss: LossInfo) -> fx.Node:
+    return loss.ce.args[1] if len(loss.ce.args) > 1 else loss.ce.kwargs["target"]
+
+
 def _returned_as_is(loss: LossInfo, escapes: dict, output: fx.Node) -> bool:
-    """lm_head's output leaves the loss path only as a graph output (a flat one), and the weight is
-    a graph input: then the backend can attach the logits' gradient outside the graph."""
+    """lm_head's (scaled) output leaves the loss path only as a graph output (a flat one), and the
+    weight is a graph input in the dtype the op runs in: then the backend can attach the logits'
+    gradient outside the graph."""
     outputs = output.args[0]
+    w_val, out = analysis.example_value(loss.weight), analysis.example_value(loss.linear)
     return (
-        list(escapes) == [loss.linear]
-        and all(user is output for user in escapes[loss.linear])
+        list(escapes) == [loss.scaled]
+        and all(user is output for user in escapes[loss.scaled])
+        and w_val.dtype == out.dtype
         and isinstance(outputs, (tuple, list))
         and all(value is None or isinstance(value, fx.Node) for value in outputs)
         and loss.weight.op == "placeholder"
