@@ -17,9 +17,8 @@ Per token ``i``::
     loss_sum = sum_i loss_i                            fp32, 0-dim
 
 ``logit_scale`` is a constant some families put between the LM head and the loss (Cohere's
-``logits * logit_scale``; a model computing ``logits / s`` is ``logit_scale = 1 / s``, which is
-bitwise eager's division when ``s`` is a power of two, and otherwise may differ in the last bit of
-the scale).
+``logits * logit_scale``; a model computing ``logits / s`` is ``logit_scale = 1 / s``: bitwise
+eager's quotient when ``s`` is a power of two, otherwise possibly one unit in the last place off).
 
 The op returns ``(loss_sum, logits)``. ``logits`` is selected by the ``logits`` argument
 (:data:`LOGITS_MODES`):
@@ -75,6 +74,7 @@ Ops:
     ``graphopt::linear_cross_entropy``     the public op, (loss_sum, logits); a composite that calls
     ``graphopt::linear_cross_entropy_fwd`` the opaque op that also returns (grad_hidden,
                                            grad_weight), so its ``register_autograd`` can save them.
+    ``graphopt::logits_backward``          the gradient through the returned logits (its backward).
 The public op is ``CompositeImplicitAutograd``: AOTAutograd decomposes it into the ``_fwd`` op, whose
 fake impl is its shape function (a composite op takes none of its own). Both take
 ``logit_scale: float = 1.0`` and ``compute_grad_weight: bool = True`` after ``impl``.

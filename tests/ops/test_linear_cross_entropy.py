@@ -149,11 +149,12 @@ def test_attach_logits_grad_frozen_weight():
 # --- logit_scale: logits * s in the input dtype before the loss (Cohere; 1/s for a divisor) --------
 
 
-def eager_scaled_step(hidden, weight, target, softcap, logit_scale, probe):
-    """Eager autograd of ``F.linear * logit_scale`` -> ``.float()`` -> softcap -> summed CE, plus
-    ``(logits * probe).sum()`` if a probe is given. Returns (loss_sum, grad_hidden, grad_weight,
-    logits); the gradients are None for inputs that do not require grad."""
-    logits = F.linear(hidden, weight) * logit_scale
+def eager_scaled_step(hidden, weight, target, softcap, logit_scale, probe, divisor=None):
+    """Eager autograd of ``F.linear * logit_scale`` (or ``F.linear / divisor``) -> ``.float()`` ->
+    softcap -> summed CE, plus ``(logits * probe).sum()`` if a probe is given. Returns (loss_sum,
+    grad_hidden, grad_weight, logits); the gradients are None for inputs that do not require grad."""
+    logits = F.linear(hidden, weight)
+    logits = logits * logit_scale if divisor is None else logits / divisor
     z = logits.float()
     if softcap > 0.0:
         z = softcap * torch.tanh(z / softcap)
@@ -187,18 +188,21 @@ def assert_steps_close(got, want, dtype):
 
 
 @pytest.mark.parametrize("logits_mode", ["none", "differentiable", "detached"])
-@pytest.mark.parametrize("logit_scale", [0.0625, 1 / 0.0625], ids=["times_0.0625", "divided_by_0.0625"])
+@pytest.mark.parametrize(
+    "logit_scale, divisor", [(0.0625, None), (1 / 0.0625, 0.0625)], ids=["times_0.0625", "divided_by_0.0625"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_logit_scale_matches_eager(impl, dtype, logit_scale, logits_mode, triton_device):
+def test_logit_scale_matches_eager(impl, dtype, logit_scale, divisor, logits_mode, triton_device):
     """Loss, gradients (through the loss and, if returned, through the scaled logits) and the
-    returned logits match eager autograd of ``F.linear(h, W) * logit_scale``."""
+    returned logits match eager autograd of ``F.linear(h, W) * logit_scale``, or of
+    ``F.linear(h, W) / divisor`` (Granite-like) with ``logit_scale = 1 / divisor``."""
     device = triton_device if impl == "triton" else "cpu"
     hidden, weight, target = make_inputs(19, 16, 301, dtype, device=device)
     probe = None
     if logits_mode != "none":
         probe = torch.randn(19, 301, generator=torch.Generator().manual_seed(1)).to(device)
-    want = eager_scaled_step(*leaves(hidden, weight), target, 0.0, logit_scale, probe)
+    want = eager_scaled_step(*leaves(hidden, weight), target, 0.0, logit_scale, probe, divisor)
     got = op_scaled_step(*leaves(hidden, weight), target, 0.0, logit_scale, probe, logits_mode, impl)
     if logits_mode == "none":
         assert got[3].shape == (0,)
