@@ -527,7 +527,8 @@ def _token_bounds(cu_seqlens: torch.Tensor, n_tokens) -> tuple[torch.Tensor, tor
     """
     tokens = torch.arange(n_tokens, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     end_index = torch.searchsorted(cu_seqlens, tokens, right=True)
-    return cu_seqlens[end_index - 1], cu_seqlens[end_index]
+    # index_select rather than indexing: no device guard when traced with fake tensors
+    return cu_seqlens.index_select(0, end_index - 1), cu_seqlens.index_select(0, end_index)
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
