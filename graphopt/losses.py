@@ -59,6 +59,8 @@ class LossInfo:
         softcap: final-logit softcapping value (0.0 when absent).
         loss_out: the node the graph returns as the loss (``ce``, or ``ce / num_items``).
         divisor: the ``num_items_in_batch`` value for reduction="sum" (a node or a number), else None.
+        divisor_from_activations: the divisor is computed from parameters or attention (it could
+            read padded positions), not given to the model.
     """
 
     ce: fx.Node
@@ -78,6 +80,7 @@ class LossInfo:
     softcap: float
     loss_out: fx.Node
     divisor: fx.Node | object | None
+    divisor_from_activations: bool
     batch: int
     seq: int
 
@@ -161,14 +164,13 @@ def _prove(gm: fx.GraphModule, ce: fx.Node, deps) -> LossInfo | str:
         users = list(ce.users)
         if len(users) == 1 and _is_div(users[0]) and users[0].args[0] is ce:
             loss_out, divisor = users[0], users[0].args[1]
-        if isinstance(divisor, fx.Node) and _reads_activations(divisor):
-            return f"the loss divisor {divisor.name} is computed from model activations, not given"
     cw = args["weight"]
     return LossInfo(
         ce=ce, linear=linear, hidden=hidden, weight=weight, labels=labels, shift=shift, targets=targets,
         labels_transformed=transformed, ignore_index=int(args["ignore_index"]), reduction=args["reduction"],
         label_smoothing=float(args["label_smoothing"]), class_weight=cw, logit_scale=logit_scale,
-        scaled=scaled, softcap=softcap, loss_out=loss_out, divisor=divisor, batch=batch, seq=seq,
+        scaled=scaled, softcap=softcap, loss_out=loss_out, divisor=divisor,
+        divisor_from_activations=isinstance(divisor, fx.Node) and _reads_activations(divisor), batch=batch, seq=seq,
     )
 
 

@@ -112,6 +112,8 @@ class MaskElision:
         loss = losses[0]
         if (loss.batch, loss.seq) != (batch, cand.seq_len):
             return "the loss is not computed over the masked positions"
+        if loss.divisor_from_activations:
+            return f"the loss divisor {loss.divisor.name} is computed from model activations, which may read padded positions"
         for out in gm.graph.output_node().all_input_nodes:
             if out is loss.loss_out or per_position_output(analysis.example_value(out), batch, cand.seq_len):
                 continue

@@ -111,13 +111,16 @@ def test_chunked_logits_equal_eager_everywhere_without_mask_elision(models):
     assert any("chunks of 5" in r.detail for g in cm.compile_reports for r in g.rewrites if r.name == NAME)
 
 
-def test_cohere_logit_scale_is_declined_and_exact(models):
-    """Cohere multiplies the logits by ``logit_scale`` before the loss: not an upcast of lm_head."""
+def test_cohere_logit_scale_is_fused_and_padded_logits_are_elided(models):
+    """Cohere multiplies the logits by ``logit_scale`` before the loss: the scale is folded into
+    the op, and mask elision still proves the padded outputs unused through it."""
     cm = models("cohere")
     batch = right_padded(seed=1)
-    eager, compiled, _ = cm.step(batch)
+    eager, compiled, report = cm.step(batch)
     assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
-    assert_declined(cm.compile_reports, "not an upcast")
+    assert_fused(cm, "mean_scaled")
+    assert cm.counts()["mask_elision"] == 2 and report.runtime["fast_path"] == 1
+    assert "logit_scale = 0.0625" in cm.after_code()
 
 
 def test_drop_logits_returns_empty_logits_and_says_what_it_saves(models):
@@ -189,6 +192,8 @@ def test_frozen_lm_head_with_gradient_through_logits():
     assert "lm_head.weight" not in compiled.grads and "model.norm.weight" in compiled.grads
     assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
     assert _logits_mode(cm.compile_reports) == {"detached"}
+    # No (V, H) weight-gradient accumulator or matmul for a frozen head.
+    assert "compute_grad_weight = False" in cm.after_code()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,6 +224,60 @@ def test_gradient_accumulation_with_num_items_equals_the_full_batch(models):
         accumulated = Step(sum(s[which].loss for s in steps), None, _sum_grads([s[which] for s in steps]))
         assert_steps_equal(full_step, accumulated)
     assert_fused(cm, "sum")
+
+
+@pytest.mark.parametrize(
+    "num_items", [torch.tensor(37.0), torch.tensor(37), 37, 37.0], ids=["float_tensor", "int_tensor", "int", "float"]
+)
+def test_num_items_in_batch_as_the_trainer_passes_it(models, num_items):
+    """HF's Trainer passes num_items_in_batch as a float tensor (a true division); users pass ints
+    and numbers. Each is a divisor, not a reason to decline, and mask elision still fires."""
+    cm = models("llama")
+    batch = right_padded(seed=12)
+    eager, compiled, report = cm.step(batch | {"num_items_in_batch": num_items})
+    assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
+    assert report.runtime["fast_path"] == 1, report
+    assert_fused(cm, "sum")
+    assert cm.counts()["mask_elision"] >= 2
+
+
+def test_autocast_runs_the_head_in_autocasts_dtype(models):
+    """Issue 9 §5: under autocast eager's lm_head runs (and returns logits) in bf16 and the loss
+    upcasts them; the fused op does the same instead of running the head in fp32."""
+    cm = models("llama")
+    batch = right_padded(seed=14)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, compiled, report = cm.step(batch)
+    assert eager.logits.dtype == compiled.logits.dtype == torch.bfloat16
+    assert_steps_equal(eager, compiled, dtype=torch.bfloat16, real_positions=real_positions(batch))
+    assert_fused(cm, "mean")
+    assert report.runtime["fast_path"] == 1
+
+
+def test_a_divisor_computed_from_activations_keeps_mask_elision_off():
+    """A loss divided by something the model computes could read padded positions."""
+
+    class Normalized(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = build_tiny_model("llama")
+
+        def forward(self, input_ids, attention_mask, labels):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            logits = out.logits.float()
+            shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+            total = F.cross_entropy(logits.view(-1, logits.shape[-1]), shifted.reshape(-1), reduction="sum")
+            return total / out.hidden_states[-1].abs().sum()
+
+    model = Normalized()
+    batch = right_padded(seed=13)
+    eager = model(**batch)
+    torch._dynamo.reset()
+    with graphopt.capture() as report:
+        compiled = torch.compile(model, backend="graphopt")(**batch)
+    torch.testing.assert_close(compiled, eager, **tol(torch.float32))
+    assert report.counts["mask_elision"] == 0 and report.counts[NAME] == 1, report
+    assert any("computed from model activations" in reason for _, reason in report.declines), report
 
 
 def test_packed_batch_equals_padded_documents(models):
@@ -402,9 +461,62 @@ def test_unsupported_cross_entropy_arguments_are_declined(fn, reason):
     assert_declined(report.graphs, reason)
 
 
+def scaled_loss(h, w, y):
+    """Logits scaled by a constant before the upcast (as Cohere's logit_scale)."""
+    return F.cross_entropy((F.linear(h, w) * 0.25).float().view(-1, V), y.view(-1))
+
+
+def divided_loss(h, w, y):
+    """Logits divided by a constant before the upcast (a temperature, as some families do)."""
+    return F.cross_entropy((F.linear(h, w) / 3.0).float().view(-1, V), y.view(-1), reduction="sum") / 7
+
+
+def scaled_loss_and_logits(h, w, y):
+    logits = F.linear(h, w) * 0.25
+    return F.cross_entropy(logits.float().view(-1, V), y.view(-1)), logits
+
+
+@pytest.mark.parametrize("fn, rule", [(scaled_loss, "mean_scaled"), (divided_loss, "sum_scaled")], ids=["multiply", "divide"])
+def test_constant_logit_scales_are_fused(fn, rule):
+    report = compare_loss_fn(fn, cross_entropy_chunk_size=3)
+    assert report.rule_counts[(NAME, rule)] == 1, report
+    (after,) = report.graph_code("after")
+    assert FUSED_OP in after and UNFUSED_CE not in after
+
+
+@pytest.mark.parametrize("through_logits", [True, False], ids=["loss_and_logits", "loss_only"])
+def test_returned_scaled_logits_are_the_scaled_ones_with_their_gradient(monkeypatch, through_logits):
+    calls = count_attached_logits_backward(monkeypatch)
+    probe = torch.randn(B, S, V, generator=torch.Generator().manual_seed(2))
+
+    def objective(h, w, y, fn):
+        loss, logits = fn(h, w, y)
+        return loss + (logits * probe).mean() if through_logits else loss
+
+    inputs = _loss_inputs(seed=3)
+    eager = _loss_and_grads(lambda h, w, y: objective(h, w, y, scaled_loss_and_logits), *inputs)
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(scaled_loss_and_logits, backend="graphopt", options={"cross_entropy_chunk_size": 3})
+    with graphopt.capture() as report:
+        compiled = _loss_and_grads(lambda h, w, y: objective(h, w, y, compiled_fn), *inputs)
+    assert_steps_equal(eager, compiled)
+    assert report.rule_counts[(NAME, "mean_scaled")] == 1, report
+    assert _logits_mode(report.graphs) == {"detached"} and len(calls) == int(through_logits)
+    torch.testing.assert_close(compiled_fn(*inputs)[1], F.linear(inputs[0], inputs[1]) * 0.25, **tol(torch.float32))
+
+
 def test_logits_not_from_a_linear_are_not_fused():
     report = compare_loss_fn(exp_logits_loss)
     assert_declined(report.graphs, "not an elementwise map of lm_head")
+
+
+def test_unscaled_logits_used_besides_the_scaled_ones_are_declined():
+    def fn(h, w, y):
+        logits = F.linear(h, w)
+        return F.cross_entropy((logits * 0.5).float().view(-1, V), y.view(-1)) + logits.mean()
+
+    report = compare_loss_fn(fn)
+    assert_declined(report.graphs, "unscaled lm_head output is used")
 
 
 # ---------------------------------------------------------------------------------------------------
