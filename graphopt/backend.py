@@ -42,7 +42,7 @@ def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     work, ctx = run_passes(gm, opts, report)
     report.after = work.code if report.changed else report.before
     report.guards = [inspection.GuardRecord(g.name, g.description, list(g.rewrites)) for g in ctx.guards]
-    fallback = _exact_fallback(gm, opts, report, inductor) if report.changed and ctx.guards else None
+    fallback = _exact_fallback(gm, opts, report, inductor, ctx.memo) if report.changed and ctx.guards else None
     inspection.publish(report, opts.dump_dir)
 
     if not report.changed:
@@ -53,12 +53,13 @@ def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     return GuardedGraph(fast, fallback, ctx.guards, report.graph_id)
 
 
-def _exact_fallback(gm: fx.GraphModule, opts, report: inspection.GraphReport, inductor) -> ExactFallback:
-    """The graph to run when a guard fails: ``gm`` with the rewrites that need no guard."""
+def _exact_fallback(gm: fx.GraphModule, opts, report: inspection.GraphReport, inductor, memo: dict) -> ExactFallback:
+    """The graph to run when a guard fails: ``gm`` with the rewrites that need no guard. The passes
+    reuse what probing found for the fast graph (``memo``)."""
     from graphopt.passes import run_passes
 
     quiet = inspection.GraphReport(graph_id=report.graph_id, before=report.before, quiet=True)
-    work, ctx = run_passes(gm, opts, quiet, allow_guards=False)
+    work, ctx = run_passes(gm, opts, quiet, allow_guards=False, memo=memo)
     if quiet.changed:
         kept = ", ".join(sorted(quiet.counts)) or "none"
         report.note(f"the exact fallback keeps the rewrites that need no guard ({kept})")

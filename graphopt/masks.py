@@ -41,7 +41,6 @@ from graphopt import analysis
 SOFTMAX_TARGETS = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
 # Sequence lengths at which a symbolic-size mask is also probed (besides its own size).
 PROBE_LENGTHS = (1, 2, 5, 64, 300, 1024)
-N_PROBES = 4
 
 
 @dataclass
@@ -99,9 +98,13 @@ def _is_softmax(node: fx.Node) -> bool:
     )
 
 
-def find_masks(gm: fx.GraphModule) -> list[MaskCandidate]:
+def find_masks(gm: fx.GraphModule, memo: dict | None = None) -> list[MaskCandidate]:
     """Every attention mask in ``gm``, classified by probing. Users that are not attention make
-    a candidate ``unknown`` (the mask is then left alone)."""
+    a candidate ``unknown`` (the mask is then left alone).
+
+    ``memo`` (optional) maps a mask's slice, as code, to what probing found, so a copy of the same
+    graph (the backend's exact-fallback graph) is not probed twice.
+    """
     deps = analysis.tensor_inputs(gm.graph)
     index_only = {
         n
@@ -135,8 +138,27 @@ def find_masks(gm: fx.GraphModule) -> list[MaskCandidate]:
         if not cand.reason:
             cand.reason = _escapes(cand.node, index_only, frontier)
         if not cand.reason:
-            _classify(gm, cand, deps[cand.node])
+            _classify_once(gm, cand, deps[cand.node], {} if memo is None else memo)
     return found
+
+
+_CLASSIFICATION = ("kind", "input", "masked_value", "seq_len", "seq_symbols", "max_probed_len", "reason")
+
+
+def _classify_once(gm: fx.GraphModule, cand: MaskCandidate, inputs, memo: dict) -> None:
+    key = tuple((n.op, str(n.target), str(n.args), str(n.kwargs), n.name) for n in cand.slice_nodes)
+    if key in memo:
+        known = memo[key]
+        for name in _CLASSIFICATION:
+            value = known[name]
+            if name == "input" and value is not None:
+                value = next(n for n in gm.graph.nodes if n.name == value)
+            setattr(cand, name, value)
+        cand.function = analysis.extract_function(gm, cand.node)
+        return
+    _classify(gm, cand, inputs)
+    memo[key] = {name: getattr(cand, name) for name in _CLASSIFICATION}
+    memo[key]["input"] = None if cand.input is None else cand.input.name
 
 
 def _escapes(mask: fx.Node, index_only: set[fx.Node], frontier: set[fx.Node]) -> str:
@@ -234,26 +256,25 @@ def _check(fn, cand: MaskCandidate, input_node, kind: str, lengths) -> tuple[boo
     masked_values: set[float] = set() if cand.masked_value is None else {cand.masked_value}
     for seq_len in lengths:
         assignment = {sym: sympy.Integer(seq_len) for sym in cand.seq_symbols}
-        for probe in range(N_PROBES if input_node is not None else 1):
-            chosen = {}
+        shapes = {inp: _shape_under(analysis.example_value(inp), assignment) for inp in fn.inputs
+                  if isinstance(analysis.example_value(inp), torch.Tensor)}
+        n_probes = 1 if input_node is None else _n_probes(kind, shapes[input_node][0])
+        for probe in range(n_probes):
+            chosen: dict = {}
             ref_input = None
             for inp in fn.inputs:
                 ev = analysis.example_value(inp)
-                if isinstance(ev, torch.Tensor):
-                    shape = _shape_under(ev, assignment)
-                    if inp is input_node:
-                        ref_input = _probe_value(kind, shape, ev.dtype, probe, gen)
-                        chosen[inp] = ref_input
-                    else:
-                        chosen[inp] = torch.zeros(shape, dtype=ev.dtype)
+                if inp is input_node:
+                    ref_input = chosen[inp] = _probe_value(kind, shapes[inp], ev.dtype, probe, gen)
+                elif isinstance(ev, torch.Tensor):
+                    chosen[inp] = torch.zeros(shapes[inp], dtype=ev.dtype)
                 elif isinstance(ev, torch.SymInt):
                     chosen[inp] = _size_under(ev, assignment)
             try:
                 out = analysis.run_function(fn, chosen)
-                ref = _reference(kind, ref_input, seq_len)
+                ok, detail = _compare(out, kind, ref_input, seq_len, masked_values)
             except Exception as e:  # a slice that cannot run on the probe proves nothing
                 return False, f"probing the mask failed: {type(e).__name__}: {e}"
-            ok, detail = _compare(out, ref, masked_values)
             if not ok:
                 return False, f"{kind} probe at length {seq_len}: {detail}"
     if len(masked_values) > 1:
@@ -283,42 +304,53 @@ def _shape_under(value: torch.Tensor, assignment) -> tuple[int, ...]:
     return tuple(_size_under(s, assignment) for s in value.shape)
 
 
+# Row patterns of the probe inputs. Each probe mixes them across its rows (row r of probe p has
+# pattern (p * batch + r) mod len), so a batch of 8 rows sees every pattern in one probe, and a
+# second probe draws them again with other random lengths.
+_PADDING_PATTERNS = ("right", "left", "holes", "full", "empty")
+_POSITION_PATTERNS = ("restarts", "offsets", "arbitrary")
+
+
+def _n_probes(kind: str, batch: int) -> int:
+    patterns = _PADDING_PATTERNS if kind == "causal_padding" else _POSITION_PATTERNS
+    return -(-len(patterns) // max(batch, 1)) + 1
+
+
 def _probe_value(kind: str, shape, dtype, probe: int, gen: torch.Generator) -> torch.Tensor:
-    """Inputs that separate the hypotheses: right/left padding and holes for padding masks,
-    documents with restarts, offsets and gaps for position ids."""
+    """Inputs that separate the hypotheses: right/left padding, holes, full and empty rows for
+    padding masks; documents restarting at 0, at offsets, and arbitrary positions for position ids."""
     batch, seq = shape
-    if kind == "causal_padding":
-        if probe == 0:  # right padding with every length, including empty and full rows
-            lengths = torch.randint(0, seq + 1, (batch,), generator=gen)
-            lengths[0] = seq
-            if batch > 1:
-                lengths[-1] = 0
-            keep = torch.arange(seq)[None, :] < lengths[:, None]
-        elif probe == 1:  # left padding
-            lengths = torch.randint(0, seq + 1, (batch,), generator=gen)
-            keep = torch.arange(seq)[None, :] >= (seq - lengths)[:, None]
-        else:  # holes
-            keep = torch.rand((batch, seq), generator=gen) < 0.6
-        return keep.to(dtype)
-    # packed positions: documents of random lengths restarting at 0 (probe 0), at random offsets
-    # (probe 1), and arbitrary positions (later probes)
-    rows = []
-    for _ in range(batch):
-        if probe >= 2:
-            rows.append(torch.randint(0, 4, (seq,), generator=gen))
-            continue
-        row = []
-        while len(row) < seq:
-            n = int(torch.randint(1, max(2, seq // 2) + 1, (1,), generator=gen))
-            start = 0 if probe == 0 else int(torch.randint(0, 50, (1,), generator=gen))
-            row.extend(range(start, start + n))
-        rows.append(torch.tensor(row[:seq]))
+    patterns = _PADDING_PATTERNS if kind == "causal_padding" else _POSITION_PATTERNS
+    rows = [_probe_row(patterns[(probe * batch + r) % len(patterns)], seq, gen) for r in range(batch)]
     return torch.stack(rows).to(dtype)
 
 
-def _reference(kind: str, inp: torch.Tensor | None, seq_len: int) -> torch.Tensor:
-    idx = torch.arange(seq_len)
-    causal = (idx[None, :] <= idx[:, None])[None, None]  # (1, 1, q, kv)
+def _probe_row(pattern: str, seq: int, gen: torch.Generator) -> torch.Tensor:
+    idx = torch.arange(seq)
+    if pattern in ("right", "left"):
+        n = int(torch.randint(1, seq + 1, (), generator=gen))
+        return (idx < n) if pattern == "right" else (idx >= seq - n)
+    if pattern == "holes":
+        return torch.rand(seq, generator=gen) < 0.6
+    if pattern in ("full", "empty"):
+        return torch.full((seq,), pattern == "full")
+    if pattern == "arbitrary":
+        return torch.randint(0, 4, (seq,), generator=gen)
+    row: list[int] = []
+    while len(row) < seq:  # documents of random lengths, restarting at 0 or at an offset
+        n = int(torch.randint(1, max(2, seq // 2) + 1, (1,), generator=gen))
+        start = 0 if pattern == "restarts" else int(torch.randint(0, 50, (1,), generator=gen))
+        row.extend(range(start, start + n))
+    return torch.tensor(row[:seq])
+
+
+def _reference(kind: str, inp: torch.Tensor | None, seq_len: int, causal: torch.Tensor | None = None) -> torch.Tensor:
+    """The hypothesis' mask for probe input ``inp`` (B, S), as (B|1, 1, S, S). ``causal`` may
+    pass the (S, S) causal matrix in, when the caller computes many references of one length."""
+    if causal is None:
+        idx = torch.arange(seq_len)
+        causal = idx[None, :] <= idx[:, None]
+    causal = causal[None, None]  # (1, 1, q, kv)
     if kind == "causal":
         return causal
     if kind == "causal_padding":
@@ -345,26 +377,38 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return (step != 1).cumsum(-1)
 
 
-def _compare(out, ref: torch.Tensor, masked_values: set) -> tuple[bool, str]:
+def _compare(out, kind: str, inp: torch.Tensor | None, seq_len: int, masked_values: set) -> tuple[bool, str]:
+    """Compare the slice's output with the hypothesis, one batch row at a time (the reference of a
+    whole (B, 1, S, S) batch would double the probe's memory)."""
     if not isinstance(out, torch.Tensor) or out.dim() != 4:
         return False, "the slice did not produce a 4-D tensor"
-    try:
-        out_b, ref_b = torch.broadcast_tensors(out, ref)
-    except RuntimeError:
-        return False, f"shape {tuple(out.shape)} does not broadcast to {tuple(ref.shape)}"
-    if out.shape[-2:] != ref.shape[-2:]:
-        return False, f"mask shape {tuple(out.shape)} is not (..., {ref.shape[-2]}, {ref.shape[-1]})"
+    if tuple(out.shape[-2:]) != (seq_len, seq_len):
+        return False, f"mask shape {tuple(out.shape)} is not (..., {seq_len}, {seq_len})"
+    rows = 1 if inp is None else inp.shape[0]
+    if out.shape[0] not in (1, rows) or out.shape[1] < 1:
+        return False, f"shape {tuple(out.shape)} does not broadcast to ({rows}, 1, {seq_len}, {seq_len})"
+    idx = torch.arange(seq_len)
+    causal = idx[None, :] <= idx[:, None]
+    for b in range(rows):
+        ref = _reference(kind, None if inp is None else inp[b : b + 1], seq_len, causal)[0, 0]
+        for h in range(out.shape[1]):
+            ok, detail = _compare_row(out[min(b, out.shape[0] - 1), h], ref, masked_values)
+            if not ok:
+                return False, detail
+    return True, ""
+
+
+def _compare_row(out: torch.Tensor, ref: torch.Tensor, masked_values: set) -> tuple[bool, str]:
     if out.dtype == torch.bool:
-        if torch.equal(out_b, ref_b):
+        if torch.equal(out, ref):
             return True, ""
-        return False, f"{int((out_b != ref_b).sum())} entries differ"
-    if (out_b[ref_b] != 0).any():
+        return False, f"{int((out != ref).sum())} entries differ"
+    if (out[ref] != 0).any():
         return False, "an attended entry of the additive mask is not 0"
-    masked = out_b[~ref_b]
+    masked = out[~ref]
     if masked.numel():
         values = masked.unique()
         if values.numel() != 1:
             return False, "masked entries hold several values"
         masked_values.add(float(values.item()))
     return True, ""
-

@@ -66,6 +66,8 @@ class PassContext:
             guard is then not made (the fallback runs exactly when a guard fails).
         guards: the runtime guards the rewrites registered.
         detached_logits: logits whose gradient the backend attaches outside the graph.
+        memo: probing results shared by the pipelines run on copies of one graph (the fast graph
+            and the exact fallback), keyed by the probed subgraph's code.
     """
 
     options: GraphoptOptions
@@ -73,6 +75,7 @@ class PassContext:
     allow_guards: bool = True
     guards: list[Guard] = field(default_factory=list)
     detached_logits: list[DetachedLogits] = field(default_factory=list)
+    memo: dict = field(default_factory=dict)
     _masks: list | None = None
     _losses: tuple | None = None
 
@@ -82,7 +85,7 @@ class PassContext:
         if self._masks is None:
             from graphopt.masks import find_masks
 
-            self._masks = find_masks(gm)
+            self._masks = find_masks(gm, self.memo)
         return self._masks
 
     def losses(self, gm: fx.GraphModule) -> tuple[list, list[str]]:
@@ -130,19 +133,25 @@ def enabled_passes(options: GraphoptOptions) -> list:
 
 
 def run_passes(
-    gm: fx.GraphModule, options: GraphoptOptions, report: GraphReport, *, allow_guards: bool = True
+    gm: fx.GraphModule,
+    options: GraphoptOptions,
+    report: GraphReport,
+    *,
+    allow_guards: bool = True,
+    memo: dict | None = None,
 ) -> tuple[fx.GraphModule, PassContext]:
     """Run :func:`enabled_passes` on a copy of ``gm``; returns the copy and the context.
 
     ``gm`` itself is never modified. A pass that raises is undone (its graph changes, guards and
     detached logits are dropped), logged once and reported as a decline naming the exception;
-    the passes after it still run. The copy keeps ``gm.meta``.
+    the passes after it still run. The copy keeps ``gm.meta``. ``memo`` shares probing results
+    with another run on the same graph (see :attr:`PassContext.memo`).
 
     Raises:
         InvalidProgramError: the program is one eager refuses to run (the user's input is wrong).
     """
     work = _copy_module(gm)
-    ctx = PassContext(options, report, allow_guards=allow_guards)
+    ctx = PassContext(options, report, allow_guards=allow_guards, memo={} if memo is None else memo)
     start = time.perf_counter()
     for p in enabled_passes(options):
         work, changed = _apply_undoable(p, work, ctx)
