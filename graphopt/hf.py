@@ -1,0 +1,99 @@
+"""graphopt for ``transformers.Trainer`` and the trainers built on it (TRL's ``SFTTrainer``).
+
+One line turns it on::
+
+    from graphopt.hf import GraphoptCallback
+    trainer = Trainer(model=model, args=args, ..., callbacks=[GraphoptCallback()])
+
+Why a callback and not ``TrainingArguments(torch_compile_backend="graphopt")``: the Trainer hands
+that name to accelerate, which accepts only the names of its ``DynamoBackend`` enum
+(``ValueError: 'GRAPHOPT' is not a valid DynamoBackend``). Handing the Trainer a
+``torch.compile``-d model does not work either: the Trainer reads the forward's signature to pick
+dataset columns (an ``OptimizedModule`` has none, so every column is dropped) and saves checkpoints
+from its ``state_dict``, whose keys all gain ``_orig_mod.``.
+
+This module imports transformers; ``import graphopt`` does not import it.
+"""
+
+from __future__ import annotations
+
+from torch._dynamo.eval_frame import OptimizedModule
+from transformers import TrainerCallback
+
+from graphopt.options import split_options
+
+
+class GraphoptCallback(TrainerCallback):
+    """Compile the model a Trainer trains with ``backend="graphopt"``, in place.
+
+    When the Trainer finishes its ``__init__``, the callback calls ``model.compile(backend="graphopt",
+    ...)`` on the model it will train (for TRL's ``SFTTrainer``, the model after its PEFT wrapping).
+    ``nn.Module.compile`` compiles the module's ``__call__`` and leaves everything else as it was,
+    so:
+
+    - checkpoints (``save_model``, ``save_steps``, ``resume_from_checkpoint``) keep the model's own
+      state-dict keys, and ``from_pretrained`` loads them;
+    - the forward the Trainer calls, and every patch of it (accelerate's autocast wrapper, TRL's
+      fused LM head), is what gets compiled: it is looked up on each call;
+    - training and evaluation steps both run compiled (in graphs of their own: grad mode and
+      ``model.training`` differ). As everywhere with graphopt, outputs at padded positions are
+      unspecified on the fast path: let ``compute_metrics`` read the logits only where the labels
+      are not -100.
+
+    With ``model_init``, the model that ``train()`` builds afresh is not compiled: the callback
+    compiles the model the Trainer holds when its ``__init__`` ends.
+
+    ``generate`` also runs through the compiled ``__call__``. graphopt rewrites nothing in those
+    graphs (they compute no loss and carry a KV cache), so they are Inductor's code, and decoding
+    compiles a few graphs on its first call. To generate eagerly, for example a quick sample after
+    training, use ``with torch.compiler.set_stance("force_eager"): model.generate(...)``. To compile
+    generation for speed, use transformers' own route: a static cache and
+    ``model.generation_config.compile_config`` (see ``transformers.CompileConfig``).
+
+    Args:
+        options: graphopt's options and Inductor's, exactly as ``torch.compile(model,
+            backend="graphopt", options=...)`` takes them (see :class:`graphopt.GraphoptOptions`).
+            Unknown keys raise here, when the callback is built.
+        mode: ``torch.compile``'s ``mode`` (passed to Inductor). Not together with ``options``,
+            as with ``torch.compile``.
+        dynamic: ``torch.compile``'s ``dynamic``. Batches padded to a fixed multiple
+            (``pad_to_multiple_of`` in the collator or in TRL's ``SFTConfig``) compile fewer graphs.
+
+    Raises (when the Trainer is built):
+        ValueError: ``args.torch_compile`` is set (accelerate would compile the model a second
+            time with its own backend), or the model is already a ``torch.compile``-d module.
+
+    What graphopt rewrote, and how often the guarded fast path ran::
+
+        with graphopt.capture() as report:
+            trainer.train()
+        print(report)
+    """
+
+    def __init__(self, options: dict | None = None, *, mode: str | None = None, dynamic: bool | None = None):
+        split_options(options)  # unknown keys fail now rather than at the first training step
+        self.options = options
+        self.mode = mode
+        self.dynamic = dynamic
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        _check_training_args(args)
+        if isinstance(model, OptimizedModule):
+            raise ValueError(
+                "GraphoptCallback compiles the model itself, in place: pass the Trainer the model "
+                "before torch.compile (a compiled module hides the forward's signature from the "
+                "Trainer and saves checkpoints under '_orig_mod.' keys)."
+            )
+        model.compile(backend="graphopt", mode=self.mode, options=self.options, dynamic=self.dynamic)
+        return control
+
+
+def _check_training_args(args) -> None:
+    """Raise if ``args`` asks the Trainer to compile the model itself."""
+    if args.torch_compile:
+        raise ValueError(
+            "GraphoptCallback compiles the model with backend='graphopt'; leave torch_compile, "
+            "torch_compile_backend and torch_compile_mode unset in the training arguments "
+            f"(torch_compile_backend={args.torch_compile_backend!r} would make accelerate compile it "
+            "a second time). Pass mode= to GraphoptCallback instead."
+        )

@@ -1,0 +1,304 @@
+"""graphopt under transformers' ``Trainer`` and TRL's ``SFTTrainer``, turned on by ``GraphoptCallback``.
+
+Each configuration trains a tiny Llama for ``STEPS`` steps twice, from the same seed on the same
+data with the same arguments: eagerly, and with the callback. Every step's loss must agree, the
+compiled run must show graphopt's rewrites (counts and the rewritten code) and its runtime must
+take the fast path on every step. One pair of runs per configuration serves all of its tests:
+compiling is the cost on 2 cores, and batches are padded to fixed shapes so each run compiles once.
+
+Everything is local: the model comes from ``graphopt.tiny_models``, the tokenizer is a word-level
+tokenizer built here, the datasets are in memory.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("datasets")
+trl = pytest.importorskip("trl")
+
+from datasets import Dataset  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    DataCollatorForLanguageModeling,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+)
+
+import graphopt  # noqa: E402
+from graphopt.hf import GraphoptCallback  # noqa: E402
+from graphopt.tiny_models import TINY_DIMS, build_tiny_model  # noqa: E402
+from tests.tolerances import tol  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+STEPS = 10
+BATCH = 4
+EVAL_BATCHES = 2
+MAX_LENGTH = 16  # texts have at most 14 words + EOS, so nothing is truncated
+LAYERS = TINY_DIMS["num_hidden_layers"]
+VOCAB = TINY_DIMS["vocab_size"]
+
+# SGD keeps eager and compiled runs within fp32 tolerance over 10 steps; Adam's first steps divide
+# each gradient by its own magnitude, so rounding-level differences in near-zero gradients become
+# lr-sized updates. SFTConfig turns on bf16 autocast and activation checkpointing by default:
+# bf16 is turned off for the fp32 comparison of tests/tolerances.py, and checkpointing because
+# graphopt does not rewrite inside checkpointed layers (tag_activation_checkpoint) yet.
+COMMON_ARGS = dict(
+    per_device_train_batch_size=BATCH,
+    per_device_eval_batch_size=BATCH,
+    max_steps=STEPS,
+    optim="sgd",
+    learning_rate=0.1,
+    lr_scheduler_type="constant",
+    seed=0,
+    use_cpu=True,
+    bf16=False,
+    report_to=[],
+    disable_tqdm=True,
+)
+
+# Each configuration's data layout, and what graphopt must do with it.
+#   trainer_padded:   Trainer + DataCollatorForLanguageModeling, right padding to (4, 16).
+#   sft_padded:       SFTTrainer's default collator, right padding to (4, 16).
+#   sft_padding_free: the batch flattened into one row of documents (position_ids restart at 0),
+#                     padded to 64 tokens (a length-1 document per pad token, labels -100).
+#   sft_packing:      BFD packing into rows of <= 16 tokens, flattened as above.
+CONFIGS = ("trainer_padded", "sft_padded", "sft_padding_free", "sft_packing")
+EXPECTED_REWRITES = {
+    "trainer_padded": {"mask_elision": LAYERS, "fused_cross_entropy": 1},
+    # TRL computes the log-probabilities in its own chunked autograd.Function, which Dynamo cannot
+    # trace (a graph break): no LM head or cross-entropy reaches graphopt, so only the mask.
+    "sft_padded": {"mask_elision": LAYERS},
+    "sft_padding_free": {"varlen_attention": LAYERS, "rope_fusion": LAYERS},
+    "sft_packing": {"varlen_attention": LAYERS, "rope_fusion": LAYERS},
+}
+# Text that each rewrite leaves in the code of the graph that runs.
+REWRITTEN_CODE = {
+    "mask_elision": "is_causal = True",
+    "fused_cross_entropy": "graphopt.linear_cross_entropy",
+    "varlen_attention": "graphopt.varlen_attention",
+}
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over "w0", "w1", ...: pad, bos and eos are ids 0, 1 and 2, as in the
+    tiny configs, and the vocabulary is the tiny models' ``VOCAB``."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = [f"w{i}" for i in range(VOCAB - len(specials))]
+    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def texts(n: int, seed: int) -> Dataset:
+    """``n`` texts of 5 to 14 random words."""
+    rng = random.Random(seed)
+    lines = [" ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(rng.randint(5, 14))) for _ in range(n)]
+    return Dataset.from_dict({"text": lines})
+
+
+def make_trainer(config: str, output_dir: Path, callbacks: list) -> Trainer:
+    """A fresh tiny Llama (seed 0) in the trainer of ``config``, on ``STEPS * BATCH`` texts."""
+    if config == "trainer_padded":
+        return make_hf_trainer(output_dir, callbacks)
+    layout = {
+        "sft_padded": dict(max_length=MAX_LENGTH, pad_to_multiple_of=MAX_LENGTH),
+        "sft_padding_free": dict(padding_free=True, max_length=None, pad_to_multiple_of=BATCH * MAX_LENGTH),
+        "sft_packing": dict(packing=True, max_length=MAX_LENGTH, pad_to_multiple_of=BATCH * MAX_LENGTH),
+    }[config]
+    args = trl.SFTConfig(
+        output_dir=str(output_dir), save_strategy="no", gradient_checkpointing=False, **COMMON_ARGS, **layout
+    )
+    return trl.SFTTrainer(
+        model=build_tiny_model("llama"),
+        args=args,
+        train_dataset=texts(STEPS * BATCH, seed=0),
+        processing_class=tiny_tokenizer(),
+        callbacks=callbacks,
+    )
+
+
+def make_hf_trainer(output_dir: Path, callbacks: list) -> Trainer:
+    """``Trainer`` with the causal-LM collator (right padding, labels -100 at pads), a checkpoint
+    every 5 steps and an evaluation set."""
+    tokenizer = tiny_tokenizer()
+
+    def tokenize(batch):
+        return tokenizer([text + " </s>" for text in batch["text"]])
+
+    args = TrainingArguments(output_dir=str(output_dir), save_strategy="steps", save_steps=5, **COMMON_ARGS)
+    return Trainer(
+        model=build_tiny_model("llama"),
+        args=args,
+        train_dataset=texts(STEPS * BATCH, seed=0).map(tokenize, batched=True, remove_columns=["text"]),
+        eval_dataset=texts(EVAL_BATCHES * BATCH, seed=1).map(tokenize, batched=True, remove_columns=["text"]),
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False, pad_to_multiple_of=MAX_LENGTH),
+        callbacks=callbacks,
+    )
+
+
+@dataclass
+class Run:
+    trainer: Trainer
+    losses: list[float]
+    report: graphopt.Report
+
+
+def train(config: str, output_dir: Path, *, compiled: bool) -> Run:
+    trainer = make_trainer(config, output_dir, [GraphoptCallback()] if compiled else [])
+    losses = record_step_losses(trainer)
+    # Dynamo caches graphs per code object: without a reset this run could reuse (and not report)
+    # a graph compiled for an earlier configuration.
+    torch._dynamo.reset()
+    with graphopt.capture() as report:
+        trainer.train()
+    return Run(trainer, losses, report)
+
+
+def record_step_losses(trainer: Trainer) -> list[float]:
+    """A list that gains the loss of each training step ``trainer`` runs from now on, in full fp32
+    precision (some transformers releases round the logged loss to 4 decimals)."""
+    losses = []
+    training_step = trainer.training_step
+
+    def recorded(*args, **kwargs):
+        loss = training_step(*args, **kwargs)
+        losses.append(loss.item())
+        return loss
+
+    trainer.training_step = recorded
+    return losses
+
+
+class Runs:
+    """The eager and the compiled run of each configuration, trained on first use."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._pairs: dict[str, tuple[Run, Run]] = {}
+
+    def __getitem__(self, config: str) -> tuple[Run, Run]:
+        if config not in self._pairs:
+            eager = train(config, self.folder / config / "eager", compiled=False)
+            self._pairs[config] = eager, train(config, self.folder / config / "graphopt", compiled=True)
+        return self._pairs[config]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("hf"))
+
+
+def assert_losses_equal(compiled: list[float], eager: list[float]) -> None:
+    assert len(compiled) == len(eager)
+    for step, (c, e) in enumerate(zip(compiled, eager), start=1):
+        torch.testing.assert_close(
+            torch.tensor(c), torch.tensor(e), **tol(torch.float32), msg=lambda m, step=step: f"step {step}: {m}"
+        )
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_step_loss_matches_eager(runs, config):
+    eager, compiled = runs[config]
+    assert len(eager.losses) == STEPS
+    assert_losses_equal(compiled.losses, eager.losses)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_rewrites_fire(runs, config):
+    _, compiled = runs[config]
+    report = compiled.report
+    code = "\n".join(report.graph_code("after"))
+    for name, n in EXPECTED_REWRITES[config].items():
+        assert report.counts[name] >= n, f"{name}: expected >= {n}\n{report}"
+        if name in REWRITTEN_CODE:
+            assert REWRITTEN_CODE[name] in code, f"{name}: {REWRITTEN_CODE[name]!r} not in the rewritten graphs"
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_step_takes_the_fast_path(runs, config):
+    _, compiled = runs[config]
+    report = compiled.report
+    if config in ("trainer_padded", "sft_padded"):
+        assert any(g.name == "right_padding" for g in report.guards), report
+    assert report.runtime["fast_path"] == STEPS, report
+    assert report.runtime["fallback"] == 0, report
+
+
+def test_checkpoints_keep_the_model_state_dict_keys(runs):
+    eager, compiled = runs["trainer_padded"]
+    for step in (5, STEPS):
+        keys = checkpoint_keys(Path(compiled.trainer.args.output_dir) / f"checkpoint-{step}")
+        assert keys == checkpoint_keys(Path(eager.trainer.args.output_dir) / f"checkpoint-{step}")
+        assert not any("_orig_mod" in key for key in keys)
+    reloaded = AutoModelForCausalLM.from_pretrained(Path(compiled.trainer.args.output_dir) / f"checkpoint-{STEPS}")
+    trained = compiled.trainer.model.state_dict()
+    assert reloaded.state_dict().keys() == trained.keys()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+
+
+def checkpoint_keys(folder: Path) -> set[str]:
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return set(f.keys())
+
+
+def test_resume_from_checkpoint_continues_the_run(runs, tmp_path):
+    _, compiled = runs["trainer_padded"]
+    trainer = make_trainer("trainer_padded", tmp_path, [GraphoptCallback()])
+    losses = record_step_losses(trainer)
+    with graphopt.capture() as report:
+        trainer.train(resume_from_checkpoint=str(Path(compiled.trainer.args.output_dir) / "checkpoint-5"))
+    assert_losses_equal(losses, compiled.losses[5:])
+    assert report.runtime["fast_path"] == STEPS - 5 and report.runtime["fallback"] == 0, report
+
+
+def test_evaluate_runs_compiled_and_matches_eager(runs):
+    eager, compiled = runs["trainer_padded"]
+    with graphopt.capture() as report:
+        metrics = compiled.trainer.evaluate()
+    torch.testing.assert_close(
+        torch.tensor(metrics["eval_loss"]), torch.tensor(eager.trainer.evaluate()["eval_loss"]), **tol(torch.float32)
+    )
+    assert report.counts["mask_elision"] >= LAYERS and report.counts["fused_cross_entropy"] >= 1, report
+    assert report.runtime["fast_path"] == EVAL_BATCHES and report.runtime["fallback"] == 0, report
+
+
+def test_generate_after_training_matches_eager(runs):
+    eager, compiled = runs["trainer_padded"]
+    prompt = torch.tensor([[1, 5, 9, 17, 33, 64]])
+    expected = eager.trainer.model.eval().generate(prompt, max_new_tokens=4, do_sample=False)
+    model = compiled.trainer.model.eval()
+    with torch.compiler.set_stance("force_eager"):  # the generation path the callback documents
+        assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), expected)
+    assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), expected)
+
+
+def test_trainer_compile_arguments_are_refused(tmp_path):
+    model = build_tiny_model("llama")
+    args = TrainingArguments(output_dir=str(tmp_path), torch_compile=True, use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="leave torch_compile"):
+        Trainer(model=model, args=args, callbacks=[GraphoptCallback()])
+
+
+def test_a_compiled_model_is_refused(tmp_path):
+    model = torch.compile(build_tiny_model("llama"), backend="graphopt")
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="before torch.compile"):
+        Trainer(model=model, args=args, callbacks=[GraphoptCallback()])
+
+
+def test_unknown_options_fail_when_the_callback_is_built():
+    with pytest.raises(ValueError, match="mask_elision"):
+        GraphoptCallback(options={"mask_elison": False})
