@@ -29,10 +29,6 @@ torch._dynamo.config.recompile_limit = 256
 torch._dynamo.config.accumulated_recompile_limit = 4096
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); select with -m cuda")
-
-
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
