@@ -322,3 +322,101 @@ def is_add(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in ADD_TARGETS) or (
         node.op == "call_method" and node.target in ("add", "__add__", "add_")
     )
+
+
+# Activation checkpointing: ``model.gradient_checkpointing_enable()`` puts each decoder layer in a
+# ``tag_activation_checkpoint(body, *operands)`` call whose body is a GraphModule attribute of the
+# graph; operand i is the body's placeholder i. Masks, RoPE tables and hidden states cross into the
+# body as operands, so the passes look through these calls and rewrite inside the bodies.
+CHECKPOINT_HOPS = tuple(
+    op for op in (getattr(torch.ops.higher_order, "tag_activation_checkpoint", None),) if op is not None
+)
+
+
+def is_checkpoint(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in CHECKPOINT_HOPS
+
+
+def checkpoint_body(hop: fx.Node) -> fx.GraphModule:
+    """The body GraphModule that checkpoint call ``hop`` runs."""
+    return getattr(hop.graph.owning_module, hop.args[0].target)
+
+
+def unshare_checkpoint_bodies(gm: fx.GraphModule) -> None:
+    """Give every checkpoint call a body of its own (a copy where two calls share one), so that a
+    rewrite inside a body changes only the call it is made for."""
+    seen: set[str] = set()
+    for hop in [n for n in gm.graph.nodes if is_checkpoint(n)]:
+        attr = hop.args[0]
+        if attr.target not in seen and len(attr.users) == 1:
+            seen.add(attr.target)
+            continue
+        name = _fresh_attribute(gm, attr.target)
+        setattr(gm, name, copy_graph_module(getattr(gm, attr.target)))
+        with gm.graph.inserting_before(hop):
+            own = gm.graph.get_attr(name)
+        hop.replace_input_with(attr, own)
+        seen.add(name)
+        if not attr.users:
+            gm.graph.erase_node(attr)
+
+
+def _fresh_attribute(root: torch.nn.Module, base: str) -> str:
+    i = 0
+    while hasattr(root, f"{base}_{i}"):
+        i += 1
+    return f"{base}_{i}"
+
+
+def body_placeholder(hop: fx.Node, operand: int) -> fx.Node:
+    """The placeholder of ``hop``'s body that receives operand ``operand``."""
+    return checkpoint_body(hop).graph.find_nodes(op="placeholder")[operand]
+
+
+def checkpoint_uses(hop: fx.Node, value: fx.Node) -> list[fx.Node]:
+    """The body placeholders through which ``value`` enters ``hop``'s body."""
+    return [body_placeholder(hop, i) for i, arg in enumerate(hop.args[1:]) if arg is value]
+
+
+def add_checkpoint_operand(hop: fx.Node, value: fx.Node) -> fx.Node:
+    """Pass ``value`` (a node of the outer graph) into ``hop``'s body; returns its new placeholder."""
+    body = checkpoint_body(hop)
+    last = body.graph.find_nodes(op="placeholder")[-1]
+    with body.graph.inserting_after(last):
+        placeholder = body.graph.placeholder(f"{value.name}_operand")
+    placeholder.meta["example_value"] = example_value(value)
+    hop.args = (*hop.args, value)
+    return placeholder
+
+
+def drop_unused_checkpoint_operands(hop: fx.Node) -> None:
+    """Remove the operands whose body placeholder no longer has users (and the placeholders)."""
+    body = checkpoint_body(hop)
+    placeholders = body.graph.find_nodes(op="placeholder")
+    keep = [i for i, p in enumerate(placeholders) if p.users]
+    for i, p in enumerate(placeholders):
+        if not p.users:
+            body.graph.erase_node(p)
+    hop.args = (hop.args[0], *(hop.args[1 + i] for i in keep))
+    body.recompile()
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule over a copy of ``gm``'s graph (nodes keep their meta), with ``gm.meta``, whose
+    GraphModule attributes (checkpoint bodies) are copies too: rewriting it never touches ``gm``."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    new = fx.GraphModule(gm, graph)
+    new.meta = dict(gm.meta)
+    for name, child in list(new.named_children()):
+        if isinstance(child, fx.GraphModule):
+            setattr(new, name, copy_graph_module(child))
+    return new
+
+
+def recompile_all(gm: fx.GraphModule) -> None:
+    """Lint and recompile ``gm`` and every GraphModule body it holds."""
+    for module in (gm, *(c for c in gm.children() if isinstance(c, fx.GraphModule))):
+        module.graph.lint()
+        module.recompile()

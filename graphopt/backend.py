@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 
-from graphopt import inspection
+from graphopt import analysis, inspection
 from graphopt.guards import GUARD_ADVICE, Guard, evaluate_guards
 from graphopt.options import split_options
 
@@ -38,16 +38,16 @@ def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
 
     opts, inductor_options = split_options(options)
     inductor = torch._TorchCompileInductorWrapper(mode, inductor_options, None)
-    report = inspection.new_graph_report(gm.code)
+    report = inspection.new_graph_report(inspection.module_code(gm))
     work, ctx = run_passes(gm, opts, report)
-    report.after = work.code if report.changed else report.before
+    report.after = inspection.module_code(work) if report.changed else report.before
     report.guards = [inspection.GuardRecord(g.name, g.description, list(g.rewrites)) for g in ctx.guards]
     fallback = _exact_fallback(gm, opts, report, inductor, ctx.memo) if report.changed and ctx.guards else None
     inspection.publish(report, opts.dump_dir)
 
     if not report.changed:
         return inductor(gm, example_inputs)
-    fast = _attach_logits(inductor(work, example_inputs), ctx.detached_logits, gm)
+    fast = _attach_logits(inductor(work, example_inputs), ctx.detached_logits, len(gm.graph.output_node().args[0]))
     if not ctx.guards:
         return RewrittenGraph(fast)
     return GuardedGraph(fast, fallback, ctx.guards, report.graph_id)
@@ -63,15 +63,13 @@ def _exact_fallback(gm: fx.GraphModule, opts, report: inspection.GraphReport, in
     if quiet.changed:
         kept = ", ".join(sorted(quiet.counts)) or "none"
         report.note(f"the exact fallback keeps the rewrites that need no guard ({kept})")
-        return ExactFallback(gm, work.graph, ctx.detached_logits, inductor, report.graph_id)
-    return ExactFallback(gm, gm.graph, [], inductor, report.graph_id)
+        return ExactFallback(work, ctx.detached_logits, len(gm.graph.output_node().args[0]), inductor, report.graph_id)
+    return ExactFallback(gm, [], 0, inductor, report.graph_id)
 
 
-def _attach_logits(compiled, detached: list, original: fx.GraphModule):
-    if not detached:
-        return compiled
-    n_outputs = len(original.graph.output_node().args[0])
-    return AttachedLogitsGraph(compiled, detached, n_outputs)
+def _attach_logits(compiled, detached: list, n_outputs: int):
+    """``compiled``, or :class:`AttachedLogitsGraph` around it when it returns detached logits."""
+    return AttachedLogitsGraph(compiled, detached, n_outputs) if detached else compiled
 
 
 class AttachedLogitsGraph:
@@ -121,10 +119,10 @@ class ExactFallback:
     reuses it like any compiled function (one compile per shape regime, not per batch).
     """
 
-    def __init__(self, root: fx.GraphModule, graph: fx.Graph, detached: list, inductor, graph_id: int):
-        self.root = root
-        self.graph = graph
+    def __init__(self, module: fx.GraphModule, detached: list, n_outputs: int, inductor, graph_id: int):
+        self.module = module
         self.detached = detached
+        self.n_outputs = n_outputs
         self.inductor = inductor
         self.graph_id = graph_id
         self._compiled = None
@@ -138,18 +136,11 @@ class ExactFallback:
         with self._lock:
             if self._compiled is None:
                 start = time.perf_counter()
-                module = fx.GraphModule(self.root, _copy_graph(self.graph))
-                compiled = torch.compile(module, backend=self.inductor)
-                self._compiled = _attach_logits(compiled, self.detached, self.root)
+                # Built now, outside Dynamo's compile: fresh code objects, which Dynamo traces.
+                compiled = torch.compile(analysis.copy_graph_module(self.module), backend=self.inductor)
+                self._compiled = _attach_logits(compiled, self.detached, self.n_outputs)
                 log.info("graph %d: exact fallback prepared in %.2fs (compiles on first call)", self.graph_id, time.perf_counter() - start)
             return self._compiled
-
-
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    new = fx.Graph()
-    out = new.graph_copy(graph, {})
-    new.output(out)
-    return new
 
 
 class GuardedGraph:

@@ -200,6 +200,15 @@ def new_graph_report(code: str) -> GraphReport:
     return GraphReport(graph_id=next(_graph_ids), before=code)
 
 
+def module_code(gm) -> str:
+    """The Python code of a GraphModule and of the GraphModules it calls (checkpoint bodies)."""
+    parts = [gm.code]
+    for name, child in gm.named_children():
+        if hasattr(child, "graph") and hasattr(child, "code"):
+            parts.append(f"\n# ---- {name} ----{child.code}")
+    return "".join(parts)
+
+
 @contextlib.contextmanager
 def capture():
     """Collect the reports of every graph compiled (and every guarded call run) in the block.

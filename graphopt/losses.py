@@ -124,7 +124,8 @@ def _prove(gm: fx.GraphModule, ce: fx.Node, deps) -> LossInfo | str:
             node.op == "call_function" and node.target in _PASS_THROUGH_FUNCTIONS
         )
         if not passes:
-            return f"the logits reach cross_entropy through {node.format_node()}, not an elementwise map of lm_head"
+            target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+            return f"the logits reach cross_entropy through {node.name} ({target}), not an elementwise map of lm_head"
         chain.append(node)
         node = node.args[0]
         if not isinstance(node, fx.Node):

@@ -52,6 +52,9 @@ class MaskCandidate:
         kind: ``"causal"``, ``"causal_padding"``, ``"packed_causal"`` or ``"unknown"``.
         sdpa_users: SDPA calls taking ``node`` as ``attn_mask``.
         additive_users: ``scores + node`` additions feeding a softmax (eager attention).
+        checkpoints: for users inside an activation-checkpoint body, the checkpoint call of the
+            outer graph that passes the mask into that body.
+        seen_as: for those users, the body placeholder through which they read the mask.
         input: the placeholder the mask depends on (``attention_mask`` or ``position_ids``).
         masked_value: for additive masks, the value at masked positions.
         seq_len: the (hinted) query length; ``seq_symbols`` the symbols of the sizes that equal
@@ -65,6 +68,8 @@ class MaskCandidate:
     kind: str = "unknown"
     sdpa_users: list[fx.Node] = field(default_factory=list)
     additive_users: list[fx.Node] = field(default_factory=list)
+    checkpoints: dict[fx.Node, fx.Node] = field(default_factory=dict)
+    seen_as: dict[fx.Node, fx.Node] = field(default_factory=dict)
     input: fx.Node | None = None
     masked_value: float | None = None
     seq_len: int = 0
@@ -126,12 +131,15 @@ def find_masks(gm: fx.GraphModule, memo: dict | None = None) -> list[MaskCandida
             continue
         cand = MaskCandidate(node)
         for user in outside:
-            if analysis.is_sdpa(user) and analysis.sdpa_arguments(user)["attn_mask"] is node:
-                cand.sdpa_users.append(user)
-            elif analysis.is_add(user) and len(user.users) == 1 and _is_softmax(next(iter(user.users))):
-                cand.additive_users.append(user)
-            else:
-                cand.reason = f"the mask is used by {user.format_node()}, which is not attention"
+            if analysis.is_checkpoint(user):
+                for placeholder in analysis.checkpoint_uses(user, node):
+                    for inner in placeholder.users:
+                        if not _add_attention_user(cand, inner, placeholder):
+                            cand.reason = f"inside {user.name}, the mask is used by {inner.name}, which is not attention"
+                        cand.checkpoints[inner] = user
+                        cand.seen_as[inner] = placeholder
+            elif not _add_attention_user(cand, user, node):
+                cand.reason = f"the mask is used by {user.name} ({_describe(user)}), which is not attention"
         found.append(cand)
     frontier = {c.node for c in found}
     for cand in found:
@@ -161,6 +169,26 @@ def _classify_once(gm: fx.GraphModule, cand: MaskCandidate, inputs, memo: dict) 
     memo[key]["input"] = None if cand.input is None else cand.input.name
 
 
+def _add_attention_user(cand: MaskCandidate, user: fx.Node, mask: fx.Node) -> bool:
+    """Record ``user`` as an attention use of ``mask`` (SDPA's attn_mask, or scores + mask into a
+    softmax); False when it is another kind of use."""
+    if analysis.is_sdpa(user) and analysis.sdpa_arguments(user)["attn_mask"] is mask:
+        cand.sdpa_users.append(user)
+    elif analysis.is_add(user) and len(user.users) == 1 and _is_softmax(next(iter(user.users))):
+        cand.additive_users.append(user)
+    else:
+        return False
+    return True
+
+
+def _describe(node: fx.Node) -> str:
+    """A short name for what ``node`` is (a graph output, a call), for decline reasons."""
+    if node.op == "output":
+        return "a graph output"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target}"
+
+
 def _escapes(mask: fx.Node, index_only: set[fx.Node], frontier: set[fx.Node]) -> str:
     """Why the mask's value reaches something other than attention through index-only nodes
     (the graph output, or a consumer that is not another mask), or "" when it does not."""
@@ -175,7 +203,7 @@ def _escapes(mask: fx.Node, index_only: set[fx.Node], frontier: set[fx.Node]) ->
                 return f"{node.name}, derived from the mask, is a graph output"
             if user not in index_only:
                 if node is not mask:
-                    return f"{node.name}, derived from the mask, is used by {user.format_node()}"
+                    return f"{node.name}, derived from the mask, is used by {user.name} ({_describe(user)})"
                 continue
             stack.append(user)
     return ""

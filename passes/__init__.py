@@ -10,13 +10,13 @@ reported as a decline: a failing analysis never breaks a user's compile.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from graphopt import analysis
 from graphopt.guards import Guard
 from graphopt.inspection import GraphReport
 from graphopt.options import GraphoptOptions
@@ -150,14 +150,15 @@ def run_passes(
     Raises:
         InvalidProgramError: the program is one eager refuses to run (the user's input is wrong).
     """
-    work = _copy_module(gm)
+    work = analysis.copy_graph_module(gm)
+    analysis.unshare_checkpoint_bodies(work)
     ctx = PassContext(options, report, allow_guards=allow_guards, memo={} if memo is None else memo)
     start = time.perf_counter()
     for p in enabled_passes(options):
         work, changed = _apply_undoable(p, work, ctx)
         if changed:
             ctx.invalidate()
-    work.recompile()
+    analysis.recompile_all(work)
     report.pass_seconds = time.perf_counter() - start
     return work, ctx
 
@@ -168,12 +169,12 @@ def _apply_undoable(p, work: fx.GraphModule, ctx: PassContext) -> tuple[fx.Graph
     If ``p`` raises, a copy of ``work`` taken before it runs replaces it (the analyses cached on
     ``work`` are dropped with it) and everything ``p`` registered is removed.
     """
-    snapshot = _copy_module(work)
+    snapshot = analysis.copy_graph_module(work)
     report = ctx.report
     n_guards, n_detached, n_rewrites, n_notes = len(ctx.guards), len(ctx.detached_logits), len(report.rewrites), len(report.notes)
     try:
         p.apply(work, ctx)
-        work.graph.lint()
+        analysis.recompile_all(work)
     except InvalidProgramError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of an analysis must become a decline
@@ -186,13 +187,3 @@ def _apply_undoable(p, work: fx.GraphModule, ctx: PassContext) -> tuple[fx.Graph
         report.decline(p.name, reason)
         return snapshot, False
     return work, len(report.rewrites) > n_rewrites
-
-
-def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A GraphModule over a copy of ``gm``'s graph (nodes keep their meta), with ``gm.meta``."""
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    new = fx.GraphModule(gm, graph)
-    new.meta = copy.copy(gm.meta)
-    return new

@@ -55,11 +55,13 @@ class MaskElision:
                 ctx.report.rewrite(self.name, f"sdpa_{rule}", f"{user.name}: attn_mask={cand.node.name} -> is_causal=True")
                 rewritten += 1
             for user in cand.additive_users:
-                self._replace_additive(gm, user, cand)
+                self._replace_additive(user, cand)
                 ctx.report.rewrite(self.name, f"eager_{rule}", f"{user.name}: + {cand.node.name} -> + constant causal mask")
                 rewritten += 1
             for guard in guards:
                 ctx.add_guard(guard).rewrites.append(cand.node.name)
+            for checkpoint in set(cand.checkpoints.values()):  # the mask no longer enters the bodies
+                analysis.drop_unused_checkpoint_operands(checkpoint)
             analysis.erase_dead(gm.graph, cand.slice_nodes)
         return rewritten
 
@@ -121,18 +123,19 @@ class MaskElision:
         return None
 
     @staticmethod
-    def _replace_additive(gm: fx.GraphModule, add: fx.Node, cand: MaskCandidate) -> None:
+    def _replace_additive(add: fx.Node, cand: MaskCandidate) -> None:
         mask_val = analysis.example_value(cand.node)
-        scores = add.args[1] if add.args[0] is cand.node else add.args[0]
+        mask = cand.seen_as.get(add, cand.node)
+        scores = add.args[1] if add.args[0] is mask else add.args[0]
         masked = cand.masked_value if cand.masked_value is not None else torch.finfo(mask_val.dtype).min
-        graph = gm.graph
+        graph = add.graph
         with graph.inserting_before(add):
             size = graph.call_method("size", (scores, -1))
             full = graph.call_function(
                 torch.full, ((size, size), masked), {"dtype": mask_val.dtype, "device": mask_val.device}
             )
             causal = graph.call_method("triu", (full, 1))
-        add.replace_input_with(cand.node, causal)
+        add.replace_input_with(mask, causal)
         for node in (size, full, causal):
             analysis.annotate(node)
 

@@ -79,8 +79,6 @@ class VarlenAttention:
     name = "varlen_attention"
 
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> int:
-        if not ctx.options.varlen_attention:
-            return 0
         rewritten = 0
         for cand in ctx.masks(gm):
             if cand.kind != "packed_causal":
@@ -88,36 +86,43 @@ class VarlenAttention:
             if cand.additive_users:
                 ctx.report.decline(self.name, "packed eager attention (softmax of scores + mask) is not rewritten; the mask is kept")
                 continue
-            tables = _TableAnalysis(gm, cand.input)
+            outer = _TableAnalysis(gm, {cand.input})
             matches = []
             for sdpa in cand.sdpa_users:
-                match = _match(gm, sdpa, tables)
+                checkpoint = cand.checkpoints.get(sdpa)
+                tables = outer if checkpoint is None else _body_tables(checkpoint, outer)
+                match = _match(sdpa.graph.owning_module, sdpa, tables)
                 if isinstance(match, str):
                     ctx.report.decline(self.name, f"{sdpa.name}: {match}")
                 else:
-                    matches.append(match)
+                    matches.append((match, checkpoint))
             if not matches:
                 continue
-            cu = self._insert_cu_seqlens(gm, cand, matches[0])
-            for match in matches:
-                self._rewrite(gm, ctx, match, cu)
+            cus: dict[fx.Graph, fx.Node] = {}  # one boundary computation per graph or body
+            for match, checkpoint in matches:
+                if match.sdpa.graph not in cus:
+                    positions = cand.input if checkpoint is None else analysis.add_checkpoint_operand(checkpoint, cand.input)
+                    cus[match.sdpa.graph] = self._insert_cu_seqlens(positions, match)
+                self._rewrite(ctx, match, cus[match.sdpa.graph])
                 rewritten += 1
+            for checkpoint in set(cand.checkpoints.values()):
+                analysis.drop_unused_checkpoint_operands(checkpoint)
             analysis.erase_dead(gm.graph, cand.slice_nodes)
         return rewritten
 
     @staticmethod
-    def _insert_cu_seqlens(gm: fx.GraphModule, cand: MaskCandidate, first: AttentionMatch) -> fx.Node:
-        """One boundary computation per graph, placed before the first rewritten attention."""
-        graph = gm.graph
+    def _insert_cu_seqlens(positions: fx.Node, first: AttentionMatch) -> fx.Node:
+        """The document boundaries, computed before the first rewritten attention of its graph."""
+        graph = first.sdpa.graph
         with graph.inserting_before(first.sdpa):
             batch = graph.call_method("size", (first.xq, 0))
-            cu = graph.call_function(cu_seqlens_from_position_ids, (cand.input, batch))
+            cu = graph.call_function(cu_seqlens_from_position_ids, (positions, batch))
         for node in (batch, cu):
             analysis.annotate(node)
         return cu
 
-    def _rewrite(self, gm: fx.GraphModule, ctx: PassContext, match: AttentionMatch, cu: fx.Node) -> None:
-        graph = gm.graph
+    def _rewrite(self, ctx: PassContext, match: AttentionMatch, cu: fx.Node) -> None:
+        graph = match.sdpa.graph
         new: list[fx.Node] = []
 
         def call(kind: str, target, *args) -> fx.Node:
@@ -157,30 +162,37 @@ class VarlenAttention:
 
 
 class _TableAnalysis:
-    """Which nodes are RoPE-table-like: they depend only on the positions input and float
-    constants (``inv_freq``), never on tokens or trainable parameters."""
+    """Which nodes are RoPE-table-like: they depend only on ``sources`` (the positions input, or a
+    checkpoint body's placeholders that receive tables) and float constants (``inv_freq``), never on
+    tokens or trainable parameters."""
 
-    def __init__(self, gm: fx.GraphModule, positions: fx.Node):
+    def __init__(self, gm: fx.GraphModule, sources: set[fx.Node]):
         deps = analysis.tensor_inputs(gm.graph)
-        self.table_only = set()
+        self.table_only = set(n for n in sources if n.op != "placeholder")
         self.hidden = set()
         for node in gm.graph.nodes:
             if node.op in ("placeholder", "output"):
                 continue
             d = deps[node]
-            ok = all(
-                p is positions or (_float(p) and not analysis.example_value(p).requires_grad) for p in d
-            ) and positions in d
-            if ok:
+            ok = all(p in sources or (_float(p) and not analysis.example_value(p).requires_grad) for p in d)
+            if ok and d & sources:
                 self.table_only.add(node)
             elif d:
                 self.hidden.add(node)
         # Inputs that carry tokens or trainable state (int ids, parameters); float buffers such
         # as inv_freq do not.
         self.token_inputs = {
-            p for p in gm.graph.nodes
-            if p.op == "placeholder" and p is not positions and _carries_tokens(p)
+            p for p in gm.graph.nodes if p.op == "placeholder" and p not in sources and _carries_tokens(p)
         }
+
+
+def _body_tables(checkpoint: fx.Node, outer: _TableAnalysis) -> _TableAnalysis:
+    """The table analysis of ``checkpoint``'s body: its placeholders that receive table-only
+    values of the outer graph are the sources."""
+    body = analysis.checkpoint_body(checkpoint)
+    placeholders = body.graph.find_nodes(op="placeholder")
+    sources = {p for p, arg in zip(placeholders, checkpoint.args[1:]) if arg in outer.table_only}
+    return _TableAnalysis(body, sources)
 
 
 def _carries_tokens(node: fx.Node) -> bool:
