@@ -104,7 +104,10 @@ class MaskElision:
         if not losses:
             if ctx.options.padded_outputs_unused:
                 return None
-            why = "; ".join(reasons) or "the graph computes no loss from labels"
+            why = "; ".join(reasons) or (
+                "the graph computes no loss from labels; a loss computed outside the compiled graph, "
+                "as TRL's SFTTrainer computes it, cannot be checked"
+            )
             return (
                 f"{cand.node.name} is causal ∧ padding, but outputs at padded positions may be "
                 f"read ({why}). Pass options={{'padded_outputs_unused': True}} if they are not."

@@ -50,8 +50,8 @@ VOCAB = TINY_DIMS["vocab_size"]
 # SGD keeps eager and compiled runs within fp32 tolerance over 10 steps; Adam's first steps divide
 # each gradient by its own magnitude, so rounding-level differences in near-zero gradients become
 # lr-sized updates. SFTConfig turns on bf16 autocast and activation checkpointing by default:
-# bf16 is turned off for the fp32 comparison of tests/tolerances.py, and checkpointing because
-# graphopt does not rewrite inside checkpointed layers (tag_activation_checkpoint) yet.
+# bf16 is turned off for the fp32 comparison of tests/tolerances.py; checkpointing stays on (TRL's
+# default), so the SFT runs check the rewrites inside checkpointed layers.
 COMMON_ARGS = dict(
     per_device_train_batch_size=BATCH,
     per_device_eval_batch_size=BATCH,
@@ -76,7 +76,8 @@ CONFIGS = ("trainer_padded", "sft_padded", "sft_padding_free", "sft_packing")
 EXPECTED_REWRITES = {
     "trainer_padded": {"mask_elision": LAYERS, "fused_cross_entropy": 1},
     # TRL computes the log-probabilities in its own chunked autograd.Function, which Dynamo cannot
-    # trace (a graph break): no LM head or cross-entropy reaches graphopt, so only the mask.
+    # trace (a graph break): no LM head or cross-entropy reaches graphopt, so only the mask, under
+    # the documented padded_outputs_unused (TRL scores only positions whose label is not -100).
     "sft_padded": {"mask_elision": LAYERS},
     "sft_padding_free": {"varlen_attention": LAYERS, "rope_fusion": LAYERS},
     "sft_packing": {"varlen_attention": LAYERS, "rope_fusion": LAYERS},
@@ -117,9 +118,7 @@ def make_trainer(config: str, output_dir: Path, callbacks: list) -> Trainer:
         "sft_padding_free": dict(padding_free=True, max_length=None, pad_to_multiple_of=BATCH * MAX_LENGTH),
         "sft_packing": dict(packing=True, max_length=MAX_LENGTH, pad_to_multiple_of=BATCH * MAX_LENGTH),
     }[config]
-    args = trl.SFTConfig(
-        output_dir=str(output_dir), save_strategy="no", gradient_checkpointing=False, **COMMON_ARGS, **layout
-    )
+    args = trl.SFTConfig(output_dir=str(output_dir), save_strategy="no", **COMMON_ARGS, **layout)
     return trl.SFTTrainer(
         model=build_tiny_model("llama"),
         args=args,
@@ -155,8 +154,13 @@ class Run:
     report: graphopt.Report
 
 
+# The callback's options per configuration: README's recommendation for TRL's padded layout.
+OPTIONS = {"sft_padded": {"padded_outputs_unused": True}}
+
+
 def train(config: str, output_dir: Path, *, compiled: bool) -> Run:
-    trainer = make_trainer(config, output_dir, [GraphoptCallback()] if compiled else [])
+    callbacks = [GraphoptCallback(options=OPTIONS.get(config))] if compiled else []
+    trainer = make_trainer(config, output_dir, callbacks)
     losses = record_step_losses(trainer)
     # Dynamo caches graphs per code object: without a reset this run could reuse (and not report)
     # a graph compiled for an earlier configuration.
@@ -224,6 +228,8 @@ def test_rewrites_fire(runs, config):
         assert report.counts[name] >= n, f"{name}: expected >= {n}\n{report}"
         if name in REWRITTEN_CODE:
             assert REWRITTEN_CODE[name] in code, f"{name}: {REWRITTEN_CODE[name]!r} not in the rewritten graphs"
+    if config.startswith("sft"):  # TRL's default activation checkpointing was on, and rewritten through
+        assert "tag_activation_checkpoint(" in code
 
 
 @pytest.mark.parametrize("config", CONFIGS)
