@@ -10,7 +10,6 @@ Linux only). Mask probes dominate: they evaluate the mask's subgraph at the grap
 
 import argparse
 import gc
-import time
 
 import torch
 

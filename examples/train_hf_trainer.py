@@ -10,34 +10,13 @@ tokenizer and an in-memory dataset. The one line that turns graphopt on is
 from __future__ import annotations
 
 import argparse
-import random
 import tempfile
 
-from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 import graphopt
 from graphopt.hf import GraphoptCallback
-from graphopt.tiny_models import build_tiny_model
-
-
-def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Words "w0", "w1", ... plus pad, bos, eos (ids 0, 1, 2, as in the tiny model's config)."""
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
-def tiny_texts(n: int, vocab_size: int, seed: int = 0) -> Dataset:
-    """``n`` texts of 5 to 14 random words."""
-    rng = random.Random(seed)
-    lines = [" ".join(f"w{rng.randrange(vocab_size - 4)}" for _ in range(rng.randint(5, 14))) for _ in range(n)]
-    return Dataset.from_dict({"text": lines})
+from graphopt.tiny_models import build_tiny_model, tiny_texts, tiny_tokenizer
 
 
 def main() -> None:

@@ -10,18 +10,14 @@ tokenizer and an in-memory dataset. The one line that turns graphopt on is
 from __future__ import annotations
 
 import argparse
-import random
 import tempfile
 
 import torch
-from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
 import graphopt
 from graphopt.hf import GraphoptCallback
-from graphopt.tiny_models import build_tiny_model
+from graphopt.tiny_models import build_tiny_model, tiny_texts, tiny_tokenizer
 
 MAX_LENGTH = 16
 
@@ -38,24 +34,6 @@ def layout_args(layout: str, batch: int) -> dict:
     if layout == "packing":
         return dict(packing=True, max_length=MAX_LENGTH, **flat)
     return dict(padding_free=True, max_length=None, **flat)
-
-
-def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Words "w0", "w1", ... plus pad, bos, eos (ids 0, 1, 2, as in the tiny model's config)."""
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
-def tiny_texts(n: int, vocab_size: int, seed: int = 0) -> Dataset:
-    """``n`` texts of 5 to 14 random words."""
-    rng = random.Random(seed)
-    lines = [" ".join(f"w{rng.randrange(vocab_size - 4)}" for _ in range(rng.randint(5, 14))) for _ in range(n)]
-    return Dataset.from_dict({"text": lines})
 
 
 def main() -> None:
@@ -76,9 +54,6 @@ def main() -> None:
         report_to=[],
         # SFTConfig defaults to bf16 autocast, on the CPU too: keep it for GPUs that have bf16.
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        # SFTConfig turns activation checkpointing on by default; graphopt does not rewrite inside
-        # checkpointed layers yet.
-        gradient_checkpointing=False,
         **layout_args(args.layout, args.batch),
     )
     trainer = SFTTrainer(
@@ -86,7 +61,10 @@ def main() -> None:
         args=config,
         train_dataset=tiny_texts(4 * args.steps * args.batch, model.config.vocab_size),
         processing_class=tiny_tokenizer(model.config.vocab_size),
-        callbacks=[GraphoptCallback()],
+        # TRL computes its loss outside the model, so for padded batches graphopt needs your word
+        # that padded outputs are unused (TRL's collator sets their labels to -100, and its loss
+        # skips them). Packed and padding-free batches need nothing.
+        callbacks=[GraphoptCallback(options={"padded_outputs_unused": True} if args.layout == "padded" else None)],
     )
     with graphopt.capture() as report:
         trainer.train()

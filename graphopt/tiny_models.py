@@ -346,6 +346,37 @@ def collate_flattening(documents: list[list[int]]) -> dict[str, torch.Tensor]:
     return dict(DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": doc} for doc in documents]))
 
 
+# ---------------------------------------------------------------------------------------------------
+# Text: a tokenizer and a dataset for the Trainer / TRL tests and examples
+
+
+def tiny_tokenizer(vocab_size: int = TINY_DIMS["vocab_size"]):
+    """A word-level ``PreTrainedTokenizerFast`` built locally over the words "w0", "w1", ...:
+    pad, bos, eos and unk are ids 0, 1, 2, 3 (pad/bos/eos as in the tiny configs), and the
+    vocabulary has ``vocab_size`` entries. No download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_texts(n: int, vocab_size: int = TINY_DIMS["vocab_size"], seed: int = 0):
+    """A ``datasets.Dataset`` of ``n`` texts of 5 to 14 random words of :func:`tiny_tokenizer`."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    lines = [" ".join(f"w{rng.randrange(vocab_size - 4)}" for _ in range(rng.randint(5, 14))) for _ in range(n)]
+    return Dataset.from_dict({"text": lines})
+
+
 def describe_batch(batch: dict[str, torch.Tensor]) -> str:
     """One line: shapes, pad tokens, documents and label targets (after HF's shift)."""
     input_ids = batch["input_ids"]

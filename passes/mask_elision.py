@@ -17,7 +17,6 @@ Outputs at padded positions (logits, hidden states, K/V) are unspecified on the 
 
 from __future__ import annotations
 
-import functools
 import threading
 
 import torch

@@ -25,7 +25,6 @@ import torch
 import torch.fx as fx
 
 from graphopt import analysis
-from graphopt.masks import MaskCandidate
 from graphopt.ops.varlen_attention import apply_rotary
 from graphopt.passes import PassContext
 

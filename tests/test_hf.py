@@ -12,7 +12,6 @@ tokenizer built here, the datasets are in memory.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,20 +21,17 @@ import torch
 pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")
 
-from datasets import Dataset  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     DataCollatorForLanguageModeling,
-    PreTrainedTokenizerFast,
     Trainer,
     TrainingArguments,
 )
 
 import graphopt  # noqa: E402
 from graphopt.hf import GraphoptCallback  # noqa: E402
-from graphopt.tiny_models import TINY_DIMS, build_tiny_model  # noqa: E402
+from graphopt.tiny_models import TINY_DIMS, build_tiny_model, tiny_texts, tiny_tokenizer  # noqa: E402
 from tests.tolerances import tol  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -45,7 +41,6 @@ BATCH = 4
 EVAL_BATCHES = 2
 MAX_LENGTH = 16  # texts have at most 14 words + EOS, so nothing is truncated
 LAYERS = TINY_DIMS["num_hidden_layers"]
-VOCAB = TINY_DIMS["vocab_size"]
 
 # SGD keeps eager and compiled runs within fp32 tolerance over 10 steps; Adam's first steps divide
 # each gradient by its own magnitude, so rounding-level differences in near-zero gradients become
@@ -90,25 +85,6 @@ REWRITTEN_CODE = {
 }
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over "w0", "w1", ...: pad, bos and eos are ids 0, 1 and 2, as in the
-    tiny configs, and the vocabulary is the tiny models' ``VOCAB``."""
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    words = [f"w{i}" for i in range(VOCAB - len(specials))]
-    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-
-
-def texts(n: int, seed: int) -> Dataset:
-    """``n`` texts of 5 to 14 random words."""
-    rng = random.Random(seed)
-    lines = [" ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(rng.randint(5, 14))) for _ in range(n)]
-    return Dataset.from_dict({"text": lines})
-
-
 def make_trainer(config: str, output_dir: Path, callbacks: list) -> Trainer:
     """A fresh tiny Llama (seed 0) in the trainer of ``config``, on ``STEPS * BATCH`` texts."""
     if config == "trainer_padded":
@@ -122,7 +98,7 @@ def make_trainer(config: str, output_dir: Path, callbacks: list) -> Trainer:
     return trl.SFTTrainer(
         model=build_tiny_model("llama"),
         args=args,
-        train_dataset=texts(STEPS * BATCH, seed=0),
+        train_dataset=tiny_texts(STEPS * BATCH, seed=0),
         processing_class=tiny_tokenizer(),
         callbacks=callbacks,
     )
@@ -140,8 +116,8 @@ def make_hf_trainer(output_dir: Path, callbacks: list) -> Trainer:
     return Trainer(
         model=build_tiny_model("llama"),
         args=args,
-        train_dataset=texts(STEPS * BATCH, seed=0).map(tokenize, batched=True, remove_columns=["text"]),
-        eval_dataset=texts(EVAL_BATCHES * BATCH, seed=1).map(tokenize, batched=True, remove_columns=["text"]),
+        train_dataset=tiny_texts(STEPS * BATCH, seed=0).map(tokenize, batched=True, remove_columns=["text"]),
+        eval_dataset=tiny_texts(EVAL_BATCHES * BATCH, seed=1).map(tokenize, batched=True, remove_columns=["text"]),
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False, pad_to_multiple_of=MAX_LENGTH),
         callbacks=callbacks,
     )
