@@ -10,7 +10,8 @@
    :class:`AttachedLogitsGraph`, which gives them their gradient outside the graph;
 4. when a rewrite depends on input values, returns a :class:`GuardedGraph` that checks the guards
    before every call and otherwise runs an :class:`ExactFallback`: the graph with every rewrite
-   that needs no guard (the fused loss, packed attention), compiled by Inductor on first need.
+   that needs no guard (the fused loss, packed attention), compiled by Inductor on first need;
+5. publishes the graph's report when the graph first runs (:class:`PublishedOnFirstCall`).
 
 A graph with nothing to rewrite goes to Inductor unchanged.
 """
@@ -43,14 +44,13 @@ def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     report.after = inspection.module_code(work) if report.changed else report.before
     report.guards = [inspection.GuardRecord(g.name, g.description, list(g.rewrites)) for g in ctx.guards]
     fallback = _exact_fallback(gm, opts, report, inductor, ctx.memo) if report.changed and ctx.guards else None
-    inspection.publish(report, opts.dump_dir)
 
     if not report.changed:
-        return inductor(gm, example_inputs)
-    fast = _attach_logits(inductor(work, example_inputs), ctx.detached_logits, len(gm.graph.output_node().args[0]))
-    if not ctx.guards:
-        return RewrittenGraph(fast)
-    return GuardedGraph(fast, fallback, ctx.guards, report.graph_id)
+        compiled = inductor(gm, example_inputs)
+    else:
+        fast = _attach_logits(inductor(work, example_inputs), ctx.detached_logits, len(gm.graph.output_node().args[0]))
+        compiled = GuardedGraph(fast, fallback, ctx.guards, report.graph_id) if ctx.guards else RewrittenGraph(fast)
+    return PublishedOnFirstCall(compiled, report, opts.dump_dir)
 
 
 def _exact_fallback(gm: fx.GraphModule, opts, report: inspection.GraphReport, inductor, memo: dict) -> ExactFallback:
@@ -97,6 +97,30 @@ class AttachedLogitsGraph:
             for position in d.positions:
                 outputs[position] = logits
         return outputs[: self.n_outputs]
+
+
+class PublishedOnFirstCall:
+    """Publish a graph's report (log, ``capture()`` listeners, dumps) when the graph first runs.
+
+    Dynamo sometimes throws a compiled graph away and traces the frame again (for instance when a
+    symbolic float gets specialized while compiling); publishing at the first call keeps such a
+    graph's rewrites and declines out of the report.
+    """
+
+    def __init__(self, compiled, report: inspection.GraphReport, dump_dir: str | None):
+        self.compiled = compiled
+        self.report = report
+        self.dump_dir = dump_dir
+        self._pending = True
+        self._lock = threading.Lock()
+
+    def __call__(self, *args):
+        if self._pending:
+            with self._lock:
+                if self._pending:
+                    inspection.publish(self.report, self.dump_dir)
+                    self._pending = False
+        return self.compiled(*args)
 
 
 class RewrittenGraph:

@@ -242,3 +242,17 @@ def test_unguarded_rewritten_graphs_count_their_calls():
     eager, compiled, report = cm.step(make_batch("packed", batch=2, seq=16, seed=7) | {"use_cache": False})
     assert report.counts["varlen_attention"] == 2 and report.graphs[0].guards == []
     assert report.runtime == {"fast_path": 1}
+
+
+def test_a_graph_dynamo_throws_away_leaves_nothing_in_the_report():
+    """Issue 9 §8: with dynamic=True, Dynamo compiles a packed batch's graph once with a symbolic
+    dropout probability, throws it away and traces again; only the graph that runs is reported."""
+    from graphopt.tiny_models import build_tiny_model, make_batch
+
+    torch._dynamo.reset()
+    compiled = torch.compile(build_tiny_model("llama"), backend="graphopt", dynamic=True)
+    with graphopt.capture() as report:
+        compiled(**make_batch("packed", batch=2, seq=16, seed=8), use_cache=False)
+    assert len(report.graphs) == 1 and report.counts["varlen_attention"] == 2, report
+    assert not any("dropout" in reason for _, reason in report.declines), report
+    assert report.runtime == {"fast_path": 1}
