@@ -284,3 +284,24 @@ def test_a_compiled_model_is_refused(tmp_path):
 def test_unknown_options_fail_when_the_callback_is_built():
     with pytest.raises(ValueError, match="mask_elision"):
         GraphoptCallback(options={"mask_elison": False})
+
+
+def test_peft_lora_model_gets_every_rewrite_and_no_lm_head_gradient():
+    """A PEFT LoRA model (adapters on q/v, everything else frozen, lm_head included): mask
+    elision and the fused loss fire, the loss and every trainable gradient equal eager, and the
+    fused loss computes no gradient for the frozen lm_head."""
+    peft = pytest.importorskip("peft")
+    from graphopt.tiny_models import make_batch
+    from tests.harness import CompiledModel, assert_steps_equal, real_positions
+
+    model = peft.get_peft_model(
+        build_tiny_model("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    cm = CompiledModel(model)
+    batch = make_batch("right", batch=2, seq=16, seed=21)
+    eager, compiled, report = cm.step(batch)
+    assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
+    assert eager.grads and all("lora_" in name for name in eager.grads)
+    assert report.counts["mask_elision"] == LAYERS and report.counts["fused_cross_entropy"] == 1, report
+    assert report.runtime["fast_path"] == 1
+    assert "compute_grad_weight = False" in cm.after_code()
