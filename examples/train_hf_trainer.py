@@ -19,19 +19,15 @@ from graphopt.hf import GraphoptCallback
 from graphopt.tiny_models import build_tiny_model, tiny_texts, tiny_tokenizer
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=4)
-    args = parser.parse_args()
-
+def train(args, output_dir: str) -> None:
+    """Train a tiny Llama with graphopt on; checkpoints and logs go to ``output_dir``."""
     model = build_tiny_model("llama")
     tokenizer = tiny_tokenizer(model.config.vocab_size)
     dataset = tiny_texts(args.steps * args.batch, model.config.vocab_size).map(
         lambda batch: tokenizer([text + " </s>" for text in batch["text"]]), batched=True, remove_columns=["text"]
     )
     training_args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="graphopt-trainer-"),
+        output_dir=output_dir,
         max_steps=args.steps,
         per_device_train_batch_size=args.batch,
         learning_rate=1e-3,
@@ -51,6 +47,15 @@ def main() -> None:
         trainer.train()
     print()
     print(report)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="graphopt-trainer-") as output_dir:  # removed at the end
+        train(args, output_dir)
 
 
 if __name__ == "__main__":

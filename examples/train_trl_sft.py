@@ -36,16 +36,11 @@ def layout_args(layout: str, batch: int) -> dict:
     return dict(padding_free=True, max_length=None, **flat)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layout", default="packing", choices=LAYOUTS)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=4)
-    args = parser.parse_args()
-
+def train(args, output_dir: str) -> None:
+    """Train a tiny Llama with graphopt on; checkpoints and logs go to ``output_dir``."""
     model = build_tiny_model("llama")
     config = SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="graphopt-sft-"),
+        output_dir=output_dir,
         max_steps=args.steps,
         per_device_train_batch_size=args.batch,
         learning_rate=1e-3,
@@ -70,6 +65,16 @@ def main() -> None:
         trainer.train()
     print()
     print(report)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layout", default="packing", choices=LAYOUTS)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="graphopt-sft-") as output_dir:  # removed at the end
+        train(args, output_dir)
 
 
 if __name__ == "__main__":
