@@ -12,20 +12,31 @@ rank and each step, and of one shape, so each setup compiles once.
   where the gradient buckets end. Its first bucket is at least 1 MB
   (``torch.distributed._DEFAULT_FIRST_BUCKET_BYTES``; a smaller cap raises "First bucket should be
   smaller/equal to other buckets"), and the tiny model has 0.34 MB of parameters, so the MLPs are
-  widened here (``intermediate_size=2048``: 1.5 MB per layer) to give several buckets.
+  widened here (``intermediate_size=2048``: 1.5 MB per layer) to give several buckets. The split
+  falls between the layers: the mask is built in the first piece and passed to a later one.
 - ``fsdp2``: ``fully_shard`` on each decoder layer and on the root. FSDP2's hooks are wrapped in
   ``torch._dynamo.disable``, so Dynamo graph-breaks around every sharded module.
+- ``ddp_guarded_piece``: DDP with a 2 MB lm_head and embedding (``vocab_size=8192``), so the split
+  falls after the layers: the first piece builds the mask and runs every attention, the second holds
+  the loss. With ``padded_outputs_unused=True`` the first piece gets a right-padding guard, and the
+  DDPOptimizer calls each compiled piece once with fake tensors while compiling.
+- ``ddp_python_reducer``: ``optimize_ddp="python_reducer"`` with compiled autograd: DDP's reducer
+  runs in the compiled backward and the forward is one graph (no split). Runs last, because that
+  DDP constructor adds ``torch.nn.parallel.distributed`` to Dynamo's inline list for the process.
 
 Output: ``DIR/rank<R>.json`` mapping each setup to its losses (eager and compiled, per step), the
 number of AOTAutograd compilations of the compiled run, and graphopt's report: per graph its rewrite
-counts, declines and the number of SDPA calls before the passes; runtime dispatch counts.
+counts, declines, the number of SDPA calls before the passes and a hash of that code; runtime dispatch counts; and, from
+Dynamo's counters, the graph breaks and the frames that failed to compile during the compiled run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,16 +45,37 @@ import torch.distributed as dist
 import graphopt
 from graphopt.tiny_models import build_tiny_model, make_batch
 
-SETUPS = ("ddp", "fsdp2")
 STEPS = 3
 BATCH, SEQ = 2, 16
 LR = 0.1  # SGD: see tests/test_hf.py on why Adam would amplify rounding differences
-INTERMEDIATE_SIZE = 2048
 DDP_BUCKET_CAP_MB = 1
 
 
-def wrap(model: torch.nn.Module, setup: str) -> torch.nn.Module:
-    if setup == "ddp":
+@dataclass(frozen=True)
+class Setup:
+    """How one setup wraps, builds and compiles the model (see the module docstring)."""
+
+    wrapper: str  # "ddp" or "fsdp2"
+    model: dict  # build_tiny_model overrides
+    options: dict = field(default_factory=dict)  # graphopt options
+    dynamo: dict = field(default_factory=dict)  # torch._dynamo.config for the compiled run
+
+    @property
+    def vocab(self) -> int:
+        return self.model.get("vocab_size", 128)
+
+
+WIDE_MLP = {"intermediate_size": 2048}
+SETUPS = {
+    "ddp": Setup("ddp", WIDE_MLP),
+    "fsdp2": Setup("fsdp2", WIDE_MLP),
+    "ddp_guarded_piece": Setup("ddp", {"vocab_size": 8192}, {"padded_outputs_unused": True}),
+    "ddp_python_reducer": Setup("ddp", WIDE_MLP, dynamo={"optimize_ddp": "python_reducer", "compiled_autograd": True}),
+}
+
+
+def wrap(model: torch.nn.Module, setup: Setup) -> torch.nn.Module:
+    if setup.wrapper == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, bucket_cap_mb=DDP_BUCKET_CAP_MB)
@@ -54,14 +86,14 @@ def wrap(model: torch.nn.Module, setup: str) -> torch.nn.Module:
     return fully_shard(model)
 
 
-def train(setup: str, rank: int, *, compiled: bool) -> list[float]:
+def train(setup: Setup, rank: int, *, compiled: bool) -> list[float]:
     """``STEPS`` steps of SGD from seed 0; returns this rank's loss at each step."""
-    model = wrap(build_tiny_model("llama", intermediate_size=INTERMEDIATE_SIZE), setup)
+    model = wrap(build_tiny_model("llama", **setup.model), setup)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    step_fn = torch.compile(model, backend="graphopt") if compiled else model
+    step_fn = torch.compile(model, backend="graphopt", options=setup.options) if compiled else model
     losses = []
     for step in range(STEPS):
-        batch = make_batch("right", batch=BATCH, seq=SEQ, seed=100 * step + rank)
+        batch = make_batch("right", batch=BATCH, seq=SEQ, vocab=setup.vocab, seed=100 * step + rank)
         loss = step_fn(**batch, use_cache=False).loss
         loss.backward()
         optimizer.step()
@@ -70,25 +102,31 @@ def train(setup: str, rank: int, *, compiled: bool) -> list[float]:
     return losses
 
 
-def run_setup(setup: str, rank: int) -> dict:
+def run_setup(name: str, rank: int) -> dict:
     from torch._dynamo.utils import counters
 
+    setup = SETUPS[name]
     torch._dynamo.reset()
     eager = train(setup, rank, compiled=False)
-    aot_before = counters["aot_autograd"]["total"]
-    with graphopt.capture() as report:
+    before = {key: dict(counters[key]) for key in ("aot_autograd", "frames", "graph_break")}
+    with torch._dynamo.config.patch(**setup.dynamo), graphopt.capture() as report:
         compiled = train(setup, rank, compiled=True)
+    frames = {k: v - before["frames"].get(k, 0) for k, v in counters["frames"].items()}
     return {
         "eager_losses": eager,
         "compiled_losses": compiled,
-        "aot_compilations": counters["aot_autograd"]["total"] - aot_before,
-        "optimize_ddp": str(torch._dynamo.config.optimize_ddp),
+        "aot_compilations": counters["aot_autograd"]["total"] - before["aot_autograd"].get("total", 0),
+        "failed_frames": frames.get("total", 0) - frames.get("ok", 0),
+        "graph_breaks": sorted(
+            reason.splitlines()[0] for reason, n in counters["graph_break"].items() if n > before["graph_break"].get(reason, 0)
+        ),
         "graphs": [
             {
                 "graph_id": g.graph_id,
                 "counts": dict(g.counts),
                 "declines": [f"{d.name}: {d.reason}" for d in g.declines],
                 "sdpa_calls": g.before.count("scaled_dot_product_attention("),
+                "code": hashlib.sha1(g.before.encode()).hexdigest()[:12],
                 "guards": [guard.name for guard in g.guards],
             }
             for g in report.graphs
@@ -105,7 +143,7 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--init", required=True, help="init_method of the process group, e.g. file:///tmp/x/store")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--setups", default=",".join(SETUPS))
+    parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated names from SETUPS, run in order")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # the ranks share the machine's cores
