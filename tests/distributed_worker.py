@@ -27,7 +27,8 @@ rank and each step, and of one shape, so each setup compiles once.
 Output: ``DIR/rank<R>.json`` mapping each setup to its losses (eager and compiled, per step), the
 number of AOTAutograd compilations of the compiled run, and graphopt's report: per graph its rewrite
 counts, declines, the number of SDPA calls before the passes and a hash of that code; runtime dispatch counts; and, from
-Dynamo's counters, the graph breaks and the frames that failed to compile during the compiled run.
+Dynamo's counters, the graph breaks and the frames that failed to compile during the compiled run,
+and its wall time (compiling included).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import argparse
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,12 +111,15 @@ def run_setup(name: str, rank: int) -> dict:
     torch._dynamo.reset()
     eager = train(setup, rank, compiled=False)
     before = {key: dict(counters[key]) for key in ("aot_autograd", "frames", "graph_break")}
+    start = time.perf_counter()
     with torch._dynamo.config.patch(**setup.dynamo), graphopt.capture() as report:
         compiled = train(setup, rank, compiled=True)
+    seconds = time.perf_counter() - start
     frames = {k: v - before["frames"].get(k, 0) for k, v in counters["frames"].items()}
     return {
         "eager_losses": eager,
         "compiled_losses": compiled,
+        "compiled_seconds": round(seconds, 1),  # compiling included
         "aot_compilations": counters["aot_autograd"]["total"] - before["aot_autograd"].get("total", 0),
         "failed_frames": frames.get("total", 0) - frames.get("ok", 0),
         "graph_breaks": sorted(

@@ -104,7 +104,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 def _summary(result: dict, rank: int, setup: str) -> str:
     graphs = "\n".join(f"  graph {g['graph_id']}: {g}" for g in result["graphs"])
     return (
-        f"rank {rank}, {setup}: {result['aot_compilations']} AOT compilations, "
+        f"rank {rank}, {setup}: {result['compiled_seconds']}s compiled run, {result['aot_compilations']} AOT compilations, "
         f"{result['failed_frames']} frames not compiled, graph breaks {result['graph_breaks']}\n"
         f"{result['summary']}\nper graph:\n{graphs}"
     )
