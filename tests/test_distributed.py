@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,8 +83,9 @@ def ranks(tmp_path_factory) -> list[dict]:
         ]
         with open(log, "w") as f:
             procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     try:
-        codes = [p.wait(timeout=LAUNCH_TIMEOUT_S) for p in procs]
+        codes = [p.wait(timeout=max(0.0, deadline - time.monotonic())) for p in procs]
     except subprocess.TimeoutExpired:
         codes = None
     finally:
@@ -104,8 +106,9 @@ def ranks(tmp_path_factory) -> list[dict]:
 def _summary(result: dict, rank: int, setup: str) -> str:
     graphs = "\n".join(f"  graph {g['graph_id']}: {g}" for g in result["graphs"])
     return (
-        f"rank {rank}, {setup}: {result['compiled_seconds']}s compiled run, {result['aot_compilations']} AOT compilations, "
-        f"{result['failed_frames']} frames not compiled, graph breaks {result['graph_breaks']}\n"
+        f"rank {rank}, {setup}: compiled run {result['compiled_seconds']}s, "
+        f"{result['aot_compilations']} AOT compilations, {result['failed_frames']} frames not compiled, "
+        f"graph breaks {result['graph_breaks']}\n"
         f"{result['summary']}\nper graph:\n{graphs}"
     )
 
