@@ -412,7 +412,7 @@ def _compare(out, kind: str, inp: torch.Tensor | None, seq_len: int, masked_valu
         return False, "the slice did not produce a 4-D tensor"
     if tuple(out.shape[-2:]) != (seq_len, seq_len):
         return False, f"mask shape {tuple(out.shape)} is not (..., {seq_len}, {seq_len})"
-    rows = 1 if inp is None else inp.shape[0]
+    rows = out.shape[0] if inp is None else inp.shape[0]  # a mask of no input may be any batch
     if out.shape[0] not in (1, rows) or out.shape[1] < 1:
         return False, f"shape {tuple(out.shape)} does not broadcast to ({rows}, 1, {seq_len}, {seq_len})"
     idx = torch.arange(seq_len)
