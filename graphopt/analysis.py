@@ -409,6 +409,12 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     graph.output(out)
     new = fx.GraphModule(gm, graph)
     new.meta = dict(gm.meta)
+    # Dynamo's bookkeeping, which its DDP optimizer reads when it splits a graph.
+    for old, copied in zip(gm.graph.find_nodes(op="placeholder"), graph.find_nodes(op="placeholder")):
+        if hasattr(old, "_dynamo_source"):
+            copied._dynamo_source = old._dynamo_source
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = gm._param_name_to_source
     for name, child in list(new.named_children()):
         if isinstance(child, fx.GraphModule):
             setattr(new, name, copy_graph_module(child))

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 from graphopt import analysis, inspection
 from graphopt.guards import GUARD_ADVICE, Guard, evaluate_guards
@@ -38,8 +39,15 @@ def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     from graphopt.passes import run_passes
 
     opts, inductor_options = split_options(options)
-    inductor = torch._TorchCompileInductorWrapper(mode, inductor_options, None)
+    inductor = _inductor(mode, inductor_options)
     report = inspection.new_graph_report(inspection.module_code(gm))
+    if _is_ddp_piece(gm):
+        report.note(
+            "this graph is one piece of a graph Dynamo's DDP optimizer split at gradient buckets, so a "
+            "mask may be built in one piece and used in another, and the labels live in the last. Set "
+            "torch._dynamo.config.optimize_ddp = False: graphopt then rewrites the whole graph and "
+            "splits it at DDP's buckets itself."
+        )
     work, ctx = run_passes(gm, opts, report)
     report.after = inspection.module_code(work) if report.changed else report.before
     report.guards = [inspection.GuardRecord(g.name, g.description, list(g.rewrites)) for g in ctx.guards]
@@ -51,6 +59,40 @@ def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
         fast = _attach_logits(inductor(work, example_inputs), ctx.detached_logits, len(gm.graph.output_node().args[0]))
         compiled = GuardedGraph(fast, fallback, ctx.guards, report.graph_id) if ctx.guards else RewrittenGraph(fast)
     return PublishedOnFirstCall(compiled, report, opts.dump_dir)
+
+
+def _inductor(mode: str | None, inductor_options: dict):
+    """Inductor, as ``backend="inductor"`` compiles. Under DDP with Dynamo's own DDP optimizer
+    turned off (``torch._dynamo.config.optimize_ddp = False``), each graph graphopt compiles (the
+    rewritten one, the exact fallback) is split at DDP's gradient buckets first, by the same
+    ``DDPOptimizer`` Dynamo would use, so communication still overlaps the backward: the passes see
+    the whole graph (one guard reads the attention mask and the labels before any piece runs)."""
+    inductor = torch._TorchCompileInductorWrapper(mode, inductor_options, None)
+    ddp = _active_ddp_module()
+    if ddp is None or torch._dynamo.utils.get_optimize_ddp_mode() != "no_optimization":
+        return inductor
+    from torch._dynamo.backends.distributed import DDPOptimizer
+
+    def bucketed(gm: fx.GraphModule, example_inputs):
+        return DDPOptimizer(bucket_bytes_cap=ddp.bucket_bytes_cap, backend_compile_fn=inductor).compile_fn(gm, example_inputs)
+
+    return bucketed
+
+
+def _active_ddp_module():
+    """The ``DistributedDataParallel`` module whose forward is being compiled, or None."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    get = getattr(DistributedDataParallel, "_get_active_ddp_module", None)
+    return get() if get is not None else None
+
+
+def _is_ddp_piece(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` is a piece of a graph split by Dynamo's DDP optimizer."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    return "DDPOptimizer" in str(getattr(reason, "reason", ""))
 
 
 def _exact_fallback(gm: fx.GraphModule, opts, report: inspection.GraphReport, inductor, memo: dict) -> ExactFallback:
@@ -123,6 +165,13 @@ class PublishedOnFirstCall:
         return self.compiled(*args)
 
 
+def _is_fake_call(args) -> bool:
+    """Whether a compiled graph is being called with fake tensors: the DDP optimizer does that while
+    it compiles, to get the next piece's example inputs. Such a call reads no data and counts for
+    nothing."""
+    return any(isinstance(a, FakeTensor) for a in args)
+
+
 class RewrittenGraph:
     """A rewritten graph that needs no guard; counts its calls as ``fast_path`` in the report."""
 
@@ -130,7 +179,8 @@ class RewrittenGraph:
         self.compiled = compiled
 
     def __call__(self, *args):
-        inspection.record_runtime("fast_path")
+        if not _is_fake_call(args):
+            inspection.record_runtime("fast_path")
         return self.compiled(*args)
 
 
@@ -182,6 +232,8 @@ class GuardedGraph:
         self._warned: set[str] = set()
 
     def __call__(self, *args):
+        if _is_fake_call(args):  # shapes only: the fast graph's outputs have the fallback's metadata
+            return self.fast(*args)
         failed = evaluate_guards(self.guards, args)
         if not failed:
             inspection.record_runtime("fast_path")

@@ -20,6 +20,8 @@ rank and each step, and of one shape, so each setup compiles once.
   falls after the layers: the first piece builds the mask and runs every attention, the second holds
   the loss. With ``padded_outputs_unused=True`` the first piece gets a right-padding guard, and the
   DDPOptimizer calls each compiled piece once with fake tensors while compiling.
+- ``ddp_whole_graph``: ``ddp``'s model with ``optimize_ddp=False``: Dynamo hands graphopt the whole
+  graph, and graphopt splits the graphs it compiles at DDP's buckets itself, after its passes.
 - ``ddp_python_reducer``: ``optimize_ddp="python_reducer"`` with compiled autograd: DDP's reducer
   runs in the compiled backward and the forward is one graph (no split). Runs last, because that
   DDP constructor adds ``torch.nn.parallel.distributed`` to Dynamo's inline list for the process.
@@ -72,6 +74,7 @@ SETUPS = {
     "ddp": Setup("ddp", WIDE_MLP),
     "fsdp2": Setup("fsdp2", WIDE_MLP),
     "ddp_guarded_piece": Setup("ddp", {"vocab_size": 8192}, {"padded_outputs_unused": True}),
+    "ddp_whole_graph": Setup("ddp", WIDE_MLP, dynamo={"optimize_ddp": False}),
     "ddp_python_reducer": Setup("ddp", WIDE_MLP, dynamo={"optimize_ddp": "python_reducer", "compiled_autograd": True}),
 }
 

@@ -11,15 +11,17 @@ docstring for each setup):
   its own (``create_causal_mask``), each decoder layer is one graph, and the loss is another.
 - ``ddp_guarded_piece``: the split falls after the layers, and with ``padded_outputs_unused=True`` the
   first piece is guarded; the DDPOptimizer calls it with fake tensors while compiling.
+- ``ddp_whole_graph``: ``optimize_ddp=False``: graphopt gets the whole graph, rewrites it, and splits
+  what it compiles at DDP's buckets itself (the recommended DDP setup).
 - ``ddp_python_reducer``: ``optimize_ddp="python_reducer"`` + compiled autograd: no split.
 
-Today every step is exact (losses equal eager's), and mask elision works only without a split
-(``ddp_python_reducer``). With a split it declines: in the graph that builds the mask, the mask is a
-graph output ("not attention"); in the graphs that consume it, it is a placeholder graphopt cannot
-prove; and the labels the right-padding guard must check are only in the last graph. A guarded
-piece fails to compile on the DDPOptimizer's fake call (its guard reads a value from fake tensors),
-so Dynamo falls back and retraces. Those assertions are ``xfail(strict=True)``: they flip when
-issue 9 §4 is fixed.
+Every step is exact (losses equal eager's). Mask elision works when graphopt sees the whole graph
+(``ddp_whole_graph``, ``ddp_python_reducer``), and on a guarded DDP piece (``ddp_guarded_piece``:
+the DDPOptimizer's fake call while compiling runs the fast graph without reading a guard). Across a
+split it still declines: in the graph that builds the mask, the mask is a graph output ("not
+attention"); in the graphs that consume it, it is a placeholder graphopt cannot prove; and the
+labels the right-padding guard must check are only in the last graph. Those assertions are
+``xfail(strict=True)``: they flip when that gap is closed.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ LAYERS = TINY_DIMS["num_hidden_layers"]
 # Setups whose compiled step runs as several graphs (the scenario under test), and how many SDPA
 # calls graphopt should receive when each graph is compiled once: FSDP2's decoder layers share one
 # graph (one SDPA call), compiled once and called for every layer.
-SPLIT_SETUPS = ("ddp", "fsdp2", "ddp_guarded_piece")
-ATTENTION_CALLS = {"ddp": LAYERS, "fsdp2": 1, "ddp_guarded_piece": LAYERS, "ddp_python_reducer": LAYERS}
+SPLIT_SETUPS = ("ddp", "fsdp2", "ddp_guarded_piece", "ddp_whole_graph")
+ATTENTION_CALLS = {"ddp": LAYERS, "fsdp2": 1, "ddp_guarded_piece": LAYERS, "ddp_whole_graph": LAYERS, "ddp_python_reducer": LAYERS}
 LAUNCH_TIMEOUT_S = 600
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,12 +55,6 @@ CROSS_GRAPH_GAP = (
     "issue 9 §4: mask elision does not work across graph boundaries. The mask is built in one graph "
     "and reaches later graphs' SDPA calls as a graph output and a placeholder, and the labels the "
     "right-padding guard checks are only in the graph of the loss"
-)
-FAKE_CALL_GAP = (
-    "issue 9 §4: the DDPOptimizer calls each compiled piece with fake tensors while compiling (for "
-    "the next piece's example inputs); a GuardedGraph then reads its guard from fake tensors "
-    "(DataDependentOutputException), Dynamo falls back and retraces the frame, and the pieces reach "
-    "graphopt several times (and the loss piece without its lm_head)"
 )
 LOSS_IN_NEXT_GRAPH_GAP = (
     "issue 9 §4: the graph that builds and consumes the mask computes no loss, so the mask is kept "
@@ -130,7 +126,7 @@ def test_compiled_training_matches_eager(ranks, setup):
 
 
 def _expected_gap(setup: str):
-    reason = {"ddp": CROSS_GRAPH_GAP, "fsdp2": CROSS_GRAPH_GAP, "ddp_guarded_piece": FAKE_CALL_GAP}.get(setup)
+    reason = {"ddp": CROSS_GRAPH_GAP, "fsdp2": CROSS_GRAPH_GAP}.get(setup)
     marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
     return pytest.param(setup, marks=marks, id=setup)
 
