@@ -40,6 +40,10 @@ class GraphoptCallback(TrainerCallback):
       unspecified on the fast path: let ``compute_metrics`` read the logits only where the labels
       are not -100.
 
+    The callback also lets Dynamo skip transformers' ``logger.warning_once`` calls (for the whole
+    process): with activation checkpointing and ``use_cache`` on, one of them would split every
+    training step into two graphs and keep the mask (see :func:`_skip_warning_once_in_graphs`).
+
     With ``model_init``, the model that ``train()`` builds afresh is not compiled: the callback
     compiles the model the Trainer holds when its ``__init__`` ends.
 
@@ -84,8 +88,31 @@ class GraphoptCallback(TrainerCallback):
                 "before torch.compile (a compiled module hides the forward's signature from the "
                 "Trainer and saves checkpoints under '_orig_mod.' keys)."
             )
+        _skip_warning_once_in_graphs()
         model.compile(backend="graphopt", mode=self.mode, options=self.options, dynamic=self.dynamic)
         return control
+
+
+def _skip_warning_once_in_graphs() -> None:
+    """Let Dynamo skip transformers' ``logger.warning_once`` instead of breaking the graph there.
+
+    With activation checkpointing and ``use_cache`` on (the default of most configs), every
+    training forward calls ``logger.warning_once("`use_cache=True` is incompatible with gradient
+    checkpointing ...")``; Dynamo cannot trace it and splits the step in two graphs, the mask in one
+    and the loss in the other, and mask elision then cannot check the labels. Skipped in compiled
+    code, the warning is not printed there (an eager step prints it).
+    """
+    import logging
+
+    import torch._dynamo
+
+    warning_once = getattr(logging.Logger, "warning_once", None)  # added to Logger by transformers
+    config = torch._dynamo.config
+    ignored = getattr(config, "ignore_logger_methods", None)
+    if ignored is None:
+        ignored = getattr(config, "ignore_logging_functions", None)
+    if warning_once is not None and ignored is not None:
+        ignored.add(warning_once)
 
 
 def _check_training_args(args) -> None:
