@@ -529,7 +529,7 @@ def _guard_overhead(args, trainer: Trainer, batches: list[dict], report, guard_t
 
     - ``instrumented``: median time of ``evaluate_guards`` inside the timed steps (one call per
       guarded graph per step; forward and backward are one graph under AOTAutograd).
-    - ``micro``: ``right_padding_guard(attention_mask, labels, shift=1, ignore_index=-100)`` plus the
+    - ``micro``: ``right_padding_guard`` on the attention mask and HF's shifted labels plus the
       host read, on this run's batch, median of 100 calls.
     - ``step_delta``: the same step with ``trust_right_padding=True`` (no guard) on a second model
       compiled in this process, steps interleaved with the default model's (alternating which runs
@@ -539,7 +539,7 @@ def _guard_overhead(args, trainer: Trainer, batches: list[dict], report, guard_t
     import torch
 
     import graphopt
-    from graphopt.guards import right_padding_guard
+    from graphopt.guards import right_padding_guard, shift_targets
 
     out: dict = {"instrumented_median_us": None, "micro_median_us": None, "step_delta": None}
     if guard_times:
@@ -550,7 +550,8 @@ def _guard_overhead(args, trainer: Trainer, batches: list[dict], report, guard_t
             calls = []
             for i in range(110):
                 start = time.perf_counter()
-                conditions = right_padding_guard(batch["attention_mask"], batch["labels"], shift=1, ignore_index=IGNORE_INDEX)
+                targets = shift_targets(batch["labels"], 1, IGNORE_INDEX)
+                conditions = right_padding_guard(batch["attention_mask"], targets, ignore_index=IGNORE_INDEX)
                 torch.stack([c.reshape(()) for c in conditions.values()]).tolist()
                 if i >= 10:
                     calls.append(time.perf_counter() - start)
