@@ -132,34 +132,28 @@ def _bench_table(results: dict) -> list[str]:
     return ["", *rows, ""]
 
 
-def lce_numbers(log_dir: str, step: dict) -> tuple[str, list[str]]:
+def _variant_numbers(log_dir: str, step: dict, describe) -> tuple[str, list[str]]:
+    """One op benchmark's variants, each as ``describe(result)`` or its failure."""
     data = _load_json(log_dir, step["name"])
     if not data:
         return "no JSON result", []
-    parts = []
-    for r in data["results"]:
-        if "error" in r:
-            parts.append(f"{r['variant']} FAILED ({r['error'][:80]})")
-        else:
-            parts.append(f"{r['variant']} {r['median_s'] * 1e3:.1f} ms / {r['peak_mb']:.0f} MB")
+    parts = [
+        f"{r['variant']} FAILED ({r['error'][:80]})" if "error" in r else describe(r) for r in data["results"]
+    ]
     if data.get("not_available"):
         parts.append("n/a: " + ", ".join(data["not_available"]))
     return "; ".join(parts), []
+
+
+def lce_numbers(log_dir: str, step: dict) -> tuple[str, list[str]]:
+    return _variant_numbers(log_dir, step, lambda r: f"{r['variant']} {r['median_s'] * 1e3:.1f} ms / {r['peak_mb']:.0f} MB")
 
 
 def varlen_numbers(log_dir: str, step: dict) -> tuple[str, list[str]]:
-    data = _load_json(log_dir, step["name"])
-    if not data:
-        return "no JSON result", []
-    parts = []
-    for r in data["results"]:
-        if "error" in r:
-            parts.append(f"{r['variant']} FAILED ({r['error'][:80]})")
-        else:
-            parts.append(f"{r['variant']} fwd {r['fwd_ms']:.1f} / fwd+bwd {r['fwd_bwd_ms']:.1f} ms ({r['fwd_bwd_speedup']:.2f}x)")
-    if data.get("not_available"):
-        parts.append("n/a: " + ", ".join(data["not_available"]))
-    return "; ".join(parts), []
+    return _variant_numbers(
+        log_dir, step,
+        lambda r: f"{r['variant']} fwd {r['fwd_ms']:.1f} / fwd+bwd {r['fwd_bwd_ms']:.1f} ms ({r['fwd_bwd_speedup']:.2f}x)",
+    )
 
 
 def env_numbers(log_dir: str, step: dict) -> tuple[str, list[str]]:

@@ -428,27 +428,35 @@ def loss_and_logits(h, w, y):
     return F.cross_entropy(logits.float().view(-1, V), y.view(-1)), logits
 
 
+def scaled_loss_and_logits(h, w, y):
+    logits = F.linear(h, w) * 0.25
+    return F.cross_entropy(logits.float().view(-1, V), y.view(-1)), logits
+
+
 @pytest.mark.parametrize("through_logits", [True, False], ids=["loss_and_logits", "loss_only"])
-def test_returned_logits_of_a_graph_input(monkeypatch, through_logits):
+@pytest.mark.parametrize("scale", [1.0, 0.25], ids=["unscaled", "scaled"])
+def test_returned_logits_of_a_graph_input(monkeypatch, through_logits, scale):
+    """Returned logits (scaled or not) keep their values and get their gradient attached."""
     calls = count_attached_logits_backward(monkeypatch)
     probe = torch.randn(B, S, V, generator=torch.Generator().manual_seed(2))
+    fn = loss_and_logits if scale == 1.0 else scaled_loss_and_logits
 
     def objective(h, w, y, fn):
         loss, logits = fn(h, w, y)
         return loss + (logits * probe).mean() if through_logits else loss
 
     inputs = _loss_inputs(seed=3)
-    eager = _loss_and_grads(lambda h, w, y: objective(h, w, y, loss_and_logits), *inputs)
+    eager = _loss_and_grads(lambda h, w, y: objective(h, w, y, fn), *inputs)
     torch._dynamo.reset()
-    compiled_fn = torch.compile(loss_and_logits, backend="graphopt", options={"cross_entropy_chunk_size": 3})
+    compiled_fn = torch.compile(fn, backend="graphopt", options={"cross_entropy_chunk_size": 3})
     with graphopt.capture() as report:
         compiled = _loss_and_grads(lambda h, w, y: objective(h, w, y, compiled_fn), *inputs)
     assert_steps_equal(eager, compiled)
-    assert report.rule_counts[(NAME, "mean")] == 1, report
+    assert report.rule_counts[(NAME, "mean" if scale == 1.0 else "mean_scaled")] == 1, report
     assert _logits_mode(report.graphs) == {"detached"}
     assert len(calls) == int(through_logits)
     logits = compiled_fn(*inputs)[1]
-    torch.testing.assert_close(logits, F.linear(inputs[0], inputs[1]), **tol(torch.float32))
+    torch.testing.assert_close(logits, F.linear(inputs[0], inputs[1]) * scale, **tol(torch.float32))
 
 
 @pytest.mark.parametrize(
@@ -471,38 +479,12 @@ def divided_loss(h, w, y):
     return F.cross_entropy((F.linear(h, w) / 3.0).float().view(-1, V), y.view(-1), reduction="sum") / 7
 
 
-def scaled_loss_and_logits(h, w, y):
-    logits = F.linear(h, w) * 0.25
-    return F.cross_entropy(logits.float().view(-1, V), y.view(-1)), logits
-
-
 @pytest.mark.parametrize("fn, rule", [(scaled_loss, "mean_scaled"), (divided_loss, "sum_scaled")], ids=["multiply", "divide"])
 def test_constant_logit_scales_are_fused(fn, rule):
     report = compare_loss_fn(fn, cross_entropy_chunk_size=3)
     assert report.rule_counts[(NAME, rule)] == 1, report
     (after,) = report.graph_code("after")
     assert FUSED_OP in after and UNFUSED_CE not in after
-
-
-@pytest.mark.parametrize("through_logits", [True, False], ids=["loss_and_logits", "loss_only"])
-def test_returned_scaled_logits_are_the_scaled_ones_with_their_gradient(monkeypatch, through_logits):
-    calls = count_attached_logits_backward(monkeypatch)
-    probe = torch.randn(B, S, V, generator=torch.Generator().manual_seed(2))
-
-    def objective(h, w, y, fn):
-        loss, logits = fn(h, w, y)
-        return loss + (logits * probe).mean() if through_logits else loss
-
-    inputs = _loss_inputs(seed=3)
-    eager = _loss_and_grads(lambda h, w, y: objective(h, w, y, scaled_loss_and_logits), *inputs)
-    torch._dynamo.reset()
-    compiled_fn = torch.compile(scaled_loss_and_logits, backend="graphopt", options={"cross_entropy_chunk_size": 3})
-    with graphopt.capture() as report:
-        compiled = _loss_and_grads(lambda h, w, y: objective(h, w, y, compiled_fn), *inputs)
-    assert_steps_equal(eager, compiled)
-    assert report.rule_counts[(NAME, "mean_scaled")] == 1, report
-    assert _logits_mode(report.graphs) == {"detached"} and len(calls) == int(through_logits)
-    torch.testing.assert_close(compiled_fn(*inputs)[1], F.linear(inputs[0], inputs[1]) * 0.25, **tol(torch.float32))
 
 
 def test_logits_not_from_a_linear_are_not_fused():
