@@ -120,3 +120,33 @@ def test_a_body_shared_by_two_checkpoint_calls_is_rewritten_for_each(monkeypatch
     assert len({id(b) for b in bodies}) == 2
     assert all(isinstance(b, fx.GraphModule) for b in bodies)
     assert all(analysis.checkpoint_body(h) is not b for h in hops for b in bodies)  # the original is untouched
+
+
+@pytest.mark.parametrize("other_use", [False, True], ids=["attention_only", "also_summed"])
+def test_a_mask_read_by_other_code_inside_a_body_is_kept(other_use):
+    """Inside a checkpointed body a mask used only as attention's mask is dropped; when it also
+    feeds a sum it is not only attention's mask, and nothing is rewritten (the reason names the use)."""
+    import torch.nn.functional as F
+
+    from graphopt.inspection import GraphReport
+    from graphopt.options import GraphoptOptions
+    from graphopt.passes import run_passes
+    from tests.retarget import capture_graphs
+
+    def layer(x, mask):
+        out = F.scaled_dot_product_attention(x, x, x, attn_mask=mask)
+        return out + mask.sum() if other_use else out
+
+    def model(x, am):
+        idx = torch.arange(am.shape[1])
+        mask = (idx[None, :] <= idx[:, None])[None, None] & am.bool()[:, None, None, :]
+        return torch.utils.checkpoint.checkpoint(layer, x, mask, use_reentrant=False)
+
+    (gm,) = capture_graphs(model, torch.randn(2, 2, 8, 4), torch.ones(2, 8, dtype=torch.long))
+    report = GraphReport(0, gm.code, quiet=True)
+    _, ctx = run_passes(gm, GraphoptOptions(padded_outputs_unused=True), report)
+    if not other_use:
+        assert report.counts["mask_elision"] == 1 and [g.name for g in ctx.guards] == ["right_padding"]
+        return
+    assert report.counts["mask_elision"] == 0 and ctx.guards == []
+    assert any("inside" in d.reason and "not attention" in d.reason for d in report.declines), report.declines
