@@ -92,6 +92,14 @@ def tensor_inputs(graph: fx.Graph) -> dict[fx.Node, frozenset[fx.Node]]:
     return deps
 
 
+def describe(node: fx.Node) -> str:
+    """A short name for what ``node`` is (a graph output, which call), for decline reasons."""
+    if node.op == "output":
+        return "a graph output"
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.op} {target}"
+
+
 def is_mutation(node: fx.Node) -> bool:
     """True for calls that write into an argument (``x[i] = v``, ``x.add_(y)``, ``out=``)."""
     if node.op == "call_function":

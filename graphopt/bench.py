@@ -684,9 +684,19 @@ def _spawn(args, argv: list[str], backend: str) -> dict:
     return result
 
 
+def _compare_first_loss(args, result: dict, ref: dict | None, summary: dict) -> None:
+    """Record ``result``'s first-step loss difference to eager's (``ref``), and clear
+    ``summary["losses_agree"]`` when it is outside ``LOSS_TOLERANCE``."""
+    if ref is None:
+        return
+    rtol, atol = LOSS_TOLERANCE[args.dtype]
+    result["first_loss_abs_diff_vs_eager"] = abs(result["first_loss"] - ref["first_loss"])
+    if result["first_loss_abs_diff_vs_eager"] > atol + rtol * abs(ref["first_loss"]):
+        summary["losses_agree"] = False
+
+
 def summarize(args, results: dict) -> dict:
     ok = {b: r for b, r in results.items() if "error" not in r}
-    rtol, atol = LOSS_TOLERANCE[args.dtype]
     summary = {"losses_agree": True, "weights_identical": len({r["weight_checksum"] for r in ok.values()}) <= 1}
     ref = ok.get("eager")
     for b, r in ok.items():
@@ -695,10 +705,7 @@ def summarize(args, results: dict) -> dict:
         if "inductor" in ok:
             r["speedup_vs_inductor"] = ok["inductor"]["median_step_s"] / r["median_step_s"]
             r["memory_vs_inductor"] = r["peak_mb"] / ok["inductor"]["peak_mb"]
-        if ref is not None:
-            r["first_loss_abs_diff_vs_eager"] = abs(r["first_loss"] - ref["first_loss"])
-            if r["first_loss_abs_diff_vs_eager"] > atol + rtol * abs(ref["first_loss"]):
-                summary["losses_agree"] = False
+        _compare_first_loss(args, r, ref, summary)
     if ref is not None:
         summary["max_first_loss_abs_diff_vs_eager"] = max(r["first_loss_abs_diff_vs_eager"] for r in ok.values())
     g = ok.get("graphopt")
@@ -806,7 +813,6 @@ def format_table(args, info: dict, results: dict, summary: dict) -> str:
 def summarize_vary(args, results: dict) -> dict:
     """Per-backend totals of a --vary-length run, and the targets (graphopt vs inductor)."""
     ok = {b: r for b, r in results.items() if "error" not in r}
-    rtol, atol = LOSS_TOLERANCE[args.dtype]
     summary = {"losses_agree": True, "weights_identical": len({r["weight_checksum"] for r in ok.values()}) <= 1}
     ref = ok.get("eager")
     for b, r in ok.items():
@@ -819,11 +825,9 @@ def summarize_vary(args, results: dict) -> dict:
         if "inductor" in ok:
             r["wall_speedup_vs_inductor"] = ok["inductor"]["total_s"] / r["total_s"]
             r["extra_compiles_vs_inductor"] = r["inductor_compiles"] - ok["inductor"]["inductor_compiles"]
+        _compare_first_loss(args, r, ref, summary)
         if ref is not None:
-            r["first_loss_abs_diff_vs_eager"] = abs(r["first_loss"] - ref["first_loss"])
             r["max_loss_abs_diff_vs_eager"] = max(abs(s["loss"] - e["loss"]) for s, e in zip(steps, ref["steps"]))
-            if r["first_loss_abs_diff_vs_eager"] > atol + rtol * abs(ref["first_loss"]):
-                summary["losses_agree"] = False
     g = ok.get("graphopt")
     if g and "inductor" in ok:
         t = args.target

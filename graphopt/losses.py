@@ -124,8 +124,7 @@ def _prove(gm: fx.GraphModule, ce: fx.Node, deps) -> LossInfo | str:
             node.op == "call_function" and node.target in _PASS_THROUGH_FUNCTIONS
         )
         if not passes:
-            target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
-            return f"the logits reach cross_entropy through {node.name} ({target}), not an elementwise map of lm_head"
+            return f"the logits reach cross_entropy through {node.name} ({analysis.describe(node)}), not an elementwise map of lm_head"
         chain.append(node)
         node = node.args[0]
         if not isinstance(node, fx.Node):
@@ -153,10 +152,11 @@ def _prove(gm: fx.GraphModule, ce: fx.Node, deps) -> LossInfo | str:
     labels = next(iter(tdeps))
     if analysis.example_value(labels).is_floating_point():
         return f"the cross_entropy target comes from the float input {labels.name}"
-    shift = _probe_shift(gm, target, labels, batch, seq, args["ignore_index"])
+    target_path = analysis.extract_function(gm, target)
+    shift = _probe_shift(target_path, labels, batch, seq, args["ignore_index"])
     if shift is None:
         return "the cross_entropy target is not a shift of the labels input"
-    transformed = not _is_pure_shift(analysis.extract_function(gm, target), labels, batch, seq, shift, args["ignore_index"])
+    transformed = not _is_pure_shift(target_path, labels, batch, seq, shift, args["ignore_index"])
     targets = analysis.extract_function(gm, target, for_probes=False)
 
     # 3. What the graph returns as the loss.
@@ -252,9 +252,8 @@ def _holds(gm, node: fx.Node, linear: fx.Node, z: torch.Tensor, expected: torch.
     return out.shape == expected.shape and torch.allclose(out.float(), expected, rtol=1e-6, atol=1e-6)
 
 
-def _probe_shift(gm, target, labels, batch, seq, ignore_index) -> int | None:
-    """The shift that the target path applies to distinct ordinary label values, or None."""
-    fn = analysis.extract_function(gm, target)
+def _probe_shift(fn: analysis.ExtractedFunction, labels, batch, seq, ignore_index) -> int | None:
+    """The shift that the target path ``fn`` applies to distinct ordinary label values, or None."""
     probe = torch.arange(batch * seq, dtype=torch.int64).reshape(batch, seq) + 7
     out = _run_targets(fn, labels, probe)
     for shift in (1, 0):

@@ -139,7 +139,7 @@ def find_masks(gm: fx.GraphModule, memo: dict | None = None) -> list[MaskCandida
                         cand.checkpoints[inner] = user
                         cand.seen_as[inner] = placeholder
             elif not _add_attention_user(cand, user, node):
-                cand.reason = f"the mask is used by {user.name} ({_describe(user)}), which is not attention"
+                cand.reason = f"the mask is used by {user.name} ({analysis.describe(user)}), which is not attention"
         found.append(cand)
     frontier = {c.node for c in found}
     for cand in found:
@@ -181,14 +181,6 @@ def _add_attention_user(cand: MaskCandidate, user: fx.Node, mask: fx.Node) -> bo
     return True
 
 
-def _describe(node: fx.Node) -> str:
-    """A short name for what ``node`` is (a graph output, a call), for decline reasons."""
-    if node.op == "output":
-        return "a graph output"
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return f"{node.op} {target}"
-
-
 def _escapes(mask: fx.Node, index_only: set[fx.Node], frontier: set[fx.Node]) -> str:
     """Why the mask's value reaches something other than attention through index-only nodes
     (the graph output, or a consumer that is not another mask), or "" when it does not."""
@@ -203,7 +195,7 @@ def _escapes(mask: fx.Node, index_only: set[fx.Node], frontier: set[fx.Node]) ->
                 return f"{node.name}, derived from the mask, is a graph output"
             if user not in index_only:
                 if node is not mask:
-                    return f"{node.name}, derived from the mask, is used by {user.name} ({_describe(user)})"
+                    return f"{node.name}, derived from the mask, is used by {user.name} ({analysis.describe(user)})"
                 continue
             stack.append(user)
     return ""

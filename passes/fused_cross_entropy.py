@@ -48,8 +48,6 @@ class FusedCrossEntropy:
     name = "fused_cross_entropy"
 
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> int:
-        if not ctx.options.fused_cross_entropy:
-            return 0
         losses, reasons = ctx.losses(gm)
         for reason in reasons:
             ctx.report.decline(self.name, reason)
