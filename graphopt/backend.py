@@ -56,7 +56,12 @@ def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     if not report.changed:
         compiled = inductor(gm, example_inputs)
     else:
-        fast = _attach_logits(inductor(work, example_inputs), ctx.detached_logits, len(gm.graph.output_node().args[0]))
+        n_outputs = len(gm.graph.output_node().args[0])
+        if ctx.unpad is not None:  # the padded fast graph is never run: the unpadded one replaces it
+            report.after = inspection.module_code(ctx.unpad.module)
+            fast = UnpaddedGraph(ctx.unpad, ctx.detached_logits, n_outputs, inductor, report.graph_id)
+        else:
+            fast = _attach_logits(inductor(work, example_inputs), ctx.detached_logits, n_outputs)
         compiled = GuardedGraph(fast, fallback, ctx.guards, report.graph_id) if ctx.guards else RewrittenGraph(fast)
     return PublishedOnFirstCall(compiled, report, opts.dump_dir)
 
@@ -193,8 +198,9 @@ class ExactFallback:
     reuses it like any compiled function (one compile per shape regime, not per batch).
     """
 
-    def __init__(self, module: fx.GraphModule, detached: list, n_outputs: int, inductor, graph_id: int):
+    def __init__(self, module: fx.GraphModule, detached: list, n_outputs: int, inductor, graph_id: int, what: str = "exact fallback"):
         self.module = module
+        self.what = what
         self.detached = detached
         self.n_outputs = n_outputs
         self.inductor = inductor
@@ -213,7 +219,7 @@ class ExactFallback:
                 # Built now, outside Dynamo's compile: fresh code objects, which Dynamo traces.
                 compiled = torch.compile(analysis.copy_graph_module(self.module), backend=self.inductor)
                 self._compiled = _attach_logits(compiled, self.detached, self.n_outputs)
-                log.info("graph %d: exact fallback prepared in %.2fs (compiles on first call)", self.graph_id, time.perf_counter() - start)
+                log.info("graph %d: %s prepared in %.2fs (compiles on first call)", self.graph_id, self.what, time.perf_counter() - start)
             return self._compiled
 
 
@@ -233,7 +239,7 @@ class GuardedGraph:
 
     def __call__(self, *args):
         if _is_fake_call(args):  # shapes only: the fast graph's outputs have the fallback's metadata
-            return self.fast(*args)
+            return (self.fallback if isinstance(self.fast, UnpaddedGraph) else self.fast)(*args)
         failed = evaluate_guards(self.guards, args)
         if not failed:
             inspection.record_runtime("fast_path")
@@ -251,3 +257,27 @@ class GuardedGraph:
         self._warned.update(new)
         advice = " ".join(GUARD_ADVICE.get(name, name) for name in new)
         log.warning("graphopt: graph %d runs its exact masked path for this batch: %s", self.graph_id, advice)
+
+
+class UnpaddedGraph:
+    """The fast path of a right-padded batch, run on its real tokens only
+    (:mod:`graphopt.passes.unpad`): builds the packing indices from the attention mask, then runs
+    the unpadded graph, compiled by Inductor on first use. The packed length is marked dynamic, so
+    batches of other real-token counts reuse the compilation."""
+
+    def __init__(self, plan, detached: list, n_outputs: int, inductor, graph_id: int):
+        self.plan = plan
+        self.module = ExactFallback(plan.module, detached, n_outputs, inductor, graph_id, what="unpadded graph")
+        self.graph_id = graph_id
+
+    def __call__(self, *args):
+        from graphopt.passes.unpad import packing_indices
+
+        extra, n_real, packed = packing_indices(args[self.plan.mask_input], self.plan.bucket)
+        for name in ("gather", "positions", "scatter"):
+            torch._dynamo.maybe_mark_dynamic(extra[name], 0)
+        padded = args[self.plan.mask_input].numel()
+        inspection.record_runtime("unpad")
+        inspection.record_runtime("unpad_tokens_saved", padded - packed)
+        inspection.record_runtime("unpad_bucket_waste", packed - n_real)
+        return self.module(*args, extra["gather"], extra["positions"], extra["cu_seqlens"], extra["scatter"])

@@ -25,6 +25,9 @@ class GraphoptOptions:
         varlen_attention: run packed sequences (``position_ids`` restarting per document, no
             attention mask) as per-document attention with RoPE fused in.
         fused_cross_entropy: compute the LM-head + cross-entropy loss chunk by chunk.
+        unpad: when a right-padded training batch passes the right-padding guard, run the whole
+            decoder on its real tokens only (each row one document of varlen attention) and
+            scatter per-position outputs back; see :mod:`graphopt.passes.unpad`.
         drop_logits: with ``fused_cross_entropy``, do not compute the logits output of a training
             step that computes the loss; the graph returns an empty tensor in their place. Off by
             default because it changes an output.
@@ -42,6 +45,7 @@ class GraphoptOptions:
     mask_elision: bool = True
     varlen_attention: bool = True
     fused_cross_entropy: bool = True
+    unpad: bool = True
     drop_logits: bool = False
     padded_outputs_unused: bool = False
     trust_right_padding: bool = False

@@ -76,6 +76,7 @@ class PassContext:
     guards: list[Guard] = field(default_factory=list)
     detached_logits: list[DetachedLogits] = field(default_factory=list)
     memo: dict = field(default_factory=dict)
+    unpad: object = None  # the UnpadPlan of graphopt.passes.unpad, when the graph can be unpadded
     _masks: list | None = None
     _losses: tuple | None = None
 
@@ -119,15 +120,18 @@ class PassContext:
 
 def enabled_passes(options: GraphoptOptions) -> list:
     """The passes to run, in order: each pass whose option (``mask_elision``,
-    ``varlen_attention``, ``fused_cross_entropy``) is on."""
+    ``varlen_attention``, ``fused_cross_entropy``, ``unpad``) is on. ``unpad`` builds on the
+    other two (the guard of mask elision, the attention op of varlen attention) and runs last."""
     from graphopt.passes.fused_cross_entropy import FusedCrossEntropy
     from graphopt.passes.mask_elision import MaskElision
+    from graphopt.passes.unpad import Unpad
     from graphopt.passes.varlen_attention import VarlenAttention
 
     candidates = [
         (options.mask_elision, MaskElision),
         (options.varlen_attention, VarlenAttention),
         (options.fused_cross_entropy, FusedCrossEntropy),
+        (options.unpad and options.mask_elision and options.varlen_attention, Unpad),
     ]
     return [cls() for enabled, cls in candidates if enabled]
 

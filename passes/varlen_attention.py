@@ -120,7 +120,7 @@ class VarlenAttention:
             analysis.annotate(node)
         return cu
 
-    def _rewrite(self, ctx: PassContext, match: AttentionMatch, cu: fx.Node) -> None:
+    def _rewrite(self, ctx: PassContext, match: AttentionMatch, cu: fx.Node, report: bool = True) -> None:
         graph = match.sdpa.graph
         new: list[fx.Node] = []
 
@@ -155,6 +155,8 @@ class VarlenAttention:
         match.sdpa.replace_all_uses_with(result)
         graph.erase_node(match.sdpa)
         analysis.erase_dead(graph, match.region)
+        if not report:  # the caller (graphopt.passes.unpad) reports the rewrite as its own
+            return
         ctx.report.rewrite(self.name, "sdpa_packed", f"{match.sdpa.name}: block-causal mask -> per-document attention")
         layout = "interleaved" if match.interleaved else "half"
         ctx.report.rewrite("rope_fusion", layout, f"{match.sdpa.name}: RoPE applied inside varlen_attention")

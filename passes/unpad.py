@@ -1,0 +1,725 @@
+"""Padding-free training from padded batches: the decoder runs on the real tokens only.
+
+Motivated by every padded SFT batch: after mask elision a right-padded batch no longer builds a
+mask, but every linear, norm, MLP and attention still runs on the pad tokens. When the
+right-padding guard holds, graphopt knows where the real tokens are: row ``b`` holds its
+``L_b`` real tokens first. This pass builds a second version of the rewritten graph that
+
+1. gathers the real tokens of every row into one packed row of ``T`` tokens at the graph's entry
+   (every (B, S) token input: ``input_ids``, ``position_ids``, ``inputs_embeds``), each row one
+   document; ``T`` is the real-token count rounded up to a bucket, the extra tokens form a
+   document of their own whose targets are ignored;
+2. runs every token-wise op on (1, T) instead of (B, S) (shape arguments are rewritten where they
+   name the batch or sequence dimension), RoPE at each token's own position (0..L_b - 1, exactly
+   the positions of the padded graph), and attention as per-document causal varlen attention
+   (:mod:`graphopt.passes.varlen_attention`'s op, RoPE fused);
+3. scores the loss on the packed tokens: the targets the padded graph computes (HF's label shift
+   included) are gathered at the same positions, so the mean over valid targets, or the sum over
+   ``num_items_in_batch``, is the padded graph's;
+4. scatters back to (B, S) what the graph returns per position (the logits, the flat hidden
+   states of the fused loss); padded positions hold zeros, unspecified as on the fast path.
+
+Token-wise is proven by meaning, op by op: the pass tracks which dimension of every value is the
+batch (``B``), the sequence (``S``) or both merged (``BS``), and accepts an op only when it acts
+on each (b, s) position independently: elementwise ops and broadcasts that never meet an
+untracked dimension of sequence length, linears and norms over feature dimensions, views that
+keep the token dimensions whole, slices that keep them full. SDPA (causal, no mask) and the loss
+are the only places positions meet; anything else that mixes positions is a decline that names
+the op. The gather and scatter indices, the positions and the document boundaries are computed
+on the host from the row lengths the guard already read.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from graphopt import analysis
+from graphopt.passes import PassContext
+
+# Elementwise (broadcasting) ops of Dynamo's torch-level IR. Casts and copies are elementwise too.
+_ELEMENTWISE_FUNCTIONS = frozenset({
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
+    operator.iadd, operator.imul, operator.isub, operator.itruediv,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.rsqrt, torch.sqrt,
+    torch.exp, torch.tanh, torch.sigmoid, torch.sin, torch.cos, torch.abs, torch.where, torch.clamp,
+    torch.erf, torch.maximum, torch.minimum, torch.square, torch.reciprocal,
+    torch.nn.functional.silu, torch.nn.functional.gelu, torch.nn.functional.relu,
+    torch.nn.functional.dropout, torch._C._nn.gelu, torch.nn.functional.tanh, torch.nn.functional.sigmoid,
+})
+_ELEMENTWISE_METHODS = frozenset({
+    "add", "sub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "exp", "tanh", "sigmoid", "sin", "cos",
+    "abs", "clamp", "float", "half", "bfloat16", "to", "type_as", "contiguous", "clone", "detach",
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
+    "__neg__", "__pow__", "square", "reciprocal", "masked_fill",
+})
+_REDUCTION_METHODS = frozenset({"mean", "sum", "amax", "amin", "var", "std", "norm"})
+_REDUCTION_FUNCTIONS = frozenset({torch.mean, torch.sum, torch.amax, torch.amin, torch.var, torch.std})
+_NORM_FUNCTIONS = frozenset({torch.nn.functional.layer_norm, torch.nn.functional.rms_norm, torch.layer_norm})
+_SHAPE_QUERY = ("size", "dim")
+
+
+class Decline(Exception):
+    """The graph cannot be unpadded; the message says why."""
+
+
+@dataclass
+class UnpadPlan:
+    """The unpadded graph and what its runtime wrapper needs.
+
+    The module takes the graph's own inputs followed by ``gather`` (T,) int64 flat indices into
+    (B*S) of the packed tokens, ``positions`` (T,) int64, ``cu_seqlens`` (B+2,) int32 and
+    ``scatter`` (T,) int64 (``gather`` with the bucket's extra tokens sent to row B*S, a row the
+    scatter drops).
+    """
+
+    module: fx.GraphModule
+    mask_input: int  # index of the attention_mask argument
+    bucket: int
+    n_outputs: int
+    rewritten: list[str] = field(default_factory=list)
+
+
+class Unpad:
+    name = "unpad"
+
+    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> int:
+        if not ctx.allow_guards:
+            return 0
+        guard = next((g for g in ctx.guards if g.name == "right_padding"), None)
+        if guard is None or getattr(guard.fn, "targets", None) is None:
+            return 0  # nothing is padded, or no loss says which outputs matter
+        if _ddp_active():
+            ctx.report.decline(self.name, "DistributedDataParallel is active; unpadded graphs are not split at gradient buckets yet")
+            return 0
+        try:
+            plan = _Builder(gm, ctx, guard).build()
+        except Decline as e:
+            ctx.report.decline(self.name, str(e))
+            return 0
+        ctx.unpad = plan
+        ctx.report.rewrite(self.name, "tokens", f"the decoder runs on the real tokens only ({', '.join(plan.rewritten)})")
+        return 1
+
+
+def _ddp_active() -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.nn.parallel import DistributedDataParallel
+
+    get = getattr(DistributedDataParallel, "_get_active_ddp_module", None)
+    return get is not None and get() is not None
+
+
+def _tag_size(tag: str | None, original, t_node: fx.Node):
+    if tag == "B":
+        return 1
+    if tag in ("S", "BS"):
+        return t_node
+    return original
+
+
+def _hints(value: torch.Tensor) -> list[int]:
+    return [analysis.hint(s) for s in value.shape]
+
+
+class _Builder:
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext, guard):
+        self.gm = gm
+        self.ctx = ctx
+        self.guard = guard
+        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.mask_input = guard.input_indices[0]
+        mask = analysis.example_value(self.placeholders[self.mask_input])
+        if mask.dim() != 2:
+            raise Decline("the attention mask is not (batch, seq)")
+        self.B, self.S = _hints(mask)
+        if self.B < 2 or self.S < 2:
+            raise Decline(f"a ({self.B}, {self.S}) batch has no padding worth removing")
+        self.label_inputs = {self.placeholders[i] for i in guard.input_indices[1:]}
+        self.tags: dict[fx.Node, tuple | None] = {}
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.graph = fx.Graph()
+        self.rewritten: list[str] = []
+
+    # -- entry -----------------------------------------------------------------------------------
+
+    def build(self) -> UnpadPlan:
+        old = self.gm.graph
+        sources = self._position_sources()
+        for node in old.nodes:
+            if node.op == "placeholder":
+                self.env[node] = self.graph.node_copy(node)
+                self.tags[node] = None
+        self.gather = self._new_input("unpad_gather", torch.int64)
+        self.positions = self._new_input("unpad_positions", torch.int64)
+        self.cu = self._new_input("unpad_cu_seqlens", torch.int32)
+        self.scatter = self._new_input("unpad_scatter", torch.int64)
+        self.t_node = self.graph.call_method("size", (self.gather, 0))
+        mask_node = self.env[self.placeholders[self.mask_input]]
+        self.rows = self.graph.call_method("size", (mask_node, 0))
+        self.width = self.graph.call_method("size", (mask_node, 1))
+        for node in list(self.placeholders):
+            if self._is_token_input(node):
+                self.env[node] = self._gather_input(node)
+                self.tags[node] = ("B", "S") + (None,) * (analysis.example_value(node).dim() - 2)
+                self.rewritten.append(f"{node.name} gathered")
+        sdpas = []
+        for node in old.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                self._output(node)
+                continue
+            if node in sources:
+                self.env[node] = self._positions_like(node)
+                self.tags[node] = self._sequence_tags(node)
+                self.rewritten.append("positions per row")
+                continue
+            self._copy(node)
+            if analysis.is_sdpa(node) and self.tags.get(node):
+                sdpas.append(node)
+        if not sdpas:
+            raise Decline("no attention runs on the tokens")
+        self._varlen(sdpas, sources)
+        module = fx.GraphModule(self.gm, self.graph)
+        self.graph.lint()
+        module.recompile()
+        return UnpadPlan(module, self.mask_input, 64, len(old.output_node().args[0]), self.rewritten)
+
+    # -- inputs ----------------------------------------------------------------------------------
+
+    def _new_input(self, name: str, dtype) -> fx.Node:
+        # Inserted after the graph's own placeholders so its argument order is theirs + these.
+        node = self.graph.placeholder(name)
+        value = analysis.example_value(self.placeholders[self.mask_input])
+        fake = getattr(value, "fake_mode", None)
+        if fake is not None:
+            with fake:
+                node.meta["example_value"] = torch.empty(self.B * self.S, dtype=dtype, device=value.device)
+        return node
+
+    def _is_token_input(self, node: fx.Node) -> bool:
+        val = analysis.example_value(node)
+        if not isinstance(val, torch.Tensor) or val.dim() < 2:
+            return False
+        if node is self.placeholders[self.mask_input] or node in self.label_inputs:
+            return False
+        return _hints(val)[:2] == [self.B, self.S]
+
+    def _gather_input(self, node: fx.Node) -> fx.Node:
+        g = self.graph
+        flat = g.call_method("flatten", (self.env[node], 0, 1))
+        picked = g.call_method("index_select", (flat, 0, self.gather))
+        return g.call_method("unsqueeze", (picked, 0))
+
+    def _position_sources(self) -> set[fx.Node]:
+        """Constant nodes holding ``arange(S)`` (HF's default positions), the earliest of each
+        chain: they become the packed positions. Proven by evaluating them."""
+        deps = analysis.tensor_inputs(self.gm.graph)
+        found: set[fx.Node] = set()
+        for node in self.gm.graph.nodes:
+            if node.op in ("placeholder", "output", "get_attr") or deps[node]:
+                continue
+            val = analysis.example_value(node)
+            if not isinstance(val, torch.Tensor) or val.is_floating_point() or val.dtype == torch.bool:
+                continue
+            shape = _hints(val)
+            if self.S not in shape or any(s != 1 for i, s in enumerate(shape) if i != shape.index(self.S)):
+                continue
+            if any(a in found for a in node.all_input_nodes):
+                continue
+            try:
+                fn = analysis.extract_function(self.gm, node)
+                value = analysis.run_function(fn, {})
+            except Exception:  # noqa: BLE001 - a constant that cannot be evaluated is not positions
+                continue
+            if torch.equal(value.reshape(-1).cpu(), torch.arange(self.S)):
+                found.add(node)
+        return found
+
+    def _positions_like(self, node: fx.Node) -> fx.Node:
+        shape = _hints(analysis.example_value(node))
+        dtype = analysis.example_value(node).dtype
+        sizes = [self.t_node if s == self.S else 1 for s in shape]
+        pos = self.graph.call_method("to", (self.positions, dtype))
+        return self.graph.call_method("view", (pos, *sizes))
+
+    def _sequence_tags(self, node: fx.Node) -> tuple:
+        return tuple("S" if s == self.S else None for s in _hints(analysis.example_value(node)))
+
+    # -- ops -------------------------------------------------------------------------------------
+
+    def _copy(self, node: fx.Node) -> None:
+        tagged = [a for a in node.all_input_nodes if self.tags.get(a)]
+        if not tagged:  # parameters, constants, the label path: unchanged
+            self.env[node] = self.graph.node_copy(node, lambda x: self.env[x])
+            self.tags[node] = None
+            return
+        tags, args, kwargs = self._rule(node)
+        new = self.graph.create_node(node.op, node.target, fx.node.map_arg(args, self._new), fx.node.map_arg(kwargs, self._new), node.name)
+        new.meta = dict(node.meta)
+        self.env[node] = new
+        self.tags[node] = tags
+
+    def _new(self, node: fx.Node) -> fx.Node:
+        """``node``'s counterpart in the unpadded graph (nodes already there map to themselves)."""
+        return node if node.graph is self.graph else self.env[node]
+
+    def _t(self, node) -> tuple | None:
+        return self.tags.get(node) if isinstance(node, fx.Node) else None
+
+    def _decline(self, node: fx.Node, why: str):
+        raise Decline(f"{node.name} ({analysis.describe(node)}) {why}")
+
+    def _rule(self, node: fx.Node):
+        """(output tags, args, kwargs) of ``node`` in the unpadded graph; raises Decline when the
+        op may mix positions."""
+        target, args, kwargs = node.target, node.args, node.kwargs
+        method = target if node.op == "call_method" else None
+        val = analysis.example_value(node)
+        if method in _SHAPE_QUERY:
+            return None, args, kwargs
+        if node.op == "call_function" and target is operator.getitem and isinstance(analysis.example_value(args[0]), torch.Tensor):
+            return self._getitem(node), args, kwargs
+        if node.op == "call_function" and target is operator.getitem:
+            return self._tuple_item(node), args, kwargs
+        if (node.op == "call_function" and target in _ELEMENTWISE_FUNCTIONS) or method in _ELEMENTWISE_METHODS:
+            return self._broadcast(node, [a for a in (*args, *kwargs.values()) if isinstance(a, fx.Node)]), args, kwargs
+        if method in ("view", "reshape") or (node.op == "call_function" and target is torch.reshape):
+            return self._view(node)
+        if method == "expand":
+            return self._expand(node)
+        if method == "unflatten":
+            tags = self._dims(node)
+            d = node.args[1] % len(self._t(node.args[0]))
+            sizes = tuple(_tag_size(t, s, self.t_node) for t, s in zip(tags[d : d + len(node.args[2])], node.args[2]))
+            return tags, (node.args[0], node.args[1], sizes), node.kwargs
+        if method in ("transpose", "permute", "unsqueeze", "squeeze", "flatten") or (
+            node.op == "call_function" and target in (torch.transpose, torch.unsqueeze, torch.flatten, torch.permute)
+        ):
+            return self._dims(node), args, kwargs
+        if method in _REDUCTION_METHODS or (node.op == "call_function" and target in _REDUCTION_FUNCTIONS):
+            return self._reduction(node), args, kwargs
+        if node.op == "call_function" and target in (torch._C._nn.linear, torch.nn.functional.linear):
+            x = self._t(args[0])
+            if any(self._t(a) for a in (*args[1:], *kwargs.values())):
+                self._decline(node, "multiplies two token tensors")
+            return x[:-1] + (None,), args, kwargs
+        if node.op == "call_function" and target is torch.nn.functional.embedding:
+            if self._t(args[1]):
+                self._decline(node, "indexes a token tensor")
+            return self._t(args[0]) + (None,), args, kwargs
+        if node.op == "call_function" and target in _NORM_FUNCTIONS:
+            shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+            x = self._t(args[0])
+            if any(x[-len(shape):]) or any(self._t(a) for a in (*args[2:], *kwargs.values())):
+                self._decline(node, "normalizes over token dimensions")
+            return x, args, kwargs
+        if method in ("chunk", "split", "repeat_interleave") or (
+            node.op == "call_function" and target in (torch.chunk, torch.split, torch.repeat_interleave)
+        ):
+            return self._along(node), args, kwargs
+        if node.op == "call_function" and target in (torch.cat, torch.stack):
+            return self._cat(node), args, kwargs
+        if analysis.is_sdpa(node):
+            return self._sdpa(node), args, kwargs
+        if node.op == "call_function" and target is torch.nn.functional.cross_entropy:
+            return self._cross_entropy(node)
+        if node.op == "call_function" and str(target).startswith("graphopt.linear_cross_entropy"):
+            return self._fused_loss(node)
+        self._decline(node, "is not known to act on each token independently")
+        return None  # unreachable
+
+    def _broadcast(self, node: fx.Node, inputs: list[fx.Node]) -> tuple:
+        out = analysis.example_value(node)
+        rank = out.dim() if isinstance(out, torch.Tensor) else 0
+        result: list = [None] * rank
+        for a in inputs:
+            av = analysis.example_value(a)
+            if not isinstance(av, torch.Tensor):
+                continue
+            at = self._t(a) or (None,) * av.dim()
+            for k, (tag, size) in enumerate(zip(reversed(at), reversed(_hints(av)))):
+                pos = rank - 1 - k
+                if tag is not None:
+                    if result[pos] not in (None, tag):
+                        self._decline(node, "combines different token dimensions")
+                    result[pos] = tag
+        for a in inputs:  # an untracked operand of sequence length meets the tokens: mixing
+            av = analysis.example_value(a)
+            if not isinstance(av, torch.Tensor) or self._t(a):
+                continue
+            for k, size in enumerate(reversed(_hints(av))):
+                if result[rank - 1 - k] is not None and size != 1:
+                    self._decline(node, f"combines the tokens with {a.name}, a constant of their shape")
+        return tuple(result)
+
+    def _view(self, node: fx.Node):
+        src = node.args[0]
+        shape = node.args[1:] if not (len(node.args) == 2 and isinstance(node.args[1], (tuple, list))) else node.args[1]
+        if node.op == "call_function":  # torch.reshape(x, shape)
+            shape = node.args[1]
+        in_tags = self._t(src)
+        in_shape = _hints(analysis.example_value(src))
+        out_shape = _hints(analysis.example_value(node))
+        out_tags = _view_tags(in_shape, in_tags, out_shape, self.B, self.S)
+        if out_tags is None:
+            self._decline(node, f"reshapes {tuple(in_shape)} to {tuple(out_shape)} across the token dimensions")
+        new_shape = tuple(_tag_size(t, s, self.t_node) for t, s in zip(out_tags, shape))
+        if node.op == "call_function":
+            return out_tags, (src, new_shape), node.kwargs
+        return out_tags, (src, *new_shape), node.kwargs
+
+    def _expand(self, node: fx.Node):
+        src = node.args[0]
+        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        in_tags = self._t(src)
+        out_tags = (None,) * (len(sizes) - len(in_tags)) + tuple(in_tags)
+        return out_tags, (src, *(_tag_size(t, s, self.t_node) for t, s in zip(out_tags, sizes))), node.kwargs
+
+    def _dims(self, node: fx.Node) -> tuple:
+        """transpose / permute / unsqueeze / squeeze / flatten / unflatten: move the tags along."""
+        name = node.target if node.op == "call_method" else node.target.__name__
+        x = list(self._t(node.args[0]))
+        rest = node.args[1:]
+        rank = len(x)
+        if name == "transpose":
+            a, b = (d % rank for d in rest[:2])
+            x[a], x[b] = x[b], x[a]
+            return tuple(x)
+        if name == "permute":
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            return tuple(x[d % rank] for d in dims)
+        if name == "unsqueeze":
+            d = rest[0] % (rank + 1)
+            return tuple(x[:d] + [None] + x[d:])
+        if name == "squeeze":
+            shape = _hints(analysis.example_value(node.args[0]))
+            dims = [d % rank for d in (rest if rest else range(rank)) if isinstance(d, int)]
+            if not rest:
+                dims = [d for d in range(rank) if shape[d] == 1]
+            return tuple(t for i, t in enumerate(x) if not (i in dims and shape[i] == 1))
+        if name == "flatten":
+            start = (rest[0] if rest else 0) % rank
+            end = (rest[1] if len(rest) > 1 else -1) % rank
+            group = x[start : end + 1]
+            shape = _hints(analysis.example_value(node.args[0]))[start : end + 1]
+            merged = _merge(group, shape)
+            if merged is False:
+                self._decline(node, "flattens token and feature dimensions together")
+            return tuple(x[:start] + [merged] + x[end + 1 :])
+        if name == "unflatten":
+            d = rest[0] % rank
+            n_new = len(rest[1])
+            if x[d] is None:
+                return tuple(x[:d] + [None] * n_new + x[d + 1 :])
+            out_shape = _hints(analysis.example_value(node))[d : d + n_new]
+            if x[d] != "BS" or out_shape != [self.B, self.S]:
+                self._decline(node, "splits a token dimension")
+            return tuple(x[:d] + ["B", "S"] + x[d + 1 :])
+        self._decline(node, "moves dimensions in a way not tracked")
+        return ()
+
+    def _getitem(self, node: fx.Node) -> tuple:
+        x = self._t(node.args[0])
+        shape = _hints(analysis.example_value(node.args[0]))
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
+        out, dim = [], 0
+        for item in index:
+            if item is Ellipsis:
+                for _ in range(len(shape) - n_real):
+                    out.append(x[dim])
+                    dim += 1
+            elif item is None:
+                out.append(None)
+            elif isinstance(item, slice):
+                if x[dim] is not None:
+                    full = all(not isinstance(v, fx.Node) for v in (item.start, item.stop, item.step)) and range(
+                        *item.indices(shape[dim])
+                    ) == range(shape[dim])
+                    if not full:
+                        self._decline(node, "slices a token dimension")
+                out.append(x[dim])
+                dim += 1
+            else:
+                if x[dim] is not None:
+                    self._decline(node, "indexes a token dimension")
+                dim += 1
+        out.extend(x[dim:])
+        return tuple(out)
+
+    def _tuple_item(self, node: fx.Node) -> tuple | None:
+        owner, i = node.args
+        tags = self.tags.get(owner)
+        if isinstance(tags, list):
+            return tags[i]
+        self._decline(node, "takes an item of a token value")
+        return None
+
+    def _reduction(self, node: fx.Node) -> tuple:
+        x = self._t(node.args[0])
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dims is None:
+            self._decline(node, "reduces over all positions")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        rank = len(x)
+        dims = [d % rank for d in dims]
+        if any(x[d] is not None for d in dims):
+            self._decline(node, "reduces over a token dimension")
+        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        return tuple(None if (i in dims) else t for i, t in enumerate(x)) if keep else tuple(t for i, t in enumerate(x) if i not in dims)
+
+    def _along(self, node: fx.Node):
+        """chunk / split / repeat_interleave along a feature dimension: the tags stay."""
+        x = self._t(node.args[0])
+        name = node.target if node.op == "call_method" else node.target.__name__
+        default = 0 if name in ("chunk", "split") else None
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", default)
+        if dim is None or x[dim % len(x)] is not None or any(self._t(a) for a in node.args[1:]):
+            self._decline(node, "cuts or repeats along a token dimension")
+        if name == "repeat_interleave":
+            return x
+        return [x] * len(analysis.example_value(node))
+
+    def _cat(self, node: fx.Node) -> tuple:
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        tags = [self._t(t) for t in tensors]
+        if any(t != tags[0] for t in tags):
+            self._decline(node, "joins token and non-token values")
+        base = list(tags[0])
+        rank = len(base)
+        if node.target is torch.stack:
+            d = dim % (rank + 1)
+            return tuple(base[:d] + [None] + base[d:])
+        if base[dim % rank] is not None:
+            self._decline(node, "concatenates along a token dimension")
+        return tuple(base)
+
+    def _sdpa(self, node: fx.Node) -> tuple:
+        args = analysis.sdpa_arguments(node)
+        if args["attn_mask"] is not None or not args["is_causal"]:
+            self._decline(node, "is not causal attention without a mask")
+        for name in ("query", "key", "value"):
+            if self._t(args[name]) != ("B", None, "S", None):
+                self._decline(node, f"reads a {name} laid out as {self._t(args[name])}, not (batch, heads, seq, dim)")
+        return ("B", None, "S", None)
+
+    def _gathered_targets(self, target: fx.Node) -> fx.Node:
+        """The targets at the packed tokens: the padded graph's own targets, gathered. The extra
+        tokens of the bucket gather padded positions, whose targets the guard proved ignored."""
+        if self._t(target):
+            raise Decline("the loss targets are computed from token values")
+        tv = analysis.example_value(target)
+        if _hints(tv) not in ([self.B * self.S], [self.B, self.S]):
+            raise Decline(f"the loss targets are {tuple(_hints(tv))}, not one per token")
+        flat = self.graph.call_method("reshape", (self.env[target], -1))
+        return self.graph.call_method("index_select", (flat, 0, self.gather))
+
+    def _cross_entropy(self, node: fx.Node):
+        from graphopt.losses import ce_arguments
+
+        ce = ce_arguments(node)
+        if self._t(ce["input"]) != ("BS", None) or ce.get("weight") is not None:
+            self._decline(node, "scores logits not laid out as (tokens, vocab)")
+        target = ce["target"]
+        gathered = self._gathered_targets(target)
+        args, kwargs = tuple(node.args), dict(node.kwargs)
+        if len(args) > 1:
+            args = (args[0], gathered, *args[2:])
+        else:
+            kwargs["target"] = gathered
+        self.rewritten.append("loss on packed targets")
+        return None, args, kwargs
+
+    def _fused_loss(self, node: fx.Node):
+        hidden, weight, target = node.args[:3]
+        if self._t(hidden) != ("BS", None) or self._t(weight):
+            self._decline(node, "reads hidden states not laid out as (tokens, hidden)")
+        gathered = self._gathered_targets(target)
+        self.rewritten.append("fused loss on packed targets")
+        tags = [None, ("BS", None)]
+        return tags, (node.args[0], node.args[1], gathered, *node.args[3:]), node.kwargs
+
+    # -- attention and outputs -------------------------------------------------------------------
+
+    def _varlen(self, sdpas: list[fx.Node], sources: set[fx.Node]) -> None:
+        from graphopt.passes.varlen_attention import AttentionMatch, VarlenAttention, _match
+
+        position_inputs = {p for p in self.placeholders if self._is_token_input(p) and not _is_float(p)}
+        tables = _PositionTables(self.gm, sources | position_inputs)
+        for sdpa in sdpas:
+            match = _match(self.gm, sdpa, tables)
+            if isinstance(match, str):
+                raise Decline(f"{sdpa.name}: {match}")
+            mapped = AttentionMatch(
+                sdpa=self.env[sdpa], xq=self.env[match.xq], xk=self.env[match.xk], xv=self.env[match.xv],
+                cos=self.env[match.cos], sin=self.env[match.sin], interleaved=match.interleaved,
+                fp32_tables=match.fp32_tables, scale=match.scale, region=[self.env[n] for n in match.region],
+            )
+            VarlenAttention()._rewrite(self.ctx, mapped, self.cu, report=False)
+        self.rewritten.append(f"{len(sdpas)} attention calls per row (varlen, RoPE fused)")
+
+    def _output(self, node: fx.Node) -> None:
+        outs = []
+        for value in node.args[0]:
+            tags = self._t(value)
+            if not tags:
+                outs.append(fx.node.map_arg(value, lambda x: self.env[x]))
+                continue
+            outs.append(self._scatter(value, tags))
+        self.graph.output(tuple(outs))
+
+    def _scatter(self, value: fx.Node, tags: tuple) -> fx.Node:
+        """A per-position output back at (B, S, ...) or (B*S, ...): zeros at padded positions."""
+        g = self.graph
+        shape = _hints(analysis.example_value(value))
+        if tags[:2] == ("B", "S") and not any(tags[2:]):
+            flat = g.call_method("flatten", (self.env[value], 0, 1))
+            rest = shape[2:]
+            unflat = True
+        elif tags[:1] == ("BS",) and not any(tags[1:]):
+            flat = self.env[value]
+            rest = shape[1:]
+            unflat = False
+        else:
+            raise Decline(f"the graph returns {value.name} with token dimensions laid out as {tags}")
+        total = g.call_function(operator.mul, (self.rows, self.width))
+        rows = g.call_function(operator.add, (total, 1))
+        buf = g.call_method("new_zeros", (flat, (rows, *rest)))
+        filled = g.call_method("index_copy", (buf, 0, self.scatter, flat))
+        kept = g.call_method("narrow", (filled, 0, 0, total))
+        if unflat:
+            return g.call_method("view", (kept, self.rows, self.width, *rest))
+        return kept
+
+
+def _is_float(node: fx.Node) -> bool:
+    val = analysis.example_value(node)
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
+
+
+def _merge(group: list, shape: list[int]):
+    """The tag of dims ``group`` (sizes ``shape``) flattened into one: None, 'BS', a single tag,
+    or False when token and feature dims would mix."""
+    tagged = [t for t in group if t is not None]
+    if not tagged:
+        return None
+    others = [s for t, s in zip(group, shape) if t is None]
+    if any(s != 1 for s in others):
+        return False
+    if tagged == ["B", "S"]:
+        return "BS"
+    if len(tagged) == 1:
+        return tagged[0]
+    return False
+
+
+def _view_tags(in_shape: list[int], in_tags: tuple, out_shape: list[int], B: int, S: int) -> tuple | None:
+    """Tags of a view's output, or None when the view mixes token and feature dimensions.
+
+    Dimensions are grouped greedily by equal products; a group keeps its tag when it maps one
+    dim to one dim, merges ('B', 'S') into 'BS' or splits 'BS' into ('B', 'S')."""
+    out: list = []
+    i = j = 0
+    n, m = len(in_shape), len(out_shape)
+    while i < n or j < m:
+        # size-1 dims without a tag carry nothing
+        if i < n and in_shape[i] == 1 and in_tags[i] is None and not (j < m and out_shape[j] == 1):
+            i += 1
+            continue
+        if j < m and out_shape[j] == 1 and not (i < n and in_shape[i] == 1):
+            out.append(None)
+            j += 1
+            continue
+        if i >= n or j >= m:
+            return None
+        gi, gj = [i], [j]
+        pi, pj = in_shape[i], out_shape[j]
+        while pi != pj:
+            if pi < pj:
+                i += 1
+                if i >= n:
+                    return None
+                gi.append(i)
+                pi *= in_shape[i]
+            else:
+                j += 1
+                if j >= m:
+                    return None
+                gj.append(j)
+                pj *= out_shape[j]
+        i += 1
+        j += 1
+        tags = [in_tags[k] for k in gi]
+        if not any(tags):
+            out.extend([None] * len(gj))
+        elif len(gi) == 1 and len(gj) == 1:
+            out.append(tags[0])
+        elif tags == ["B", "S"] and len(gj) == 1:
+            out.append("BS")
+        elif tags == ["BS"] and [out_shape[k] for k in gj] == [B, S]:
+            out.extend(["B", "S"])
+        else:
+            return None
+    return tuple(out)
+
+
+class _PositionTables:
+    """RoPE-table analysis (see ``varlen_attention._TableAnalysis``) whose sources may be constant
+    nodes (HF's default ``arange`` positions) as well as the position inputs: a node is table-only
+    when it descends from a source and otherwise reads only float buffers that need no gradient."""
+
+    def __init__(self, gm: fx.GraphModule, sources: set[fx.Node]):
+        from graphopt.passes.varlen_attention import _carries_tokens
+
+        deps = analysis.tensor_inputs(gm.graph)
+        self.table_only: set[fx.Node] = set(n for n in sources if n.op != "placeholder")
+        self.hidden: set[fx.Node] = set()
+        reach = set(sources)
+        for node in gm.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            if any(a in reach for a in node.all_input_nodes):
+                reach.add(node)
+            d = deps[node]
+            ok = all(p in sources or (_is_float(p) and not analysis.example_value(p).requires_grad) for p in d)
+            if ok and node in reach:
+                self.table_only.add(node)
+            elif d:
+                self.hidden.add(node)
+        self.token_inputs = {
+            p for p in gm.graph.nodes if p.op == "placeholder" and p not in sources and _carries_tokens(p)
+        }
+
+
+def packing_indices(attention_mask: torch.Tensor, bucket: int) -> tuple[dict[str, torch.Tensor], int, int]:
+    """The unpadded graph's extra inputs for a right-padded ``attention_mask`` (B, S).
+
+    Reads the row lengths on the host (one device-to-host copy) and builds the indices there.
+    Returns ``({"gather", "positions", "cu_seqlens", "scatter"}, N real tokens, T packed tokens)``,
+    the tensors on the mask's device. T is N rounded up to ``bucket``, at most B * S; the T - N
+    extra tokens gather padded positions (first ones first) and form one more document.
+    """
+    rows, width = attention_mask.shape
+    lengths = attention_mask.detach().to("cpu", torch.int64).sum(-1)
+    n_real = int(lengths.sum())
+    packed = min(rows * width, -(-n_real // bucket) * bucket)
+    steps = torch.arange(width)
+    real = (steps < lengths[:, None]).reshape(-1)
+    flat = torch.arange(rows * width)
+    extra = packed - n_real
+    gather = torch.cat((flat[real], flat[~real][:extra]))
+    positions = torch.cat((steps.expand(rows, width).reshape(-1)[real], torch.arange(extra)))
+    cu = torch.zeros(rows + 2, dtype=torch.int32)
+    cu[1 : rows + 1] = lengths.cumsum(0).to(torch.int32)
+    cu[rows + 1] = packed
+    scatter = torch.cat((flat[real], torch.full((extra,), rows * width)))
+    device = attention_mask.device
+    tensors = {"gather": gather, "positions": positions, "cu_seqlens": cu, "scatter": scatter}
+    return {k: v.to(device, non_blocking=True) for k, v in tensors.items()}, n_real, packed
