@@ -240,10 +240,14 @@ class GuardedGraph:
     def __call__(self, *args):
         if _is_fake_call(args):  # shapes only: the fast graph's outputs have the fallback's metadata
             return (self.fallback if isinstance(self.fast, UnpaddedGraph) else self.fast)(*args)
-        failed = evaluate_guards(self.guards, args)
+        lengths = None
+        if isinstance(self.fast, UnpaddedGraph):  # its row lengths come in the guards' one read
+            failed, lengths = evaluate_guards(self.guards, args, also_read=self.fast.lengths(args))
+        else:
+            failed = evaluate_guards(self.guards, args)
         if not failed:
             inspection.record_runtime("fast_path")
-            return self.fast(*args)
+            return self.fast(*args) if lengths is None else self.fast.run(args, lengths)
         inspection.record_runtime("fallback")
         for name in failed:
             inspection.record_runtime(f"failed:{name}")
@@ -270,10 +274,17 @@ class UnpaddedGraph:
         self.module = ExactFallback(plan.module, detached, n_outputs, inductor, graph_id, what="unpadded graph")
         self.graph_id = graph_id
 
+    def lengths(self, args) -> torch.Tensor:
+        """The real-token count of each row, on the device (read with the guards)."""
+        return (args[self.plan.mask_input] != 0).sum(-1)
+
     def __call__(self, *args):
+        return self.run(args, self.lengths(args).tolist())
+
+    def run(self, args, lengths: list[int]):
         from graphopt.passes.unpad import packing_indices
 
-        extra, n_real, packed = packing_indices(args[self.plan.mask_input], self.plan.bucket)
+        extra, n_real, packed = packing_indices(args[self.plan.mask_input], lengths, self.plan.bucket)
         for name in ("gather", "positions", "scatter"):
             torch._dynamo.maybe_mark_dynamic(extra[name], 0)
         padded = args[self.plan.mask_input].numel()

@@ -63,6 +63,12 @@ PRESETS = {
         layout="right", batch=2, seq=2048, pad_fraction=0.25, hidden=256, layers=4, vocab=8000,
         target=dict(speedup=1.2),
     ),
+    # Uneven rows as in SFT data: one row of the full length, the others' lengths drawn so that
+    # half the tokens are padding. --layout flattened runs the same documents packed in one row.
+    "padded-50": dict(
+        layout="uneven", batch=4, seq=2048, pad_fraction=0.5, hidden=256, layers=4, vocab=8000,
+        target=dict(speedup=2.2),
+    ),
     "padded-short": dict(
         layout="right", batch=8, seq=128, pad_fraction=0.25, hidden=256, layers=4, vocab=8000,
         target=dict(),
@@ -102,11 +108,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", choices=sorted(PRESETS), help="preset; explicit flags override it")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--layout", choices=("right", "left", "none", "packed"),
+    p.add_argument("--layout", choices=("right", "left", "uneven", "flattened", "none", "packed"),
                    help="right: right-padded rows of different lengths, labels -100 at pads; "
                         "left: the same rows with the pads first (graphopt's guard fails and its "
-                        "exact fallback runs); none: no attention_mask; packed: documents "
-                        "concatenated, position_ids restarting per document, no attention_mask")
+                        "exact fallback runs); uneven: right-padded, one full row and the others' "
+                        "lengths drawn at random (SFT-like); flattened: the documents of 'uneven' "
+                        "in one row as DataCollatorWithFlattening builds it; none: no "
+                        "attention_mask; packed: documents concatenated, position_ids restarting "
+                        "per document, no attention_mask")
     p.add_argument("--batch", type=int, help="rows (right/none layouts)")
     p.add_argument("--seq", type=int, help="sequence length (right/none layouts)")
     p.add_argument("--pad-fraction", type=float, help="fraction of the batch's tokens that are padding (right)")
@@ -235,7 +244,43 @@ def make_batch(args, index: int) -> dict:
     input_ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=gen)
     if args.layout == "none":
         return {"input_ids": input_ids, "labels": input_ids.clone()}
+    if args.layout in ("uneven", "flattened"):
+        batch = padded_batch(input_ids, uneven_lengths(args.batch, args.seq, args.pad_fraction, gen), "right")
+        return flattened(batch) if args.layout == "flattened" else batch
     return padded_batch(input_ids, right_padded_lengths(args.batch, args.seq, args.pad_fraction), args.layout)
+
+
+def uneven_lengths(batch: int, seq: int, pad_fraction: float, gen) -> list[int]:
+    """Row lengths as in SFT data: one row of ``seq`` tokens (the batch's longest), the others
+    drawn at random (a uniform split of the rest), ``pad_fraction`` of all tokens padding."""
+    import torch
+
+    if batch == 1:
+        return [seq]
+    rest = max(batch - 1, round((1 - pad_fraction) * batch * seq) - seq)
+    weights = -torch.log(torch.rand(batch - 1, generator=gen))  # normalized: a uniform split (Dirichlet(1))
+    # cumulative rounding: the shares sum to exactly ``rest``, so every batch has the same number
+    # of real tokens (the flattened layout then keeps one shape)
+    bounds = (weights.cumsum(0) / weights.sum() * rest).round().long()
+    shares = torch.diff(bounds, prepend=torch.zeros(1, dtype=torch.long)).clamp(1, seq)
+    return [seq] + shares.tolist()
+
+
+def flattened(batch: dict) -> dict:
+    """The rows of a right-padded batch as one row of documents, as ``DataCollatorWithFlattening``
+    builds it: position_ids restart at 0 per document, each document's first label is -100, no
+    attention_mask. HF's loss then scores the same (prefix, target) pairs as on the padded batch."""
+    import torch
+
+    real = batch["attention_mask"].bool()
+    lengths = real.sum(-1).tolist()
+    labels = batch["labels"].clone()
+    labels[:, 0] = IGNORE_INDEX
+    return {
+        "input_ids": batch["input_ids"][real][None],
+        "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+        "labels": labels[real][None],
+    }
 
 
 def padded_batch(input_ids, lengths: list[int], layout: str) -> dict:
@@ -729,6 +774,10 @@ def describe(args) -> str:
         shape = f"packed {args.tokens} tokens in {args.rows} row(s), docs {args.doc_range[0]}-{args.doc_range[1]}"
     elif args.layout in ("right", "left"):
         shape = f"B={args.batch} S={args.seq} {args.layout}-padded {args.pad_fraction:.0%}"
+    elif args.layout == "uneven":
+        shape = f"B={args.batch} S={args.seq} right-padded {args.pad_fraction:.0%}, uneven rows"
+    elif args.layout == "flattened":
+        shape = f"the documents of B={args.batch} S={args.seq} uneven rows ({args.pad_fraction:.0%} padding) flattened into one row"
     else:
         shape = f"B={args.batch} S={args.seq} no attention_mask"
     if not args.vary_length:

@@ -121,9 +121,13 @@ class Guard:
         return self.fn(*(args[i] for i in self.input_indices))
 
 
-def evaluate_guards(guards: Sequence[Guard], args: Sequence) -> list[str]:
+def evaluate_guards(guards: Sequence[Guard], args: Sequence, *, also_read: torch.Tensor | None = None):
     """Evaluate all guards with one host read. Returns the failed conditions that are causes:
-    per guard, the first failing one in its order of precedence."""
+    per guard, the first failing one in its order of precedence.
+
+    ``also_read``: a 1-D integer tensor the caller needs on the host too (the unpadded graph's row
+    lengths); it rides along in the same read, and the call returns ``(failed, its values)``.
+    """
     per_guard: list[tuple[list[str], list]] = []
     device_values: list[torch.Tensor] = []
     for guard in guards:
@@ -136,13 +140,21 @@ def evaluate_guards(guards: Sequence[Guard], args: Sequence) -> list[str]:
                 values.append(len(device_values))
                 device_values.append(value.reshape(()))
         per_guard.append((names, values))
-    held: list[bool] = []
+    held: list = []
+    extra: list[int] | None = None
+    if also_read is not None:
+        device_values = [v.to(torch.int64) for v in device_values]
+        device_values.append(also_read.reshape(-1).to(torch.int64))
     if device_values:
         if len({v.device for v in device_values}) > 1:
             device_values = [v.cpu() for v in device_values]
-        held = torch.stack(device_values).tolist()  # the one device-to-host read
+        flat = [v.reshape(-1) for v in device_values]
+        held = torch.cat(flat).tolist()  # the one device-to-host read
+        if also_read is not None:
+            n_extra = flat[-1].numel()
+            held, extra = held[: len(held) - n_extra], held[len(held) - n_extra :]
     failed = []
     for names, values in per_guard:
         causes = [name for name, v in zip(names, values) if not (v if isinstance(v, bool) else held[v])]
         failed.extend(causes[:1])
-    return failed
+    return failed if also_read is None else (failed, extra)

@@ -59,7 +59,11 @@ _ELEMENTWISE_METHODS = frozenset({
 _REDUCTION_METHODS = frozenset({"mean", "sum", "amax", "amin", "var", "std", "norm"})
 _REDUCTION_FUNCTIONS = frozenset({torch.mean, torch.sum, torch.amax, torch.amin, torch.var, torch.std})
 _NORM_FUNCTIONS = frozenset({torch.nn.functional.layer_norm, torch.nn.functional.rms_norm, torch.layer_norm})
-_SHAPE_QUERY = ("size", "dim")
+
+
+# The packed length is the real-token count rounded up to this (a multiple of the usual kernel
+# tile). It is marked dynamic, so the bucket only bounds alignment waste, not compiles.
+BUCKET = 16
 
 
 class Decline(Exception):
@@ -96,7 +100,7 @@ class Unpad:
             ctx.report.decline(self.name, "DistributedDataParallel is active; unpadded graphs are not split at gradient buckets yet")
             return 0
         try:
-            plan = _Builder(gm, ctx, guard).build()
+            plan = _Builder.outer(gm, ctx, guard).build()
         except Decline as e:
             ctx.report.decline(self.name, str(e))
             return 0
@@ -127,79 +131,155 @@ def _hints(value: torch.Tensor) -> list[int]:
 
 
 class _Builder:
-    def __init__(self, gm: fx.GraphModule, ctx: PassContext, guard):
+    """Builds the unpadded version of a graph (the outer graph, or a checkpoint body of it)."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext, batch: int, seq: int):
         self.gm = gm
         self.ctx = ctx
-        self.guard = guard
+        self.B, self.S = batch, seq
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.mask_input = guard.input_indices[0]
-        mask = analysis.example_value(self.placeholders[self.mask_input])
-        if mask.dim() != 2:
-            raise Decline("the attention mask is not (batch, seq)")
-        self.B, self.S = _hints(mask)
-        if self.B < 2 or self.S < 2:
-            raise Decline(f"a ({self.B}, {self.S}) batch has no padding worth removing")
-        self.label_inputs = {self.placeholders[i] for i in guard.input_indices[1:]}
-        self.tags: dict[fx.Node, tuple | None] = {}
+        self.tags: dict[fx.Node, tuple | list | None] = {}
         self.env: dict[fx.Node, fx.Node] = {}
         self.graph = fx.Graph()
+        self.attrs: dict[str, object] = {}  # what the new graph's get_attr nodes read
+        self.sdpas: list[fx.Node] = []
+        self.attention_calls = 0  # SDPA calls made varlen, in this graph and the bodies it calls
         self.rewritten: list[str] = []
+
+    @classmethod
+    def outer(cls, gm: fx.GraphModule, ctx: PassContext, guard) -> _Builder:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        mask = analysis.example_value(placeholders[guard.input_indices[0]])
+        if mask.dim() != 2:
+            raise Decline("the attention mask is not (batch, seq)")
+        batch, seq = _hints(mask)
+        if batch < 2 or seq < 2:
+            raise Decline(
+                f"a ({batch}, {seq}) batch: a dimension of 1 cannot be told from a broadcast, "
+                "so the token dimensions cannot be tracked"
+            )
+        self = cls(gm, ctx, batch, seq)
+        self.mask_input = guard.input_indices[0]
+        self.label_inputs = {placeholders[i] for i in guard.input_indices[1:]}
+        return self
 
     # -- entry -----------------------------------------------------------------------------------
 
     def build(self) -> UnpadPlan:
-        old = self.gm.graph
+        """The unpadded outer graph: its inputs are the graph's own plus ``gather``,
+        ``positions``, ``cu_seqlens`` and ``scatter`` (see :class:`UnpadPlan`)."""
         sources = self._position_sources()
-        for node in old.nodes:
-            if node.op == "placeholder":
-                self.env[node] = self.graph.node_copy(node)
-                self.tags[node] = None
+        position_inputs = {p for p in self.placeholders if self._is_token_input(p) and not _is_float(p)}
+        self.tables = _PositionTables(self.gm, sources | position_inputs)
+        for node in self.placeholders:
+            self.env[node] = self.graph.node_copy(node)
+            self.tags[node] = None
+        self.mask = self.env[self.placeholders[self.mask_input]]
         self.gather = self._new_input("unpad_gather", torch.int64)
         self.positions = self._new_input("unpad_positions", torch.int64)
         self.cu = self._new_input("unpad_cu_seqlens", torch.int32)
         self.scatter = self._new_input("unpad_scatter", torch.int64)
-        self.t_node = self.graph.call_method("size", (self.gather, 0))
-        mask_node = self.env[self.placeholders[self.mask_input]]
-        self.rows = self.graph.call_method("size", (mask_node, 0))
-        self.width = self.graph.call_method("size", (mask_node, 1))
-        for node in list(self.placeholders):
+        self._sizes()
+        for node in self.placeholders:
             if self._is_token_input(node):
                 self.env[node] = self._gather_input(node)
                 self.tags[node] = ("B", "S") + (None,) * (analysis.example_value(node).dim() - 2)
                 self.rewritten.append(f"{node.name} gathered")
-        sdpas = []
-        for node in old.nodes:
+        self._run(sources)
+        if not self.attention_calls:
+            raise Decline("no attention runs on the tokens")
+        n_outputs = len(self.gm.graph.output_node().args[0])
+        return UnpadPlan(self._module(), self.mask_input, BUCKET, n_outputs, self.rewritten)
+
+    def build_body(self, operand_tags: list, tables, mask: fx.Node) -> tuple[fx.GraphModule, list]:
+        """The unpadded body of a checkpoint call whose operands have ``operand_tags``. The body
+        takes three more operands: ``gather`` (for the packed length), ``cu_seqlens`` and the
+        attention mask (for the padded sizes). Returns the body and its outputs' tags."""
+        self.tables = tables
+        self.mask_meta = analysis.example_value(mask)
+        for node, tags in zip(self.placeholders, operand_tags):
+            self.env[node] = self.graph.node_copy(node)
+            self.tags[node] = tags
+        self.gather = self._new_input("unpad_gather", torch.int64)
+        self.cu = self._new_input("unpad_cu_seqlens", torch.int32)
+        self.mask = self._new_input("unpad_attention_mask", None)
+        self._sizes()
+        self._run(set())
+        return self._module(), self.out_tags
+
+    def _sizes(self) -> None:
+        self.t_node = self.graph.call_method("size", (self.gather, 0))
+        self.rows = self.graph.call_method("size", (self.mask, 0))
+        self.width = self.graph.call_method("size", (self.mask, 1))
+
+    def _run(self, sources: set[fx.Node]) -> None:
+        for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 continue
             if node.op == "output":
                 self._output(node)
-                continue
-            if node in sources:
+            elif node in sources:
                 self.env[node] = self._positions_like(node)
                 self.tags[node] = self._sequence_tags(node)
                 self.rewritten.append("positions per row")
-                continue
-            self._copy(node)
-            if analysis.is_sdpa(node) and self.tags.get(node):
-                sdpas.append(node)
-        if not sdpas:
-            raise Decline("no attention runs on the tokens")
-        self._varlen(sdpas, sources)
-        module = fx.GraphModule(self.gm, self.graph)
+            elif node.op == "get_attr":
+                self.env[node] = self.graph.node_copy(node)
+                self.attrs[node.target] = getattr(self.gm, node.target)
+                self.tags[node] = None
+            elif analysis.is_checkpoint(node) and any(self._t(a) for a in node.args[1:]):
+                self._checkpoint(node)
+            else:
+                self._copy(node)
+                if analysis.is_sdpa(node) and self.tags.get(node):
+                    self.sdpas.append(node)
+        self._varlen()
+
+    def _module(self) -> fx.GraphModule:
+        for node in self.graph.find_nodes(op="get_attr"):  # bodies replaced by unpadded ones
+            if not node.users:
+                self.graph.erase_node(node)
+        used = {n.target for n in self.graph.find_nodes(op="get_attr")}
+        module = fx.GraphModule({k: v for k, v in self.attrs.items() if k in used}, self.graph)
         self.graph.lint()
         module.recompile()
-        return UnpadPlan(module, self.mask_input, 64, len(old.output_node().args[0]), self.rewritten)
+        return module
+
+    def _checkpoint(self, hop: fx.Node) -> None:
+        """A checkpointed layer: its body is unpadded too, and gets the packing operands."""
+        from graphopt.passes.varlen_attention import _body_tables
+
+        body = analysis.checkpoint_body(hop)
+        inner = _Builder(body, self.ctx, self.B, self.S)
+        new_body, out_tags = inner.build_body(
+            [self._t(a) for a in hop.args[1:]], _body_tables(hop, self.tables), self.mask
+        )
+        name = f"{hop.args[0].target}_unpadded"
+        self.attrs[name] = new_body
+        attr = self.graph.get_attr(name)
+        operands = [self._new(a) if isinstance(a, fx.Node) else a for a in hop.args[1:]]
+        new = self.graph.call_function(hop.target, (attr, *operands, self.gather, self.cu, self.mask), dict(hop.kwargs))
+        new.meta = dict(hop.meta)
+        self.env[hop] = new
+        self.tags[hop] = out_tags
+        self.attention_calls += inner.attention_calls
+        self.rewritten.extend(r for r in inner.rewritten if r not in self.rewritten)
 
     # -- inputs ----------------------------------------------------------------------------------
 
     def _new_input(self, name: str, dtype) -> fx.Node:
-        # Inserted after the graph's own placeholders so its argument order is theirs + these.
+        """A placeholder after the graph's own (so the arguments are theirs + these), with a
+        padded-shape example value like the other nodes' (passes read example values)."""
         node = self.graph.placeholder(name)
-        value = analysis.example_value(self.placeholders[self.mask_input])
-        fake = getattr(value, "fake_mode", None)
+        mask = getattr(self, "mask_meta", None)
+        if mask is None:
+            mask = analysis.example_value(self.placeholders[self.mask_input])
+        if dtype is None:
+            node.meta["example_value"] = mask
+            return node
+        fake = getattr(mask, "fake_mode", None)
         if fake is not None:
             with fake:
-                node.meta["example_value"] = torch.empty(self.B * self.S, dtype=dtype, device=value.device)
+                node.meta["example_value"] = torch.empty(self.B * self.S, dtype=dtype, device=mask.device)
         return node
 
     def _is_token_input(self, node: fx.Node) -> bool:
@@ -217,24 +297,26 @@ class _Builder:
         return g.call_method("unsqueeze", (picked, 0))
 
     def _position_sources(self) -> set[fx.Node]:
-        """Constant nodes holding ``arange(S)`` (HF's default positions), the earliest of each
-        chain: they become the packed positions. Proven by evaluating them."""
+        """Constant nodes holding ``arange(S)`` (HF's default positions), the first of each chain
+        (what derives from one follows it): they become the packed positions. Proven by
+        evaluating them, on the CPU."""
         deps = analysis.tensor_inputs(self.gm.graph)
         found: set[fx.Node] = set()
+        derived: set[fx.Node] = set()
         for node in self.gm.graph.nodes:
+            if any(a in found or a in derived for a in node.all_input_nodes):
+                derived.add(node)
+                continue
             if node.op in ("placeholder", "output", "get_attr") or deps[node]:
                 continue
             val = analysis.example_value(node)
             if not isinstance(val, torch.Tensor) or val.is_floating_point() or val.dtype == torch.bool:
                 continue
             shape = _hints(val)
-            if self.S not in shape or any(s != 1 for i, s in enumerate(shape) if i != shape.index(self.S)):
-                continue
-            if any(a in found for a in node.all_input_nodes):
+            if shape.count(self.S) != 1 or any(s != 1 for s in shape if s != self.S):
                 continue
             try:
-                fn = analysis.extract_function(self.gm, node)
-                value = analysis.run_function(fn, {})
+                value = analysis.run_function(analysis.extract_function(self.gm, node), {})
             except Exception:  # noqa: BLE001 - a constant that cannot be evaluated is not positions
                 continue
             if torch.equal(value.reshape(-1).cpu(), torch.arange(self.S)):
@@ -259,11 +341,35 @@ class _Builder:
             self.env[node] = self.graph.node_copy(node, lambda x: self.env[x])
             self.tags[node] = None
             return
+        if _is_size_query(node):
+            self.env[node] = self._padded_size(node)
+            self.tags[node] = None
+            return
         tags, args, kwargs = self._rule(node)
         new = self.graph.create_node(node.op, node.target, fx.node.map_arg(args, self._new), fx.node.map_arg(kwargs, self._new), node.name)
         new.meta = dict(node.meta)
         self.env[node] = new
         self.tags[node] = tags
+
+    def _padded_size(self, node: fx.Node) -> fx.Node:
+        """A size query of a token tensor answers with the padded graph's size, so code that reads
+        it (the label path, an ``arange``) computes what it computed before; shape arguments of
+        token ops are rewritten by position instead (see :meth:`_view`)."""
+        g = self.graph
+        src = node.args[0]
+        tags = self._t(src)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        padded = {"B": self.rows, "S": self.width}
+        if "BS" in tags:
+            padded["BS"] = g.call_function(operator.mul, (self.rows, self.width))
+
+        def one(d: int) -> fx.Node:
+            tag = tags[d % len(tags)]
+            return padded[tag] if tag else g.call_method("size", (self._new(src), d))
+
+        if dim is None:
+            return g.call_function(torch.Size, ([one(d) for d in range(len(tags))],))
+        return one(dim)
 
     def _new(self, node: fx.Node) -> fx.Node:
         """``node``'s counterpart in the unpadded graph (nodes already there map to themselves)."""
@@ -280,8 +386,7 @@ class _Builder:
         op may mix positions."""
         target, args, kwargs = node.target, node.args, node.kwargs
         method = target if node.op == "call_method" else None
-        val = analysis.example_value(node)
-        if method in _SHAPE_QUERY:
+        if method == "dim":
             return None, args, kwargs
         if node.op == "call_function" and target is operator.getitem and isinstance(analysis.example_value(args[0]), torch.Tensor):
             return self._getitem(node), args, kwargs
@@ -356,6 +461,9 @@ class _Builder:
             for k, size in enumerate(reversed(_hints(av))):
                 if result[rank - 1 - k] is not None and size != 1:
                     self._decline(node, f"combines the tokens with {a.name}, a constant of their shape")
+        named = [t for t in result if t is not None]
+        if len(named) != len(set(named)):
+            self._decline(node, "would carry one token dimension twice")
         return tuple(result)
 
     def _view(self, node: fx.Node):
@@ -446,10 +554,12 @@ class _Builder:
                         self._decline(node, "slices a token dimension")
                 out.append(x[dim])
                 dim += 1
-            else:
+            elif isinstance(item, int) and not isinstance(item, bool):
                 if x[dim] is not None:
                     self._decline(node, "indexes a token dimension")
                 dim += 1
+            else:
+                self._decline(node, "indexes with a tensor or a symbolic value")
         out.extend(x[dim:])
         return tuple(out)
 
@@ -487,8 +597,12 @@ class _Builder:
         return [x] * len(analysis.example_value(node))
 
     def _cat(self, node: fx.Node) -> tuple:
-        tensors = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        # torch.cat skips 1-D empty tensors (transformers' DynamicCache starts from one): a cat of
+        # one real tensor and such empties is that tensor
+        tensors = [t for t in node.args[0] if not _legacy_empty(t)] if node.target is torch.cat else node.args[0]
+        if node.target is torch.cat and len(tensors) == 1:
+            return tuple(self._t(tensors[0]))
         tags = [self._t(t) for t in tensors]
         if any(t != tags[0] for t in tags):
             self._decline(node, "joins token and non-token values")
@@ -548,13 +662,13 @@ class _Builder:
 
     # -- attention and outputs -------------------------------------------------------------------
 
-    def _varlen(self, sdpas: list[fx.Node], sources: set[fx.Node]) -> None:
+    def _varlen(self) -> None:
+        """Each SDPA on the tokens becomes per-row varlen attention with RoPE fused, proven on the
+        padded graph exactly as the packed-sequence pass proves it."""
         from graphopt.passes.varlen_attention import AttentionMatch, VarlenAttention, _match
 
-        position_inputs = {p for p in self.placeholders if self._is_token_input(p) and not _is_float(p)}
-        tables = _PositionTables(self.gm, sources | position_inputs)
-        for sdpa in sdpas:
-            match = _match(self.gm, sdpa, tables)
+        for sdpa in self.sdpas:
+            match = _match(self.gm, sdpa, self.tables)
             if isinstance(match, str):
                 raise Decline(f"{sdpa.name}: {match}")
             mapped = AttentionMatch(
@@ -563,9 +677,16 @@ class _Builder:
                 fp32_tables=match.fp32_tables, scale=match.scale, region=[self.env[n] for n in match.region],
             )
             VarlenAttention()._rewrite(self.ctx, mapped, self.cu, report=False)
-        self.rewritten.append(f"{len(sdpas)} attention calls per row (varlen, RoPE fused)")
+            self.attention_calls += 1
+        if self.sdpas:
+            self.rewritten.append("attention per row (varlen, RoPE fused)")
 
     def _output(self, node: fx.Node) -> None:
+        if not hasattr(self, "mask_input"):  # a checkpoint body: packed values go back to the caller
+            values = node.args[0]
+            self.out_tags = [self._t(v) for v in values]
+            self.graph.output(fx.node.map_arg(values, self._new))
+            return
         outs = []
         for value in node.args[0]:
             tags = self._t(value)
@@ -576,27 +697,44 @@ class _Builder:
         self.graph.output(tuple(outs))
 
     def _scatter(self, value: fx.Node, tags: tuple) -> fx.Node:
-        """A per-position output back at (B, S, ...) or (B*S, ...): zeros at padded positions."""
+        """A per-position output back at its padded shape ((B, S) dims anywhere, or a merged
+        (B*S) dim), with zeros at padded positions."""
         g = self.graph
         shape = _hints(analysis.example_value(value))
-        if tags[:2] == ("B", "S") and not any(tags[2:]):
-            flat = g.call_method("flatten", (self.env[value], 0, 1))
-            rest = shape[2:]
-            unflat = True
-        elif tags[:1] == ("BS",) and not any(tags[1:]):
-            flat = self.env[value]
-            rest = shape[1:]
-            unflat = False
+        new = self.env[value]
+        if "BS" in tags and tags.count(None) == len(tags) - 1:
+            order = [tags.index("BS")] + [i for i, t in enumerate(tags) if t is None]
+            merged = True
+        elif "B" in tags and "S" in tags and tags.count(None) == len(tags) - 2:
+            order = [tags.index("B"), tags.index("S")] + [i for i, t in enumerate(tags) if t is None]
+            merged = False
         else:
             raise Decline(f"the graph returns {value.name} with token dimensions laid out as {tags}")
+        moved = new if order == list(range(len(order))) else g.call_method("permute", (new, *order))
+        flat = moved if merged else g.call_method("flatten", (moved, 0, 1))
+        rest = [shape[i] for i in order[1 if merged else 2 :]]
         total = g.call_function(operator.mul, (self.rows, self.width))
         rows = g.call_function(operator.add, (total, 1))
         buf = g.call_method("new_zeros", (flat, (rows, *rest)))
         filled = g.call_method("index_copy", (buf, 0, self.scatter, flat))
-        kept = g.call_method("narrow", (filled, 0, 0, total))
-        if unflat:
-            return g.call_method("view", (kept, self.rows, self.width, *rest))
-        return kept
+        out = g.call_method("narrow", (filled, 0, 0, total))
+        if not merged:
+            out = g.call_method("view", (out, self.rows, self.width, *rest))
+        if order != list(range(len(order))):
+            inverse = sorted(range(len(order)), key=order.__getitem__)
+            out = g.call_method("permute", (out, *inverse))
+        return out
+
+
+def _legacy_empty(node) -> bool:
+    val = analysis.example_value(node) if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dim() == 1 and analysis.hint(val.shape[0]) == 0
+
+
+def _is_size_query(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target == "size") or (
+        node.op == "call_function" and node.target is torch.ops.aten.sym_size.int
+    )
 
 
 def _is_float(node: fx.Node) -> bool:
@@ -698,16 +836,15 @@ class _PositionTables:
         }
 
 
-def packing_indices(attention_mask: torch.Tensor, bucket: int) -> tuple[dict[str, torch.Tensor], int, int]:
-    """The unpadded graph's extra inputs for a right-padded ``attention_mask`` (B, S).
-
-    Reads the row lengths on the host (one device-to-host copy) and builds the indices there.
+def packing_indices(attention_mask: torch.Tensor, lengths: list[int], bucket: int) -> tuple[dict[str, torch.Tensor], int, int]:
+    """The unpadded graph's extra inputs for a right-padded ``attention_mask`` (B, S) whose rows
+    hold ``lengths`` real tokens (read on the host with the guards), built on the host.
     Returns ``({"gather", "positions", "cu_seqlens", "scatter"}, N real tokens, T packed tokens)``,
     the tensors on the mask's device. T is N rounded up to ``bucket``, at most B * S; the T - N
     extra tokens gather padded positions (first ones first) and form one more document.
     """
     rows, width = attention_mask.shape
-    lengths = attention_mask.detach().to("cpu", torch.int64).sum(-1)
+    lengths = torch.tensor(lengths, dtype=torch.int64)
     n_real = int(lengths.sum())
     packed = min(rows * width, -(-n_real // bucket) * bucket)
     steps = torch.arange(width)

@@ -69,7 +69,7 @@ COMMON_ARGS = dict(
 #   sft_packing:      BFD packing into rows of <= 16 tokens, flattened as above.
 CONFIGS = ("trainer_padded", "sft_padded", "sft_padding_free", "sft_packing")
 EXPECTED_REWRITES = {
-    "trainer_padded": {"mask_elision": LAYERS, "fused_cross_entropy": 1},
+    "trainer_padded": {"mask_elision": LAYERS, "fused_cross_entropy": 1, "unpad": 1},
     # TRL computes the log-probabilities in its own chunked autograd.Function, which Dynamo cannot
     # trace (a graph break): no LM head or cross-entropy reaches graphopt, so only the mask, under
     # the documented padded_outputs_unused (TRL scores only positions whose label is not -100).
@@ -80,6 +80,7 @@ EXPECTED_REWRITES = {
 # Text that each rewrite leaves in the code of the graph that runs.
 REWRITTEN_CODE = {
     "mask_elision": "is_causal = True",
+    "unpad": "graphopt.varlen_attention",  # the unpadded graph runs per-row varlen attention
     "fused_cross_entropy": "graphopt.linear_cross_entropy",
     "varlen_attention": "graphopt.varlen_attention",
 }
@@ -206,7 +207,9 @@ def test_rewrites_fire(runs, config):
     code = "\n".join(report.graph_code("after"))
     for name, n in EXPECTED_REWRITES[config].items():
         assert report.counts[name] >= n, f"{name}: expected >= {n}\n{report}"
-        if name in REWRITTEN_CODE:
+        # with unpadding the graph that runs is the unpadded one: no is_causal SDPA is left in it
+        unpadded = name == "mask_elision" and "unpad" in EXPECTED_REWRITES[config]
+        if name in REWRITTEN_CODE and not unpadded:
             assert REWRITTEN_CODE[name] in code, f"{name}: {REWRITTEN_CODE[name]!r} not in the rewritten graphs"
     # Activation checkpointing was on (TRL's default; set for the Trainer), and rewritten through.
     assert "tag_activation_checkpoint(" in code
@@ -218,6 +221,8 @@ def test_every_step_takes_the_fast_path(runs, config):
     report = compiled.report
     if config in ("trainer_padded", "sft_padded"):
         assert any(g.name == "right_padding" for g in report.guards), report
+    if config == "trainer_padded":  # the default padding collator: every step runs unpadded
+        assert report.runtime["unpad"] == STEPS, report
     assert report.runtime["fast_path"] == STEPS, report
     assert report.runtime["fallback"] == 0, report
 

@@ -1,0 +1,205 @@
+"""Unpadding (issue 10): a right-padded batch runs the decoder on its real tokens only.
+
+Every positive test compares eager on the padded batch with the compiled unpadded step (the loss,
+every parameter gradient and the logits at real positions), and asserts that the unpadded graph
+ran (``report.runtime["unpad"]``). Every negative test asserts that it did not.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import graphopt
+from graphopt.passes.unpad import _view_tags, packing_indices
+from graphopt.tiny_models import FAMILIES, IGNORE_INDEX, PAD_TOKEN_ID, build_tiny_model, make_batch
+from tests.harness import CompiledModel, assert_steps_equal, real_positions
+
+SEQ = 24
+
+
+def right_batch(lengths: list[int], seq: int = SEQ, *, vocab: int = 128, seed: int = 0) -> dict:
+    """A right-padded batch whose rows hold ``lengths`` real tokens; labels -100 at pads."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(PAD_TOKEN_ID + 1, vocab, (len(lengths), seq), generator=gen)
+    mask = (torch.arange(seq) < torch.tensor(lengths)[:, None]).long()
+    ids = ids.masked_fill(mask == 0, PAD_TOKEN_ID)
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "use_cache": False}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    cache = {}
+
+    def get(family: str = "llama", **options) -> CompiledModel:
+        key = (family, tuple(sorted(options.items())))
+        if key not in cache:
+            cache[key] = CompiledModel(build_tiny_model(family), options=options)
+        return cache[key]
+
+    return get
+
+
+def _check_unpadded(cm: CompiledModel, batch: dict):
+    eager, step, report = cm.step(batch)
+    assert_steps_equal(eager, step, real_positions=real_positions(batch))
+    assert report.runtime["unpad"] == 1, report
+    assert not report.runtime["fallback"], report
+    return report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "lengths",
+    [
+        pytest.param([SEQ, SEQ, SEQ], id="no-padding"),
+        pytest.param([SEQ, 18, 7], id="some-padding"),
+        pytest.param([SEQ, 1, 3], id="rows-of-length-1"),
+        pytest.param([5, 2, 9], id="mostly-padding"),
+    ],
+)
+def test_llama_unpadded_equals_eager(compiled, lengths):
+    report = _check_unpadded(compiled("llama"), right_batch(lengths))
+    saved = 3 * SEQ - max(sum(lengths), 0)
+    assert report.runtime["unpad_tokens_saved"] + report.runtime["unpad_bucket_waste"] == saved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("llama", "gemma2")])
+def test_every_sdpa_family_unpadded_equals_eager(compiled, family):
+    cm = compiled(family)
+    eager, step, report = cm.step(make_batch("right", batch=3, seq=SEQ, pad_fraction=0.4) | {"use_cache": False})
+    assert_steps_equal(eager, step, real_positions=real_positions(make_batch("right", batch=3, seq=SEQ, pad_fraction=0.4)))
+    assert cm.counts()["unpad"] == 1
+    assert report.runtime["unpad"] == 1, report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_checkpointed_layers_are_unpadded(reentrant):
+    """With activation checkpointing each layer's body is unpadded too, and the recomputation in
+    the backward runs the unpadded body."""
+    from tests.passes.test_checkpointing import enable_checkpointing
+
+    model = build_tiny_model("llama")
+    enable_checkpointing(model, use_reentrant=reentrant)
+    cm = CompiledModel(model)
+    _check_unpadded(cm, right_batch([SEQ, 10, 4]))
+    assert cm.counts()["unpad"] == 1
+    assert "tag_activation_checkpoint" in cm.after_code() and "graphopt.varlen_attention" in cm.after_code()
+
+
+@pytest.mark.slow
+def test_kv_cache_outputs_are_scattered_back(compiled):
+    """With ``use_cache=True`` (most configs' default) the graph also returns every layer's keys
+    and values, (B, H, S, D): they come back at padded shape, exact at real positions."""
+    cm = compiled("llama")
+    batch = right_batch([SEQ, 10, 4]) | {"use_cache": True}
+    eager_out = cm.model(**batch)
+    with graphopt.capture() as report:
+        out = cm.compiled(**batch)
+    assert report.runtime["unpad"] == 1, report
+    real = batch["attention_mask"].bool()
+    for eager_layer, layer in zip(eager_out.past_key_values.layers, out.past_key_values.layers):
+        for name in ("keys", "values"):
+            expected, got = getattr(eager_layer, name), getattr(layer, name)
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got.transpose(1, 2)[real], expected.transpose(1, 2)[real])
+
+
+@pytest.mark.slow
+def test_unfused_loss_is_unpadded_too(compiled):
+    _check_unpadded(compiled("llama", fused_cross_entropy=False), right_batch([SEQ, 10, 4]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["left", "pad_labels_unmasked", "holes"])
+def test_batches_the_guard_refuses_take_the_exact_fallback(compiled, layout):
+    cm = compiled("llama")
+    batch = make_batch(layout, batch=3, seq=SEQ, pad_fraction=0.4) | {"use_cache": False}
+    eager, step, report = cm.step(batch)
+    assert_steps_equal(eager, step, real_positions=real_positions(batch) if layout != "left" else None)
+    assert report.runtime["fallback"] == 1 and not report.runtime["unpad"], report
+
+
+@pytest.mark.slow
+def test_option_off_keeps_the_padded_fast_path(compiled):
+    cm = compiled("llama", unpad=False)
+    eager, step, report = cm.step(right_batch([SEQ, 10, 4]))
+    assert_steps_equal(eager, step, real_positions=real_positions(right_batch([SEQ, 10, 4])))
+    assert report.runtime["fast_path"] == 1 and not report.runtime["unpad"], report
+    assert cm.counts()["unpad"] == 0 and cm.counts()["mask_elision"] == 2
+
+
+@pytest.mark.slow
+def test_eager_attention_is_declined_with_the_op_named():
+    cm = CompiledModel(build_tiny_model("gemma2"))  # eager attention: scores + mask into softmax
+    batch = right_batch([SEQ, 10, 4])
+    eager, step, report = cm.step(batch)
+    assert_steps_equal(eager, step, real_positions=real_positions(batch))
+    assert cm.counts()["unpad"] == 0 and not report.runtime["unpad"]
+    declines = [d.reason for g in cm.compile_reports for d in g.declines if d.name == "unpad"]
+    assert declines and "is not known to act on each token independently" in declines[0], declines
+
+
+@pytest.mark.slow
+def test_inference_graph_without_loss_is_not_unpadded():
+    model = build_tiny_model("llama").eval()
+    cm = CompiledModel(model, options={"padded_outputs_unused": True})
+    batch = right_batch([SEQ, 10, 4])
+    del batch["labels"]
+    eager, step, report = cm.step(batch, backward=False)
+    torch.testing.assert_close(step.logits[batch["attention_mask"].bool()], eager.logits[batch["attention_mask"].bool()])
+    assert cm.counts()["unpad"] == 0 and not report.runtime["unpad"], report
+
+
+@pytest.mark.slow
+def test_varying_lengths_compile_a_bounded_number_of_times():
+    """20 batches of different padded lengths and row lengths: every step is unpadded and exact,
+    and Inductor compiles at most 4 graphs (the outer graph static then dynamic, each with its
+    unpadded graph; the packed length is dynamic from the first compile)."""
+    from torch._dynamo.utils import counters
+
+    cm = CompiledModel(build_tiny_model("llama"))
+    gen = torch.Generator().manual_seed(1)
+    before = counters["aot_autograd"]["total"]
+    for step in range(20):
+        seq = int(torch.randint(8, 40, (), generator=gen))
+        lengths = [seq] + [int(torch.randint(1, seq + 1, (), generator=gen)) for _ in range(2)]
+        _check_unpadded(cm, right_batch(lengths, seq, seed=step))
+    assert counters["aot_autograd"]["total"] - before <= 4, counters["aot_autograd"]
+
+
+def test_packing_indices_follow_the_rows():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    extra, n_real, packed = packing_indices(mask, [3, 1, 4], bucket=4)
+    assert (n_real, packed) == (8, 8)
+    assert extra["gather"].tolist() == [0, 1, 2, 4, 8, 9, 10, 11]
+    assert extra["positions"].tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
+    assert extra["cu_seqlens"].tolist() == [0, 3, 4, 8, 8]
+    assert extra["scatter"].tolist() == extra["gather"].tolist()
+    extra, n_real, packed = packing_indices(mask, [3, 1, 4], bucket=5)
+    assert (n_real, packed) == (8, 10)
+    # the two extra tokens gather the first padded positions, form one more document, and
+    # scatter to the dropped row B*S
+    assert extra["gather"].tolist()[8:] == [3, 5]
+    assert extra["positions"].tolist()[8:] == [0, 1]
+    assert extra["cu_seqlens"].tolist() == [0, 3, 4, 8, 10]
+    assert extra["scatter"].tolist()[8:] == [12, 12]
+
+
+@pytest.mark.parametrize(
+    "in_shape, in_tags, out_shape, expected",
+    [
+        ((2, 6, 8), ("B", "S", None), (2, 6, 2, 4), ("B", "S", None, None)),
+        ((2, 6, 8), ("B", "S", None), (12, 8), ("BS", None)),
+        ((12, 8), ("BS", None), (2, 6, 8), ("B", "S", None)),
+        ((2, 6, 8), ("B", "S", None), (2, 48), None),  # tokens and features merged
+        ((2, 6, 8), ("B", "S", None), (96,), None),
+        ((2, 2, 2, 6, 4), ("B", None, None, "S", None), (2, 4, 6, 4), ("B", None, "S", None)),
+        ((1, 6, 8), (None, "S", None), (6, 8), ("S", None)),
+    ],
+)
+def test_view_tags(in_shape, in_tags, out_shape, expected):
+    assert _view_tags(list(in_shape), in_tags, list(out_shape), 2, 6) == expected
