@@ -22,9 +22,11 @@ def test_explain_report_has_counts_declines_guards_and_code(tmp_path):
     assert [g.name for g in report.guards] == ["right_padding"]
     assert report.result.loss is not None
     (before,), (after,) = report.graph_code("before"), report.graph_code("after")
-    assert "attn_mask = attention_mask" in before and "is_causal = True" in after
+    # the graph that runs is the unpadded one: packed tokens, per-row varlen attention, no mask
+    assert "attn_mask = attention_mask" in before and "attn_mask" not in after
+    assert "unpad_gather" in after and "graphopt.varlen_attention" in after
     text = str(report)
-    assert "mask_elision x2" in text and "right_padding" in text and "fast_path=1" in text
+    assert "mask_elision x2" in text and "unpad x1" in text and "unpad=1" in text and "right_padding" in text and "fast_path=1" in text
     files = sorted(os.listdir(tmp_path))
     stems = {f.rsplit("_", 1)[0] for f in files}
     assert len(stems) == 1 and len(files) == 3
