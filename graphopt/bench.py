@@ -556,9 +556,9 @@ class GuardTimer:
 
         self.backend, self.original, self.times = backend, backend.evaluate_guards, []
 
-        def timed(guards, args):
+        def timed(guards, args, **kwargs):
             start = time.perf_counter()
-            failed = self.original(guards, args)
+            failed = self.original(guards, args, **kwargs)
             self.times.append(time.perf_counter() - start)
             return failed
 
@@ -611,6 +611,12 @@ def _guard_overhead(args, trainer: Trainer, batches: list[dict], report, guard_t
         return out
     if not args.guard_step_delta:
         out["step_delta"] = "skipped: --no-guard-step-delta"
+        return out
+    if report.runtime.get("unpad"):
+        out["step_delta"] = (
+            "skipped: the guarded steps ran unpadded, which needs the guard (trust_right_padding=True "
+            "turns unpadding off), so the delta would not be the guard's cost"
+        )
         return out
     trusted = Trainer(args, "graphopt", dict(args.options, trust_right_padding=True))
     with Heartbeat("graphopt (trust_right_padding=True): first step (compile)"):

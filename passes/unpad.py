@@ -388,6 +388,10 @@ class _Builder:
         method = target if node.op == "call_method" else None
         if method == "dim":
             return None, args, kwargs
+        if method in ("new_empty", "new_zeros", "new_ones", "new_full"):
+            # a new tensor of explicit sizes (the padded ones, see _padded_size): not a token value;
+            # if it meets the tokens later, the broadcast rule sees its shape
+            return None, args, kwargs
         if node.op == "call_function" and target is operator.getitem and isinstance(analysis.example_value(args[0]), torch.Tensor):
             return self._getitem(node), args, kwargs
         if node.op == "call_function" and target is operator.getitem:

@@ -109,6 +109,16 @@ def test_kv_cache_outputs_are_scattered_back(compiled):
 
 
 @pytest.mark.slow
+def test_drop_logits_is_unpadded_too(compiled):
+    cm = compiled("llama", drop_logits=True)
+    batch = right_batch([SEQ, 10, 4])
+    eager, step, report = cm.step(batch)
+    assert_steps_equal(eager, step)
+    assert step.logits.numel() == 0
+    assert report.runtime["unpad"] == 1, report
+
+
+@pytest.mark.slow
 def test_unfused_loss_is_unpadded_too(compiled):
     _check_unpadded(compiled("llama", fused_cross_entropy=False), right_batch([SEQ, 10, 4]))
 
