@@ -52,7 +52,9 @@ import threading
 import time
 import traceback
 
-BACKENDS = ("eager", "inductor", "graphopt")
+# graphopt-flattened: graphopt on the documents of --layout uneven flattened into one row
+# (DataCollatorWithFlattening), i.e. its packed path, to compare unpadding with it in one run.
+BACKENDS = ("eager", "inductor", "graphopt", "graphopt-flattened")
 IGNORE_INDEX = -100
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
@@ -183,6 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown backend(s) {sorted(unknown)}; choose from {BACKENDS}")
     lo, _, hi = args.doc_len.partition("-")
     args.doc_range = (int(lo), int(hi or lo))
+    if "graphopt-flattened" in args.backends and args.layout != "uneven":
+        p.error("backend graphopt-flattened flattens the rows of --layout uneven (e.g. --config padded-50)")
     if args.layout == "packed" and args.tokens % args.rows:
         p.error("--tokens must be divisible by --rows")
     if args.hidden % args.heads or args.heads % args.kv_heads:
@@ -426,6 +430,8 @@ def run_worker(args) -> dict:
 
     os.environ["GRAPHOPT_BENCH_WORKER"] = args.worker
     backend = args.worker
+    if backend == "graphopt-flattened":
+        args.layout, backend = "flattened", "graphopt"
     from graphopt.options import split_options
 
     _, inductor_options = split_options(args.options)

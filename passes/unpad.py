@@ -66,6 +66,11 @@ _NORM_FUNCTIONS = frozenset({torch.nn.functional.layer_norm, torch.nn.functional
 BUCKET = 16
 
 
+# Tag of the fused loss's logits output in the unpadded graph: already at padded positions, plus
+# one extra row (the bucket's extra tokens) that the getitem reading it cuts off.
+_PADDED_ROWS = "padded+1"
+
+
 class Decline(Exception):
     """The graph cannot be unpadded; the message says why."""
 
@@ -344,6 +349,14 @@ class _Builder:
         if _is_size_query(node):
             self.env[node] = self._padded_size(node)
             self.tags[node] = None
+            return
+        if node.op == "call_function" and node.target is operator.getitem and self._t(node.args[0]) and isinstance(
+            self._t(node.args[0]), list
+        ) and self._t(node.args[0])[node.args[1]] == _PADDED_ROWS:
+            item = self.graph.call_function(operator.getitem, (self.env[node.args[0]], node.args[1]))
+            total = self.graph.call_function(operator.mul, (self.rows, self.width))
+            self.env[node] = self.graph.call_method("narrow", (item, 0, 0, total))
+            self.tags[node] = None  # a padded-layout value from here on, like the label path
             return
         tags, args, kwargs = self._rule(node)
         new = self.graph.create_node(node.op, node.target, fx.node.map_arg(args, self._new), fx.node.map_arg(kwargs, self._new), node.name)
@@ -656,13 +669,22 @@ class _Builder:
         return None, args, kwargs
 
     def _fused_loss(self, node: fx.Node):
+        """The fused loss on the packed tokens and their gathered targets. Logits it returns are
+        written by the op straight to their padded rows (row B*S takes the bucket's extra tokens
+        and is cut off), so no packed (T, V) copy is ever held next to the padded one."""
         hidden, weight, target = node.args[:3]
         if self._t(hidden) != ("BS", None) or self._t(weight):
             self._decline(node, "reads hidden states not laid out as (tokens, hidden)")
         gathered = self._gathered_targets(target)
         self.rewritten.append("fused loss on packed targets")
-        tags = [None, ("BS", None)]
-        return tags, (node.args[0], node.args[1], gathered, *node.args[3:]), node.kwargs
+        kwargs = dict(node.kwargs)
+        returns_logits = node.args[6] != "none"
+        if returns_logits:
+            total = self.graph.call_function(operator.mul, (self.rows, self.width))
+            kwargs["logits_rows"] = self.scatter
+            kwargs["logits_len"] = self.graph.call_function(operator.add, (total, 1))
+        tags = [None, _PADDED_ROWS if returns_logits else None]
+        return tags, (node.args[0], node.args[1], gathered, *node.args[3:]), kwargs
 
     # -- attention and outputs -------------------------------------------------------------------
 

@@ -197,8 +197,14 @@ def _check_inputs(
     logits: str,
     impl: str,
     logit_scale: float,
+    logits_rows: torch.Tensor | None = None,
 ) -> None:
     """Shape/dtype/argument checks shared by the real and the fake implementation."""
+    if logits_rows is not None:
+        torch._check(
+            logits_rows.dtype == torch.int64 and logits_rows.shape == hidden.shape[:1],
+            lambda: f"logits_rows must be (N,) = ({hidden.shape[0]},) int64, got {tuple(logits_rows.shape)} {logits_rows.dtype}",
+        )
     torch._check(hidden.dim() == 2, lambda: f"hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")
     torch._check(weight.dim() == 2, lambda: f"weight must be 2-D (V, H), got shape {tuple(weight.shape)}")
     torch._check(
@@ -242,17 +248,22 @@ def linear_cross_entropy_fwd(
     impl: str,
     logit_scale: float = 1.0,
     compute_grad_weight: bool = True,
+    logits_rows: torch.Tensor | None = None,
+    logits_len: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunked loss (and gradients) of the LM head; see the module docstring for the math.
 
     Returns:
         loss_sum: () fp32.
         logits: (N, V) input dtype, the scaled logits, unless ``logits == "none"``, else (0,).
+            With ``logits_rows`` (N,) int64: (``logits_len``, V) zeros with token i's logits in
+            row ``logits_rows[i]`` (the unpadded graph writes them straight to their padded
+            positions; rows may repeat, the last write wins).
         grad_hidden: (N, H) input dtype, d loss_sum / d hidden, if ``compute_grad``, else (0,).
         grad_weight: (V, H) input dtype, d loss_sum / d weight, if ``compute_grad`` and
             ``compute_grad_weight``, else (0,).
     """
-    _check_inputs(hidden, weight, target, softcap, chunk_size, logits, impl, logit_scale)
+    _check_inputs(hidden, weight, target, softcap, chunk_size, logits, impl, logit_scale, logits_rows)
     vocab = weight.shape[0]
     in_range = (target >= 0) & (target < vocab)
     torch._assert_async(
@@ -264,6 +275,7 @@ def linear_cross_entropy_fwd(
         hidden, weight, target, ignore_index, softcap, chunk_size, logits != "none", compute_grad,
         compute_grad and compute_grad_weight, logit_scale,
         cross_entropy_loss_and_grad if use_triton else cross_entropy_loss_and_grad_torch,
+        logits_rows if logits != "none" else None, logits_len,
     )
 
 
@@ -279,6 +291,8 @@ def _chunked_loss_and_grads(
     compute_grad_weight: bool,
     logit_scale: float,
     loss_step,
+    logits_rows: torch.Tensor | None = None,
+    logits_len: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunk loop of ``graphopt::linear_cross_entropy_fwd`` (same outputs), with the per-chunk
     loss step (:func:`cross_entropy_loss_and_grad_torch` or its Triton twin) chosen by the caller.
@@ -286,7 +300,12 @@ def _chunked_loss_and_grads(
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     # Outputs must not alias each other, so each absent one is its own (0,) tensor.
-    out_logits = hidden.new_empty((n_tokens, vocab) if keep_logits else (0,))
+    scattered = keep_logits and logits_rows is not None
+    if scattered:  # chunks go through their own buffer to their rows of a zeroed output
+        out_logits = hidden.new_zeros((logits_len, vocab))
+        chunk_out = hidden.new_empty((min(chunk_size, n_tokens), vocab))
+    else:
+        out_logits = hidden.new_empty((n_tokens, vocab) if keep_logits else (0,))
     grad_hidden = hidden.new_empty(hidden.shape if compute_grad else (0,))
     grad_weight_acc = weight.new_zeros(weight.shape, dtype=torch.float32) if compute_grad_weight else None
     # One (chunk, V) buffer for every chunk, so no chunk allocates (and page-faults) its own: the
@@ -298,9 +317,15 @@ def _chunked_loss_and_grads(
     for start in range(0, n_tokens, chunk_size):
         end = min(start + chunk_size, n_tokens)
         hidden_chunk = hidden[start:end]
-        chunk = torch.mm(hidden_chunk, weight.t(), out=out_logits[start:end] if keep_logits else buffer[: end - start])
+        if scattered:
+            out = chunk_out[: end - start]
+        else:
+            out = out_logits[start:end] if keep_logits else buffer[: end - start]
+        chunk = torch.mm(hidden_chunk, weight.t(), out=out)
         if logit_scale != 1.0:
             chunk.mul_(logit_scale)  # in the input dtype, as eager's logits * logit_scale
+        if scattered:
+            out_logits.index_copy_(0, logits_rows[start:end], chunk)
         grad = buffer[: end - start] if compute_grad else None
         loss_sum += loss_step(chunk, target[start:end], grad, ignore_index, softcap).sum()
         if compute_grad:
@@ -317,18 +342,22 @@ def _chunked_loss_and_grads(
 
 @linear_cross_entropy_fwd.register_fake
 def _(hidden, weight, target, ignore_index, softcap, chunk_size, logits, compute_grad, impl, logit_scale=1.0,
-      compute_grad_weight=True):
-    _check_inputs(hidden, weight, target, softcap, chunk_size, logits, impl, logit_scale)
+      compute_grad_weight=True, logits_rows=None, logits_len=0):
+    _check_inputs(hidden, weight, target, softcap, chunk_size, logits, impl, logit_scale, logits_rows)
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     loss_sum = hidden.new_empty((), dtype=torch.float32)
-    out_logits = hidden.new_empty((n_tokens, vocab) if logits != "none" else (0,))
+    if logits == "none":
+        out_logits = hidden.new_empty((0,))
+    else:
+        out_logits = hidden.new_empty((n_tokens if logits_rows is None else logits_len, vocab))
     grad_hidden = hidden.new_empty(hidden.shape if compute_grad else (0,))
     grad_weight = weight.new_empty(weight.shape if compute_grad and compute_grad_weight else (0,))
     return loss_sum, out_logits, grad_hidden, grad_weight
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, target, ignore_index, _, _, logits_mode, compute_grad, _, logit_scale, compute_grad_weight = inputs
+    (hidden, weight, target, ignore_index, _, _, logits_mode, compute_grad, _, logit_scale, compute_grad_weight,
+     logits_rows, _) = inputs
     if compute_grad and not compute_grad_weight and weight.requires_grad:
         raise RuntimeError(
             "graphopt::linear_cross_entropy was called with compute_grad_weight=False but the weight "
@@ -347,8 +376,9 @@ def _setup_context(ctx, inputs, output):
     ctx.logits_grad = logits_mode == "differentiable"
     ctx.ignore_index = ignore_index
     ctx.logit_scale = logit_scale
+    ctx.scattered = logits_rows is not None and ctx.logits_grad
     saved = (grad_hidden, grad_weight, target) + ((hidden, weight) if ctx.logits_grad else ())
-    ctx.save_for_backward(*saved)
+    ctx.save_for_backward(*saved, *((logits_rows,) if ctx.scattered else ()))
 
 
 def _scale(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
@@ -363,6 +393,10 @@ def _backward(ctx, grad_loss, grad_logits, _grad_grad_hidden, _grad_grad_weight)
             "call it with compute_grad=True to differentiate it"
         )
     grad_hidden, grad_weight, target, *hidden_weight = ctx.saved_tensors
+    if ctx.scattered:  # the logits' gradient comes at their rows of the padded output
+        *hidden_weight, rows = hidden_weight
+        if grad_logits is not None:
+            grad_logits = grad_logits.index_select(0, rows)
     d_hidden = d_weight = None
     if grad_loss is not None:
         # All targets ignored: the gradient is exactly 0 whatever grad_loss is, as in eager (where
@@ -379,7 +413,7 @@ def _backward(ctx, grad_loss, grad_logits, _grad_grad_hidden, _grad_grad_weight)
         d_hidden = logits_d_hidden if d_hidden is None else d_hidden + logits_d_hidden
         if ctx.compute_grad_weight:
             d_weight = logits_d_weight if d_weight is None else d_weight + logits_d_weight
-    return d_hidden, d_weight, None, None, None, None, None, None, None, None, None
+    return d_hidden, d_weight, None, None, None, None, None, None, None, None, None, None, None
 
 
 @torch.library.custom_op("graphopt::logits_backward", mutates_args=())
@@ -483,6 +517,8 @@ def linear_cross_entropy(
     impl: str,
     logit_scale: float = 1.0,
     compute_grad_weight: bool = True,
+    logits_rows: torch.Tensor | None = None,
+    logits_len: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss_sum, logits)``: the public op ``graphopt::linear_cross_entropy``.
 
@@ -501,6 +537,9 @@ def linear_cross_entropy(
             upcast; 1.0 (the default) skips it.
         compute_grad_weight: False for a frozen weight (``requires_grad=False``): no weight
             gradient is computed (no (V, H) accumulator, no ``dz.T @ hidden`` matmul).
+        logits_rows, logits_len: with ``logits_rows`` (N,) int64, the logits come back as
+            (``logits_len``, V) zeros holding token i's logits in row ``logits_rows[i]``
+            (graphopt's unpadded graphs write them to their padded positions this way).
 
     Returns:
         loss_sum: () fp32, the summed (not averaged) loss.
@@ -508,7 +547,7 @@ def linear_cross_entropy(
     """
     loss_sum, out_logits, _, _ = torch.ops.graphopt.linear_cross_entropy_fwd(
         hidden, weight, target, ignore_index, softcap, chunk_size, logits, compute_grad, impl, logit_scale,
-        compute_grad_weight,
+        compute_grad_weight, logits_rows, logits_len,
     )
     return loss_sum, out_logits
 

@@ -111,6 +111,31 @@ def test_grad_into_logits_and_loss(impl, triton_device):
     torch.testing.assert_close(w.grad, rw.grad, **tol(torch.float32, "grad"))
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("logits", ["detached", "differentiable"])
+def test_logits_written_to_their_rows(impl, logits, triton_device):
+    """``logits_rows``: token i's logits land in row ``logits_rows[i]`` of a zeroed
+    (``logits_len``, V) output (the unpadded graph's padded positions; a repeated row, here the
+    last, takes the bucket's extra tokens), and the gradient through the rows is the gradient of
+    that scatter."""
+    device = triton_device if impl == "triton" else "cpu"
+    hidden, weight, target = make_inputs(19, 16, 301, device=device)
+    rows = torch.cat((torch.randperm(30, generator=torch.Generator().manual_seed(2))[:16], torch.full((3,), 30))).to(device)
+    probe = torch.randn(30, 301, generator=torch.Generator().manual_seed(1)).to(device)
+    count = (target != IGNORE).sum()
+    h, w = leaves(hidden, weight)
+    loss_sum, out = op(h, w, target, IGNORE, 0.0, 7, logits, True, impl, logits_rows=rows, logits_len=31)
+    assert out.shape == (31, 301)
+    rh, rw = leaves(hidden, weight)
+    expected = torch.zeros(31, 301, device=device).index_copy(0, rows[:16], F.linear(rh, rw)[:16])
+    torch.testing.assert_close(out[:30], expected[:30], **tol(torch.float32))
+    if logits == "differentiable":
+        (loss_sum / count + (out[:30] * probe).sum()).backward()
+        (linear_cross_entropy_reference(rh, rw, target, IGNORE, 0.0) / count + (expected[:30] * probe).sum()).backward()
+        torch.testing.assert_close(h.grad, rh.grad, **tol(torch.float32, "grad"))
+        torch.testing.assert_close(w.grad, rw.grad, **tol(torch.float32, "grad"))
+
+
 @pytest.mark.parametrize("through_logits", [True, False], ids=["loss_and_logits", "loss_only"])
 def test_attach_logits_grad(monkeypatch, through_logits):
     """Detached logits + attach_logits_grad differentiate like the unfused reference; a loss-only
