@@ -135,7 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of " + ",".join(BACKENDS))
+    p.add_argument("--backends", default="eager,inductor,graphopt",
+                   help="comma-separated subset of " + ",".join(BACKENDS) + " (default: the first three)")
     p.add_argument("--options", type=json.loads, default={},
                    help='JSON dict for backend="graphopt" (its Inductor keys also go to the inductor baseline)')
     p.add_argument("--no-guard-overhead", dest="guard_overhead", action="store_false",

@@ -58,3 +58,28 @@ def test_vary_length_summary_counts_fast_paths_compiles_and_wall_time():
     assert g["wall_speedup_vs_inductor"] == 20 / 20 and g["median_step_s_without_compile"] == 3
     assert list(summary["target"].values()) == [False, True, False]
     assert summary["losses_agree"] and summary["weights_identical"]
+
+
+def test_uneven_rows_keep_the_real_token_count_and_flatten_to_the_same_loss():
+    """padded-50's rows: one full row, the others uneven, half the tokens padding in every batch;
+    the flattened layout holds the same documents, and HF's loss on it is the padded batch's."""
+    from graphopt.tiny_models import build_model, llama_config
+
+    args = parse_args(["--config", "padded-50", "--seq", "64", "--hidden", "64", "--vocab", "300"])
+    counts = set()
+    for index in range(5):
+        batch = make_batch(args, index)
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        assert lengths[0] == 64 and min(lengths) >= 1 and len(set(lengths)) > 1
+        counts.add(sum(lengths))
+    assert counts == {128}  # 50% of 4 x 64, in every batch: the flattened layout keeps one shape
+    flat_args = parse_args(["--config", "padded-50", "--seq", "64", "--hidden", "64", "--vocab", "300", "--layout", "flattened"])
+    padded, flat = make_batch(args, 0), make_batch(flat_args, 0)
+    assert flat["input_ids"].shape == (1, 128) and "attention_mask" not in flat
+    assert flat["position_ids"][0, 64:64 + 5].tolist() == list(range(5))
+    model = build_model(llama_config(hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, intermediate_size=128, vocab_size=300))
+    with torch.no_grad():
+        loss_padded = model(**padded, use_cache=False).loss
+        loss_flat = model(**flat, use_cache=False).loss
+    torch.testing.assert_close(loss_flat, loss_padded, rtol=1e-5, atol=1e-5)
