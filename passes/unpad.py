@@ -15,7 +15,8 @@ right-padding guard holds, graphopt knows where the real tokens are: row ``b`` h
    (:mod:`graphopt.passes.varlen_attention`'s op, RoPE fused);
 3. scores the loss on the packed tokens: the targets the padded graph computes (HF's label shift
    included) are gathered at the same positions, so the mean over valid targets, or the sum over
-   ``num_items_in_batch``, is the padded graph's;
+   ``num_items_in_batch``, is the padded graph's (a graph without a loss is unpadded only under
+   ``padded_outputs_unused=True``, the promise mask elision needs there too);
 4. scatters back to (B, S) what the graph returns per position (the logits, the flat hidden
    states of the fused loss); padded positions hold zeros, unspecified as on the fast path.
 
@@ -99,8 +100,10 @@ class Unpad:
         if not ctx.allow_guards:
             return 0
         guard = next((g for g in ctx.guards if g.name == "right_padding"), None)
-        if guard is None or getattr(guard.fn, "targets", None) is None:
-            return 0  # nothing is padded, or no loss says which outputs matter
+        if guard is None:
+            return 0  # nothing padded is rewritten
+        if getattr(guard.fn, "targets", None) is None and not ctx.options.padded_outputs_unused:
+            return 0  # no loss says which outputs matter (mask elision declined it too)
         if _ddp_active():
             ctx.report.decline(self.name, "DistributedDataParallel is active; unpadded graphs are not split at gradient buckets yet")
             return 0

@@ -223,6 +223,9 @@ def test_every_step_takes_the_fast_path(runs, config):
         assert any(g.name == "right_padding" for g in report.guards), report
     if config == "trainer_padded":  # the default padding collator: every step runs unpadded
         assert report.runtime["unpad"] == STEPS, report
+    if config == "sft_padded":  # TRL's own loss reads hidden[:, :-1] in the graph: said, not silent
+        reasons = [d.reason for g in report.graphs for d in g.declines if d.name == "unpad"]
+        assert any("slices a token dimension" in r for r in reasons), report
     assert report.runtime["fast_path"] == STEPS, report
     assert report.runtime["fallback"] == 0, report
 

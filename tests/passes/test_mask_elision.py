@@ -31,8 +31,10 @@ FALLBACK_LAYOUTS = {
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_model(request):
+    # The padded fast path itself: with unpadding on (the default), a right-padded training batch
+    # runs unpadded instead (tests/passes/test_unpad.py).
     torch.manual_seed(0)
-    return request.param, CompiledModel(build_tiny_model(request.param))
+    return request.param, CompiledModel(build_tiny_model(request.param), options={"unpad": False})
 
 
 def _rule(family: str) -> str:

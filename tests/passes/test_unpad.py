@@ -154,14 +154,24 @@ def test_eager_attention_is_declined_with_the_op_named():
 
 
 @pytest.mark.slow
-def test_inference_graph_without_loss_is_not_unpadded():
+@pytest.mark.parametrize("promised", [False, True], ids=["default", "padded_outputs_unused"])
+def test_inference_graph_without_loss_is_unpadded_only_when_padded_outputs_are_unused(promised):
+    """No loss says which outputs matter: the graph keeps its padded shape (and its mask) unless
+    the user promises padded outputs are unused; then it runs unpadded, exact at real positions,
+    logits and K/V scattered back."""
     model = build_tiny_model("llama").eval()
-    cm = CompiledModel(model, options={"padded_outputs_unused": True})
-    batch = right_batch([SEQ, 10, 4])
+    cm = CompiledModel(model, options={"padded_outputs_unused": promised})
+    batch = right_batch([SEQ, 10, 4]) | {"use_cache": True}
     del batch["labels"]
-    eager, step, report = cm.step(batch, backward=False)
-    torch.testing.assert_close(step.logits[batch["attention_mask"].bool()], eager.logits[batch["attention_mask"].bool()])
-    assert cm.counts()["unpad"] == 0 and not report.runtime["unpad"], report
+    with torch.no_grad():
+        eager = model(**batch)
+        with graphopt.capture() as report:
+            out = cm.compiled(**batch)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(out.logits[real], eager.logits[real])
+    for eager_layer, layer in zip(eager.past_key_values.layers, out.past_key_values.layers):
+        torch.testing.assert_close(layer.keys.transpose(1, 2)[real], eager_layer.keys.transpose(1, 2)[real])
+    assert report.counts["unpad"] == int(promised) and report.runtime["unpad"] == int(promised), report
 
 
 @pytest.mark.slow
