@@ -104,7 +104,9 @@ class Unpad:
             return 0  # nothing padded is rewritten
         if getattr(guard.fn, "targets", None) is None and not ctx.options.padded_outputs_unused:
             return 0  # no loss says which outputs matter (mask elision declined it too)
-        if _ddp_active():
+        from graphopt.backend import _active_ddp_module
+
+        if _active_ddp_module() is not None:
             ctx.report.decline(self.name, "DistributedDataParallel is active; unpadded graphs are not split at gradient buckets yet")
             return 0
         try:
@@ -115,15 +117,6 @@ class Unpad:
         ctx.unpad = plan
         ctx.report.rewrite(self.name, "tokens", f"the decoder runs on the real tokens only ({', '.join(plan.rewritten)})")
         return 1
-
-
-def _ddp_active() -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.nn.parallel import DistributedDataParallel
-
-    get = getattr(DistributedDataParallel, "_get_active_ddp_module", None)
-    return get is not None and get() is not None
 
 
 def _tag_size(tag: str | None, original, t_node: fx.Node):
