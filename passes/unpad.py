@@ -89,7 +89,6 @@ class UnpadPlan:
     module: fx.GraphModule
     mask_input: int  # index of the attention_mask argument
     bucket: int
-    n_outputs: int
     rewritten: list[str] = field(default_factory=list)
 
 
@@ -189,8 +188,7 @@ class _Builder:
         self._run(sources)
         if not self.attention_calls:
             raise Decline("no attention runs on the tokens")
-        n_outputs = len(self.gm.graph.output_node().args[0])
-        return UnpadPlan(self._module(), self.mask_input, BUCKET, n_outputs, self.rewritten)
+        return UnpadPlan(self._module(), self.mask_input, BUCKET, self.rewritten)
 
     def build_body(self, operand_tags: list, tables, mask: fx.Node) -> tuple[fx.GraphModule, list]:
         """The unpadded body of a checkpoint call whose operands have ``operand_tags``. The body
