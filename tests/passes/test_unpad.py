@@ -119,6 +119,16 @@ def test_drop_logits_is_unpadded_too(compiled):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "cohere"])  # cohere: RoPE in fp32 on upcast q/k
+def test_bf16_unpadded_equals_eager(family):
+    cm = CompiledModel(build_tiny_model(family, dtype=torch.bfloat16))
+    batch = right_batch([SEQ, 10, 4])
+    eager, step, report = cm.step(batch)
+    assert_steps_equal(eager, step, dtype=torch.bfloat16, real_positions=real_positions(batch))
+    assert report.runtime["unpad"] == 1, report
+
+
+@pytest.mark.slow
 def test_unfused_loss_is_unpadded_too(compiled):
     _check_unpadded(compiled("llama", fused_cross_entropy=False), right_batch([SEQ, 10, 4]))
 
