@@ -59,10 +59,12 @@ def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
         n_outputs = len(gm.graph.output_node().args[0])
         if ctx.unpad is not None:  # the padded fast graph is never run: the unpadded one replaces it
             report.after = inspection.module_code(ctx.unpad.module)
-            fast = UnpaddedGraph(ctx.unpad, ctx.detached_logits, n_outputs, inductor, report.graph_id)
+            fast = UnpaddedGraph(ctx.unpad, ctx.detached_logits, n_outputs, inductor, report.graph_id, fallback)
+            reads = fast.lengths
         else:
             fast = _attach_logits(inductor(work, example_inputs), ctx.detached_logits, n_outputs)
-        compiled = GuardedGraph(fast, fallback, ctx.guards, report.graph_id) if ctx.guards else RewrittenGraph(fast)
+            reads = None
+        compiled = GuardedGraph(fast, fallback, ctx.guards, report.graph_id, reads=reads) if ctx.guards else RewrittenGraph(fast)
     return PublishedOnFirstCall(compiled, report, opts.dump_dir)
 
 
@@ -228,26 +230,31 @@ class GuardedGraph:
 
     A failed condition is logged once per graph with advice on how to reach the fast path; only
     the condition that is the cause is reported (see :func:`~graphopt.guards.evaluate_guards`).
+
+    ``reads``: for a fast graph that needs values on the host too (the unpadded graph's row
+    lengths), ``reads(args)`` gives them as a device tensor; they come in the guards' one read and
+    the fast graph is called with ``host_values=`` them.
     """
 
-    def __init__(self, fast, fallback: ExactFallback, guards: list[Guard], graph_id: int):
+    def __init__(self, fast, fallback: ExactFallback, guards: list[Guard], graph_id: int, *, reads=None):
         self.fast = fast
         self.fallback = fallback
         self.guards = guards
         self.graph_id = graph_id
+        self.reads = reads
         self._warned: set[str] = set()
 
     def __call__(self, *args):
         if _is_fake_call(args):  # shapes only: the fast graph's outputs have the fallback's metadata
-            return (self.fallback if isinstance(self.fast, UnpaddedGraph) else self.fast)(*args)
-        lengths = None
-        if isinstance(self.fast, UnpaddedGraph):  # its row lengths come in the guards' one read
-            failed, lengths = evaluate_guards(self.guards, args, also_read=self.fast.lengths(args))
+            return self.fast(*args)
+        if self.reads is None:
+            failed, extra = evaluate_guards(self.guards, args), {}
         else:
-            failed = evaluate_guards(self.guards, args)
+            failed, values = evaluate_guards(self.guards, args, also_read=self.reads(args))
+            extra = {"host_values": values}
         if not failed:
             inspection.record_runtime("fast_path")
-            return self.fast(*args) if lengths is None else self.fast.run(args, lengths)
+            return self.fast(*args, **extra)
         inspection.record_runtime("fallback")
         for name in failed:
             inspection.record_runtime(f"failed:{name}")
@@ -269,21 +276,22 @@ class UnpaddedGraph:
     the unpadded graph, compiled by Inductor on first use. The packed length is marked dynamic, so
     batches of other real-token counts reuse the compilation."""
 
-    def __init__(self, plan, detached: list, n_outputs: int, inductor, graph_id: int):
+    def __init__(self, plan, detached: list, n_outputs: int, inductor, graph_id: int, shapes_only):
         self.plan = plan
         self.module = ExactFallback(plan.module, detached, n_outputs, inductor, graph_id, what="unpadded graph")
         self.graph_id = graph_id
+        self.shapes_only = shapes_only  # the padded graph that answers calls with fake tensors
 
     def lengths(self, args) -> torch.Tensor:
         """The real-token count of each row, on the device (read with the guards)."""
         return (args[self.plan.mask_input] != 0).sum(-1)
 
-    def __call__(self, *args):
-        return self.run(args, self.lengths(args).tolist())
-
-    def run(self, args, lengths: list[int]):
+    def __call__(self, *args, host_values: list[int] | None = None):
+        if _is_fake_call(args):  # no data to pack: the padded graph has the same output metadata
+            return self.shapes_only(*args)
         from graphopt.passes.unpad import packing_indices
 
+        lengths = self.lengths(args).tolist() if host_values is None else host_values
         extra, n_real, packed = packing_indices(args[self.plan.mask_input], lengths, self.plan.bucket)
         for name in ("gather", "positions", "scatter"):
             torch._dynamo.maybe_mark_dynamic(extra[name], 0)
