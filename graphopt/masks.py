@@ -19,6 +19,12 @@ spelling has in common:
    Bool masks must match exactly. Additive masks must be exactly 0 where the reference attends and
    one single value everywhere else.
 
+   A mask the graph *receives* (a 4-D input, built by an earlier graph: see
+   :mod:`graphopt.handoff`) is ``received`` when attention reads it exactly as received (its slice
+   is the identity, or a leading-corner slice such as transformers' ``mask[..., :kv_len]``). What
+   it holds is learnt at run time from the graph that built it. A mask the graph *returns* is
+   ``exported`` (:attr:`MaskCandidate.exported`) and still classified.
+
 When sizes are symbolic the slice is also evaluated at other sizes, and the proof covers sequence
 lengths up to the largest size probed (``MaskCandidate.max_probed_len``). A mask that is causal at
 length L is causal at every shorter length for every deviation masks are built from (a sliding
@@ -49,13 +55,16 @@ class MaskCandidate:
 
     Attributes:
         node: the mask value consumed by attention.
-        kind: ``"causal"``, ``"causal_padding"``, ``"packed_causal"`` or ``"unknown"``.
+        kind: ``"causal"``, ``"causal_padding"``, ``"packed_causal"``, ``"received"`` or
+            ``"unknown"``.
         sdpa_users: SDPA calls taking ``node`` as ``attn_mask``.
         additive_users: ``scores + node`` additions feeding a softmax (eager attention).
         checkpoints: for users inside an activation-checkpoint body, the checkpoint call of the
             outer graph that passes the mask into that body.
         seen_as: for those users, the body placeholder through which they read the mask.
-        input: the placeholder the mask depends on (``attention_mask`` or ``position_ids``).
+        input: the placeholder the mask depends on (``attention_mask`` or ``position_ids``, or
+            the received mask).
+        exported: the graph returns the mask itself (for the graphs that receive it).
         masked_value: for additive masks, the value at masked positions.
         seq_len: the (hinted) query length; ``seq_symbols`` the symbols of the sizes that equal
             it (query and key lengths, the mask input's length) when shapes are dynamic.
@@ -71,6 +80,7 @@ class MaskCandidate:
     checkpoints: dict[fx.Node, fx.Node] = field(default_factory=dict)
     seen_as: dict[fx.Node, fx.Node] = field(default_factory=dict)
     input: fx.Node | None = None
+    exported: bool = False
     masked_value: float | None = None
     seq_len: int = 0
     seq_symbols: frozenset = frozenset()
@@ -97,6 +107,36 @@ def _is_index_input(node: fx.Node) -> bool:
     )
 
 
+def _is_received_mask(node: fx.Node) -> bool:
+    """A 4-D bool or float input without gradient: possibly a mask built by an earlier graph."""
+    val = analysis.example_value(node)
+    return (
+        node.op == "placeholder"
+        and isinstance(val, torch.Tensor)
+        and val.dim() == 4
+        and (val.dtype == torch.bool or val.is_floating_point())
+        and not val.requires_grad
+    )
+
+
+def _attention_mask_inputs(gm: fx.GraphModule, deps: dict) -> set[fx.Node]:
+    """The placeholders that some SDPA call's ``attn_mask`` depends on, in ``gm`` or in the bodies
+    of its activation checkpoints."""
+    found: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if analysis.is_sdpa(node):
+            mask = analysis.sdpa_arguments(node)["attn_mask"]
+            if isinstance(mask, fx.Node):
+                found |= deps[mask]
+        elif analysis.is_checkpoint(node):
+            body = analysis.checkpoint_body(node)
+            inner = _attention_mask_inputs(body, analysis.tensor_inputs(body.graph))
+            for placeholder, arg in zip(body.graph.find_nodes(op="placeholder"), node.args[1:]):
+                if placeholder in inner and isinstance(arg, fx.Node):
+                    found |= deps[arg]
+    return found
+
+
 def _is_softmax(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in SOFTMAX_TARGETS) or (
         node.op == "call_method" and node.target == "softmax"
@@ -111,15 +151,16 @@ def find_masks(gm: fx.GraphModule, memo: dict | None = None) -> list[MaskCandida
     graph (the backend's exact-fallback graph) is not probed twice.
     """
     deps = analysis.tensor_inputs(gm.graph)
+    received = {n for n in _attention_mask_inputs(gm, deps) if _is_received_mask(n)}
     index_only = {
         n
         for n in gm.graph.nodes
         if n.op not in ("placeholder", "output")
-        and all(_is_index_input(d) for d in deps[n])
+        and all(_is_index_input(d) or d in received for d in deps[n])
     }
     found = []
     for node in gm.graph.nodes:
-        if node not in index_only:
+        if node not in index_only and node not in received:
             continue
         val = analysis.example_value(node)
         if not isinstance(val, torch.Tensor) or val.dim() != 4:
@@ -131,7 +172,9 @@ def find_masks(gm: fx.GraphModule, memo: dict | None = None) -> list[MaskCandida
             continue
         cand = MaskCandidate(node)
         for user in outside:
-            if analysis.is_checkpoint(user):
+            if user.op == "output":
+                cand.exported = True
+            elif analysis.is_checkpoint(user):
                 for placeholder in analysis.checkpoint_uses(user, node):
                     for inner in placeholder.users:
                         if not _add_attention_user(cand, inner, placeholder):
@@ -192,6 +235,8 @@ def _escapes(mask: fx.Node, index_only: set[fx.Node], frontier: set[fx.Node]) ->
                 continue
             seen.add(user)
             if user.op == "output":
+                if node is mask:  # the mask itself: exported
+                    continue
                 return f"{node.name}, derived from the mask, is a graph output"
             if user not in index_only:
                 if node is not mask:
@@ -229,7 +274,10 @@ def _classify(gm: fx.GraphModule, cand: MaskCandidate, inputs: frozenset[fx.Node
             symbols.add(expr)
     cand.seq_symbols = frozenset(symbols)
     input_node = next(iter(inputs), None)
-    hypotheses = ["causal"] if input_node is None else ["causal_padding", "packed_causal"]
+    if input_node is not None and _is_received_mask(input_node):
+        hypotheses = ["received"]
+    else:
+        hypotheses = ["causal"] if input_node is None else ["causal_padding", "packed_causal"]
     details = []
     for kind in hypotheses:
         ok, detail = _check(fn, cand, input_node, kind, _sizes(cand))
@@ -241,6 +289,8 @@ def _classify(gm: fx.GraphModule, cand: MaskCandidate, inputs: frozenset[fx.Node
     failures = [d for d in details if d.startswith("probing the mask failed")]
     if failures:  # nothing was learnt about what the mask is
         cand.reason = failures[0]
+    elif hypotheses == ["received"]:
+        cand.reason = f"the mask received as {input_node.name} is changed before attention reads it: {details[0]}"
     elif input_node is None:
         cand.reason = f"the mask depends on no input and is not causal ({details[0]})"
     else:
@@ -292,7 +342,10 @@ def _check(fn, cand: MaskCandidate, input_node, kind: str, lengths) -> tuple[boo
                     chosen[inp] = _size_under(ev, assignment)
             try:
                 out = analysis.run_function(fn, chosen)
-                ok, detail = _compare(out, kind, ref_input, seq_len, masked_values)
+                if kind == "received":
+                    ok, detail = _compare_received(out, ref_input)
+                else:
+                    ok, detail = _compare(out, kind, ref_input, seq_len, masked_values)
             except Exception as e:  # a slice that cannot run on the probe proves nothing
                 return False, f"probing the mask failed: {type(e).__name__}: {e}"
             if not ok:
@@ -332,6 +385,8 @@ _POSITION_PATTERNS = ("restarts", "offsets", "arbitrary")
 
 
 def _n_probes(kind: str, batch: int) -> int:
+    if kind == "received":
+        return 2
     patterns = _PADDING_PATTERNS if kind == "causal_padding" else _POSITION_PATTERNS
     return -(-len(patterns) // max(batch, 1)) + 1
 
@@ -339,6 +394,10 @@ def _n_probes(kind: str, batch: int) -> int:
 def _probe_value(kind: str, shape, dtype, probe: int, gen: torch.Generator) -> torch.Tensor:
     """Inputs that separate the hypotheses: right/left padding, holes, full and empty rows for
     padding masks; documents restarting at 0, at offsets, and arbitrary positions for position ids."""
+    if kind == "received":  # any values: attention must read them unchanged
+        if dtype == torch.bool:
+            return torch.rand(shape, generator=gen) < 0.5
+        return torch.randn(shape, generator=gen).to(dtype)
     batch, seq = shape
     patterns = _PADDING_PATTERNS if kind == "causal_padding" else _POSITION_PATTERNS
     rows = [_probe_row(patterns[(probe * batch + r) % len(patterns)], seq, gen) for r in range(batch)]
@@ -415,6 +474,21 @@ def _compare(out, kind: str, inp: torch.Tensor | None, seq_len: int, masked_valu
             ok, detail = _compare_row(out[min(b, out.shape[0] - 1), h], ref, masked_values)
             if not ok:
                 return False, detail
+    return True, ""
+
+
+def _compare_received(out, received: torch.Tensor) -> tuple[bool, str]:
+    """Whether ``out`` is ``received`` as attention reads it: its leading corner of ``out``'s
+    shape (a dimension of size 1 may broadcast)."""
+    if not isinstance(out, torch.Tensor) or out.dim() != received.dim() or out.dtype != received.dtype:
+        return False, "the slice does not return the received mask's dtype and rank"
+    corner = []
+    for o, r in zip(out.shape, received.shape):
+        if o > r and r != 1:
+            return False, f"shape {tuple(out.shape)} is not a corner of {tuple(received.shape)}"
+        corner.append(slice(0, min(o, r)))
+    if not torch.equal(out, received[tuple(corner)].expand(out.shape)):
+        return False, "attention does not read the received mask unchanged"
     return True, ""
 
 

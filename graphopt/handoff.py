@@ -1,0 +1,151 @@
+"""Masks handed from one compiled graph to another.
+
+A training step often reaches the backend as several graphs: Dynamo's DDP optimizer splits it at
+gradient buckets, FSDP2's hooks break it around every sharded module, and any graph break in the
+model's forward splits it too. transformers builds the attention mask once, so the graph that
+builds it returns it, and the graphs of later layers receive it as an input. Those graphs cannot
+prove anything about an input tensor at compile time; they learn what it holds at run time here:
+
+- the graph that builds a mask proven ``causal``, ``causal_padding`` or ``packed_causal``
+  (:mod:`graphopt.masks`) *publishes* the tensor it returns, with the input the mask was proven to
+  be a function of (:func:`publish`, called by :class:`graphopt.backend.PublishedMasks`);
+- a graph that receives a mask, and whose only use of it is as SDPA's ``attn_mask`` exactly as
+  received, *looks it up* (:func:`lookup`) before it runs, and takes its fast path only when the
+  mask is known and what it holds makes causal attention exact (:class:`HandedOffMaskGuard`).
+
+The registry holds tensors weakly (an entry dies with its mask) and records the version counters
+of the mask and of its source input: a mask or input modified in place after publication is not
+known any more. Conditions that read device data (is the batch right-padded? does any row hold
+several documents?) are read once per published mask, in one host read, by the first graph that
+asks, and shared by the others.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+_FACTS = WeakIdKeyDictionary()
+_LOCK = threading.Lock()
+
+
+class MaskFact:
+    """What a published mask holds: ``kind`` (as :class:`graphopt.masks.MaskCandidate` proves it)
+    as a function of ``source`` (the 2-D ``attention_mask`` for ``causal_padding``, the
+    ``position_ids`` for ``packed_causal``, None for ``causal``)."""
+
+    def __init__(self, mask: torch.Tensor, kind: str, source: torch.Tensor | None):
+        self.kind = kind
+        self.source = source
+        self._versions = self._versions_of(mask)
+        self._conditions: dict[str, bool] | None = None
+        self._cu_seqlens: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def _versions_of(self, mask: torch.Tensor) -> tuple[int, int]:
+        return mask._version, -1 if self.source is None else self.source._version
+
+    def current(self, mask: torch.Tensor) -> bool:
+        """Whether neither the mask nor its source was modified since publication."""
+        return self._versions_of(mask) == self._versions
+
+    def conditions(self) -> dict[str, bool]:
+        """The batch's properties, read from ``source`` once (one host read):
+
+        - ``right_padded``, ``no_empty_rows``, ``no_padding`` for ``causal_padding``;
+        - ``one_document_per_row`` for ``packed_causal`` (positions increase by one along every
+          row: the block-causal mask is then the causal one).
+        """
+        with self._lock:
+            if self._conditions is None:
+                self._conditions = self._read()
+            return self._conditions
+
+    def cu_seqlens(self, batch: int) -> torch.Tensor:
+        """The document boundaries of a ``packed_causal`` mask of ``batch`` rows, in the layout of
+        :func:`graphopt.passes.varlen_attention.cu_seqlens_from_position_ids`; computed on the
+        device once per mask (no host read)."""
+        from graphopt.passes.varlen_attention import cu_seqlens_from_position_ids
+
+        with self._lock:
+            if batch not in self._cu_seqlens:
+                self._cu_seqlens[batch] = cu_seqlens_from_position_ids(self.source, batch)
+            return self._cu_seqlens[batch]
+
+    def _read(self) -> dict[str, bool]:
+        if self.kind == "causal":
+            return {}
+        if self.kind == "causal_padding":
+            keep = self.source != 0
+            names = ("right_padded", "no_empty_rows", "no_padding")
+            values = ((keep[:, 1:] <= keep[:, :-1]).all(), keep[:, 0].all(), keep.all())
+        else:
+            pos = self.source
+            names = ("one_document_per_row",)
+            values = ((pos[:, 1:] - pos[:, :-1] == 1).all(),)
+        return dict(zip(names, torch.stack(values).tolist()))
+
+
+def publish(mask: torch.Tensor, kind: str, source: torch.Tensor | None) -> None:
+    """Record that ``mask`` holds the ``kind`` mask of ``source``."""
+    with _LOCK:
+        _FACTS[mask] = MaskFact(mask, kind, source)
+
+
+def lookup(mask: torch.Tensor) -> MaskFact | None:
+    """The fact published for ``mask``, or None when it was not published or was modified since."""
+    with _LOCK:
+        fact = _FACTS.get(mask)
+    return fact if fact is not None and fact.current(mask) else None
+
+
+class HandedOffPackedGuard:
+    """The guard of a graph that replaced a received mask with per-document attention (the
+    ``"packed"`` version of a graph, see :class:`graphopt.backend.GuardedGraph`).
+
+    Conditions: ``mask_known`` (as :class:`HandedOffMaskGuard`), then ``packed``: the mask was
+    published as the block-causal mask of its ``position_ids``, which have one row or the mask's
+    rows, and the mask's length. Host values only (no device read)."""
+
+    def __call__(self, mask: torch.Tensor) -> dict[str, bool]:
+        fact = lookup(mask)
+        if fact is None:
+            return {"mask_known": False}
+        source = fact.source
+        packed = (
+            fact.kind == "packed_causal"
+            and source.dim() == 2
+            and source.shape[0] in (1, mask.shape[0])
+            and source.shape[1] == mask.shape[-1] == mask.shape[-2]
+        )
+        return {"mask_known": True, "packed": packed}
+
+
+class HandedOffMaskGuard:
+    """The guard of a graph that replaced a received mask with ``is_causal=True``.
+
+    Conditions, in order of precedence:
+
+    - ``mask_known``: the mask was published by the graph that built it and not modified since;
+    - for a ``causal_padding`` mask: ``right_padded`` and ``no_empty_rows`` (as the right-padding
+      guard), then ``no_padding`` unless ``padded_outputs_unused``: this graph cannot see the
+      labels, so it cannot check that nothing scores a padded position;
+    - for a ``packed_causal`` mask: ``one_document_per_row``.
+
+    Host values only: the device data of a mask's source is read once per mask
+    (:meth:`MaskFact.conditions`), however many graphs receive it.
+    """
+
+    def __init__(self, padded_outputs_unused: bool):
+        self.padded_outputs_unused = padded_outputs_unused
+
+    def __call__(self, mask: torch.Tensor) -> dict[str, bool]:
+        fact = lookup(mask)
+        if fact is None:
+            return {"mask_known": False}
+        conditions = {"mask_known": True, **fact.conditions()}
+        if fact.kind == "causal_padding" and self.padded_outputs_unused:
+            conditions.pop("no_padding")
+        return conditions

@@ -1,0 +1,164 @@
+"""Masks handed from one graph to the next (:mod:`graphopt.handoff`), in pieces: what a published
+mask tells the graphs that receive it, and which received masks attention reads unchanged.
+
+The whole path (a model whose step is several graphs) is tested in :mod:`tests.test_split_graphs`
+and, with DDP and FSDP2, in :mod:`tests.test_distributed`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from graphopt import handoff
+from graphopt.masks import find_masks
+from tests.test_masks import B, S, capture, qkv
+
+
+def _causal(batch: int = B, seq: int = S) -> torch.Tensor:
+    idx = torch.arange(seq)
+    return (idx[None, :] <= idx[:, None]).expand(batch, 1, seq, seq).clone()
+
+
+def _guard(mask, *, promise=False):
+    return handoff.HandedOffMaskGuard(promise)(mask)
+
+
+def test_unpublished_mask_is_unknown():
+    assert _guard(_causal()) == {"mask_known": False}
+    assert handoff.HandedOffPackedGuard()(_causal()) == {"mask_known": False}
+
+
+def test_causal_mask_holds_without_reading_data():
+    mask = _causal()
+    handoff.publish(mask, "causal", None)
+    assert _guard(mask) == {"mask_known": True}
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        ([[1, 1, 1, 1], [1, 1, 1, 1]], {"right_padded": True, "no_empty_rows": True, "no_padding": True}),
+        ([[1, 1, 1, 1], [1, 1, 0, 0]], {"right_padded": True, "no_empty_rows": True, "no_padding": False}),
+        ([[1, 1, 1, 1], [0, 0, 1, 1]], {"right_padded": False, "no_empty_rows": False, "no_padding": False}),
+        ([[1, 0, 1, 1], [1, 1, 1, 1]], {"right_padded": False, "no_empty_rows": True, "no_padding": False}),
+        ([[1, 1, 1, 1], [0, 0, 0, 0]], {"right_padded": True, "no_empty_rows": False, "no_padding": False}),
+    ],
+    ids=["no_padding", "right", "left", "holes", "empty_row"],
+)
+def test_padding_mask_conditions(rows, expected):
+    attention_mask = torch.tensor(rows)
+    mask = _causal(2, 4)
+    handoff.publish(mask, "causal_padding", attention_mask)
+    assert _guard(mask) == {"mask_known": True, **expected}
+    promised = dict(expected)
+    promised.pop("no_padding")
+    assert _guard(mask, promise=True) == {"mask_known": True, **promised}
+
+
+@pytest.mark.parametrize(
+    "positions, one_document",
+    [([[0, 1, 2, 3], [5, 6, 7, 8]], True), ([[0, 1, 0, 1], [0, 1, 2, 3]], False)],
+    ids=["one_document_per_row", "several_documents"],
+)
+def test_packed_mask_conditions(positions, one_document):
+    position_ids = torch.tensor(positions)
+    mask = _causal(2, 4)
+    handoff.publish(mask, "packed_causal", position_ids)
+    assert _guard(mask) == {"mask_known": True, "one_document_per_row": one_document}
+    assert handoff.HandedOffPackedGuard()(mask) == {"mask_known": True, "packed": True}
+
+
+def test_packed_boundaries_are_the_documents():
+    mask = _causal(2, 4)
+    handoff.publish(mask, "packed_causal", torch.tensor([[0, 1, 0, 1], [0, 1, 2, 0]]))
+    cu = handoff.lookup(mask).cu_seqlens(2)
+    assert cu.tolist() == [0, 2, 4, 7, 8, 8, 8, 8, 8]
+    assert handoff.lookup(mask).cu_seqlens(2) is cu  # computed once per mask
+
+
+def test_packed_guard_refuses_positions_of_another_shape():
+    mask = _causal(2, 4)
+    handoff.publish(mask, "packed_causal", torch.tensor([[0, 1, 2]]))
+    assert handoff.HandedOffPackedGuard()(mask)["packed"] is False
+    handoff.publish(mask, "causal_padding", torch.ones(2, 4, dtype=torch.long))
+    assert handoff.HandedOffPackedGuard()(mask)["packed"] is False
+
+
+def test_mask_modified_after_publication_is_unknown():
+    mask = _causal()
+    handoff.publish(mask, "causal", None)
+    mask[0, 0, 0, 1] = True
+    assert _guard(mask) == {"mask_known": False}
+
+
+def test_source_modified_after_publication_is_unknown():
+    attention_mask = torch.ones(2, 4, dtype=torch.long)
+    mask = _causal(2, 4)
+    handoff.publish(mask, "causal_padding", attention_mask)
+    attention_mask[1, 0] = 0
+    assert _guard(mask) == {"mask_known": False}
+
+
+def test_registry_does_not_keep_masks_alive():
+    import gc
+    import weakref
+
+    mask = _causal()
+    handoff.publish(mask, "causal", None)
+    ref = weakref.ref(mask)
+    del mask
+    gc.collect()
+    assert ref() is None
+
+
+# -- received masks: attention must read them unchanged --------------------------------------------
+
+
+def _attend(transform):
+    def fn(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=transform(mask))
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [lambda m: m, lambda m: m[:, :, :, :S], lambda m: m[:, :, :S, :S]],
+    ids=["as_received", "key_slice", "corner"],
+)
+def test_mask_read_unchanged_is_received(transform):
+    gm = capture(_attend(transform), *qkv(), _causal())
+    (cand,) = find_masks(gm)
+    assert cand.kind == "received", cand.reason
+    assert len(cand.sdpa_users) == 1
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [lambda m: ~m, lambda m: m.transpose(-1, -2), lambda m: m & m.flip(-1), lambda m: m.roll(1, -1)],
+    ids=["negated", "transposed", "combined", "rolled"],
+)
+def test_mask_changed_before_attention_is_not_received(transform):
+    gm = capture(_attend(transform), *qkv(), _causal())
+    (cand,) = find_masks(gm)
+    assert cand.kind == "unknown"
+    assert "changed before attention reads it" in cand.reason
+
+
+def test_float_query_is_not_a_received_mask():
+    """A 4-D float input that is not a mask (the query) is not a candidate."""
+    gm = capture(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), *qkv())
+    assert find_masks(gm) == []
+
+
+def test_returned_mask_is_exported_and_classified():
+    def build(am):
+        idx = torch.arange(am.shape[1])
+        return (idx[None, None, None, :] <= idx[None, None, :, None]) & am.bool()[:, None, None, :]
+
+    gm = capture(build, torch.ones(B, S, dtype=torch.long))
+    (cand,) = find_masks(gm)
+    assert cand.exported and cand.kind == "causal_padding", cand.reason
+    assert not cand.users
