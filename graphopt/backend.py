@@ -11,7 +11,9 @@
 4. when a rewrite depends on input values, returns a :class:`GuardedGraph` that checks the guards
    before every call and otherwise runs an :class:`ExactFallback`: the graph with every rewrite
    that needs no guard (the fused loss, packed attention), compiled by Inductor on first need;
-5. publishes the graph's report when the graph first runs (:class:`PublishedOnFirstCall`).
+5. when the graph returns an attention mask it proved, publishes the mask after every call for
+   the graphs that receive it (:class:`PublishedMasks`, :mod:`graphopt.handoff`);
+6. publishes the graph's report when the graph first runs (:class:`PublishedOnFirstCall`).
 
 A graph with nothing to rewrite goes to Inductor unchanged.
 """
@@ -43,8 +45,9 @@ def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     report = inspection.new_graph_report(inspection.module_code(gm))
     if _is_ddp_piece(gm):
         report.note(
-            "this graph is one piece of a graph Dynamo's DDP optimizer split at gradient buckets, so a "
-            "mask may be built in one piece and used in another, and the labels live in the last. Set "
+            "this graph is one piece of a graph Dynamo's DDP optimizer split at gradient buckets: a mask "
+            "built in one piece is dropped in the next at run time, but the labels live in the last "
+            "piece, so a padded batch keeps its mask unless padded_outputs_unused=True. Set "
             "torch._dynamo.config.optimize_ddp = False: graphopt then rewrites the whole graph and "
             "splits it at DDP's buckets itself."
         )
@@ -64,7 +67,13 @@ def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
         else:
             fast = _attach_logits(inductor(work, example_inputs), ctx.detached_logits, n_outputs)
             reads = None
-        compiled = GuardedGraph(fast, fallback, ctx.guards, report.graph_id, reads=reads) if ctx.guards else RewrittenGraph(fast)
+        first = _packed_version(gm, opts, report, inductor, ctx) if ctx.received_rewritten else None
+        if ctx.guards:
+            compiled = GuardedGraph(fast, fallback, ctx.guards, report.graph_id, reads=reads, first=first)
+        else:
+            compiled = RewrittenGraph(fast)
+    if ctx.exports:
+        compiled = PublishedMasks(compiled, ctx.exports)
     return PublishedOnFirstCall(compiled, report, opts.dump_dir)
 
 
@@ -114,6 +123,32 @@ def _exact_fallback(gm: fx.GraphModule, opts, report: inspection.GraphReport, in
         report.note(f"the exact fallback keeps the rewrites that need no guard ({kept})")
         return ExactFallback(work, ctx.detached_logits, len(gm.graph.output_node().args[0]), inductor, report.graph_id)
     return ExactFallback(gm, [], 0, inductor, report.graph_id)
+
+
+def _packed_version(gm: fx.GraphModule, opts, report: inspection.GraphReport, inductor, ctx):
+    """For a graph that drops a mask it receives (:mod:`graphopt.handoff`): the version that runs
+    per-document attention when the mask is packed, as ``(guards, graph)`` for
+    :class:`GuardedGraph`'s ``first``; None when its attention cannot be rewritten so."""
+    from graphopt.passes import run_passes
+
+    quiet = inspection.GraphReport(graph_id=report.graph_id, before=report.before, quiet=True)
+    work, packed_ctx = run_passes(gm, opts, quiet, memo=ctx.memo, received_as="packed")
+    if len(packed_ctx.received_rewritten) != 1:
+        why = "; ".join(d.reason for d in quiet.declines if d.name == "varlen_attention")
+        report.note(
+            "when the mask this graph receives is packed (several documents per row), the exact masked "
+            "path runs" + (f": {why}" if why else "")
+        )
+        return None
+    n_outputs = len(gm.graph.output_node().args[0])
+    module = ExactFallback(work, packed_ctx.detached_logits, n_outputs, inductor, report.graph_id, what="packed version")
+    report.guards += [inspection.GuardRecord(g.name, g.description, list(g.rewrites)) for g in packed_ctx.guards]
+    calls = sum(1 for r in quiet.rewrites if (r.name, r.rule) == ("varlen_attention", "sdpa_packed"))
+    report.note(
+        f"when the mask this graph receives is packed, a second fast graph runs its {calls} attention "
+        "call(s) per document (varlen_attention, RoPE fused); compiled on first use"
+    )
+    return packed_ctx.guards, ReceivedPackedGraph(module, packed_ctx.received_rewritten[0])
 
 
 def _attach_logits(compiled, detached: list, n_outputs: int):
@@ -179,6 +214,55 @@ def _is_fake_call(args) -> bool:
     return any(isinstance(a, FakeTensor) for a in args)
 
 
+class PublishedMasks:
+    """Publish the proven masks a graph returns (:mod:`graphopt.handoff`), after each call, so the
+    graphs that receive them can drop them. A symbolic-size mask is published only at lengths its
+    proof covers; a mask the graph received and returns passes its fact on."""
+
+    def __init__(self, compiled, exports: list):
+        self.compiled = compiled
+        self.exports = exports
+
+    def __call__(self, *args):
+        outputs = self.compiled(*args)
+        if _is_fake_call(args):
+            return outputs
+        from graphopt import handoff
+
+        for export in self.exports:
+            if export.proof is not None and not all(export.proof.conditions(args).values()):
+                continue
+            source = None if export.input_index is None else args[export.input_index]
+            if export.kind == "received":
+                fact = handoff.lookup(source)
+                if fact is None:
+                    continue
+                kind, source = fact.kind, fact.source
+            else:
+                kind = export.kind
+            for position in export.positions:
+                handoff.publish(outputs[position], kind, source)
+        return outputs
+
+
+class ReceivedPackedGraph:
+    """The packed version of a graph that receives its mask (see :func:`_packed_version`): called
+    with the graph's arguments plus the document boundaries of the received mask, computed once
+    per mask on the device (:meth:`graphopt.handoff.MaskFact.cu_seqlens`)."""
+
+    def __init__(self, module: ExactFallback, mask_index: int):
+        self.module = module
+        self.mask_index = mask_index
+
+    def __call__(self, *args):
+        from graphopt import handoff
+
+        mask = args[self.mask_index]
+        fact = handoff.lookup(mask)  # the guards held: it is known and packed
+        inspection.record_runtime("received_packed")
+        return self.module(*args, fact.cu_seqlens(mask.shape[0]))
+
+
 class RewrittenGraph:
     """A rewritten graph that needs no guard; counts its calls as ``fast_path`` in the report."""
 
@@ -234,19 +318,26 @@ class GuardedGraph:
     ``reads``: for a fast graph that needs values on the host too (the unpadded graph's row
     lengths), ``reads(args)`` gives them as a device tensor; they come in the guards' one read and
     the fast graph is called with ``host_values=`` them.
+
+    ``first``: ``(guards, graph)``, another fast graph tried first, when its own guards hold (the
+    packed version of a graph that receives its mask; its guards read no device data).
     """
 
-    def __init__(self, fast, fallback: ExactFallback, guards: list[Guard], graph_id: int, *, reads=None):
+    def __init__(self, fast, fallback: ExactFallback, guards: list[Guard], graph_id: int, *, reads=None, first=None):
         self.fast = fast
         self.fallback = fallback
         self.guards = guards
         self.graph_id = graph_id
         self.reads = reads
+        self.first = first
         self._warned: set[str] = set()
 
     def __call__(self, *args):
         if _is_fake_call(args):  # shapes only: the fast graph's outputs have the fallback's metadata
             return self.fast(*args)
+        if self.first is not None and not evaluate_guards(self.first[0], args):
+            inspection.record_runtime("fast_path")
+            return self.first[1](*args)
         if self.reads is None:
             failed, extra = evaluate_guards(self.guards, args), {}
         else:

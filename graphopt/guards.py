@@ -82,6 +82,22 @@ GUARD_ADVICE = {
         "the attention mask is not causal at this sequence length (a sliding window or chunk shorter "
         "than the sequence?); such calls run the exact masked path."
     ),
+    "mask_known": (
+        "the attention mask this graph received was not built by a graphopt graph that proved it (or "
+        "was modified since); the exact masked path runs."
+    ),
+    "no_padding": (
+        "the batch is padded, and this graph cannot see the labels: the step is split into several "
+        "graphs (Dynamo's DDP graph split, FSDP2, a graph break) and the loss is computed in a later "
+        "one. Pass options={'padded_outputs_unused': True} if nothing reads padded positions (labels "
+        "are -100 there, as DataCollatorForLanguageModeling sets them); under DDP set "
+        "torch._dynamo.config.optimize_ddp = False (graphopt then sees the whole graph); or pack the "
+        "batch (DataCollatorWithFlattening) to get the fast path."
+    ),
+    "one_document_per_row": (
+        "a row of the packed batch holds several documents, and this graph received the mask from an "
+        "earlier one; the exact masked path runs."
+    ),
     "pads_ignored": (
         "the loss scores a target at a padded position (labels, as the graph shifts and transforms "
         "them, are not the ignore_index there). Set labels[attention_mask == 0] = -100 (the "

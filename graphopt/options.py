@@ -32,7 +32,9 @@ class GraphoptOptions:
             step that computes the loss; the graph returns an empty tensor in their place. Off by
             default because it changes an output.
         padded_outputs_unused: promise that outputs at padded positions are never read. Lets mask
-            elision fire on right-padded graphs that compute no loss (inference, custom losses).
+            elision fire on right-padded graphs that compute no loss (inference, custom losses), and
+            in graphs that receive a padded batch's mask from an earlier graph (FSDP2, Dynamo's DDP
+            split), which cannot see the labels.
         trust_right_padding: UNSAFE. Skip the runtime right-padding check and always take the fast
             path. A left-padded or holed batch then gives wrong results at real positions. Use
             only when your collator guarantees right padding and the guard's cost matters.

@@ -56,6 +56,27 @@ class DetachedLogits:
 
 
 @dataclass
+class MaskExport:
+    """A mask the graph returns, to publish for the graphs that receive it
+    (:mod:`graphopt.handoff`; :class:`graphopt.backend.PublishedMasks` publishes it).
+
+    Attributes:
+        positions: where the mask stands in the graph's outputs.
+        kind: what the mask was proven to be, or ``"received"`` for a mask the graph received and
+            returns unchanged (its published fact is passed on).
+        input_index: the placeholder index of the mask's source (attention_mask, position_ids or
+            the received mask), None for a causal mask of no input.
+        proof: for a symbolic-size mask, the ``proven_length`` guard that must hold at the call's
+            length for the mask to be what ``kind`` says.
+    """
+
+    positions: list[int]
+    kind: str
+    input_index: int | None
+    proof: Guard | None = None
+
+
+@dataclass
 class PassContext:
     """What a pass may read and where it records what it did.
 
@@ -65,6 +86,12 @@ class PassContext:
         allow_guards: False when building the exact fallback graph: a rewrite that needs a runtime
             guard is then not made (the fallback runs exactly when a guard fails).
         guards: the runtime guards the rewrites registered.
+        exports: the masks the graph returns, to publish for later graphs.
+        received_as: how masks received from earlier graphs are rewritten: ``"causal"`` (SDPA
+            with ``is_causal=True``, by mask elision) or ``"packed"`` (per-document attention, by
+            varlen attention, taking the document boundaries as an extra input); the backend
+            builds the ``"packed"`` version as a second fast graph.
+        received_rewritten: placeholder indices of the received masks that were rewritten.
         detached_logits: logits whose gradient the backend attaches outside the graph.
         memo: probing results shared by the pipelines run on copies of one graph (the fast graph
             and the exact fallback), keyed by the probed subgraph's code.
@@ -76,6 +103,9 @@ class PassContext:
     guards: list[Guard] = field(default_factory=list)
     detached_logits: list[DetachedLogits] = field(default_factory=list)
     memo: dict = field(default_factory=dict)
+    exports: list[MaskExport] = field(default_factory=list)
+    received_as: str = "causal"
+    received_rewritten: list[int] = field(default_factory=list)
     unpad: object = None  # the UnpadPlan of graphopt.passes.unpad, when the graph can be unpadded
     _masks: list | None = None
     _losses: tuple | None = None
@@ -143,6 +173,7 @@ def run_passes(
     *,
     allow_guards: bool = True,
     memo: dict | None = None,
+    received_as: str = "causal",
 ) -> tuple[fx.GraphModule, PassContext]:
     """Run :func:`enabled_passes` on a copy of ``gm``; returns the copy and the context.
 
@@ -156,7 +187,7 @@ def run_passes(
     """
     work = analysis.copy_graph_module(gm)
     analysis.unshare_checkpoint_bodies(work)
-    ctx = PassContext(options, report, allow_guards=allow_guards, memo={} if memo is None else memo)
+    ctx = PassContext(options, report, allow_guards=allow_guards, memo={} if memo is None else memo, received_as=received_as)
     start = time.perf_counter()
     for p in enabled_passes(options):
         work, changed = _apply_undoable(p, work, ctx)
@@ -175,14 +206,16 @@ def _apply_undoable(p, work: fx.GraphModule, ctx: PassContext) -> tuple[fx.Graph
     """
     snapshot = analysis.copy_graph_module(work)
     report = ctx.report
-    n_guards, n_detached, n_rewrites, n_notes = len(ctx.guards), len(ctx.detached_logits), len(report.rewrites), len(report.notes)
+    n_guards, n_detached, n_exports = len(ctx.guards), len(ctx.detached_logits), len(ctx.exports)
+    n_rewrites, n_notes = len(report.rewrites), len(report.notes)
     try:
         p.apply(work, ctx)
         analysis.recompile_all(work)
     except InvalidProgramError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of an analysis must become a decline
-        del ctx.guards[n_guards:], ctx.detached_logits[n_detached:], report.rewrites[n_rewrites:], report.notes[n_notes:]
+        del ctx.guards[n_guards:], ctx.detached_logits[n_detached:], ctx.exports[n_exports:]
+        del report.rewrites[n_rewrites:], report.notes[n_notes:]
         ctx.invalidate()
         reason = f"the pass raised {type(e).__name__}: {e}; the graph is left as it was"
         if (report.graph_id, p.name) not in _warned:  # the fallback graph runs the passes again

@@ -13,6 +13,13 @@ causal kernels. The mask is found and proven by :mod:`graphopt.masks`; this pass
   additive terms and no per-batch padding work is done.
 
 Outputs at padded positions (logits, hidden states, K/V) are unspecified on the fast path.
+
+Across graphs (:mod:`graphopt.handoff`): a proven mask the graph returns is published for the graphs
+that receive it (``mask_handoff`` in the report); in a graph that receives a mask and gives it to
+SDPA unchanged, ``sdpa(q, k, v, attn_mask=received) -> sdpa(q, k, v, is_causal=True)`` behind a
+:class:`~graphopt.handoff.HandedOffMaskGuard`: the mask was published as causal, as causal ∧
+padding of a right-padded batch (with no padding at all, or with ``padded_outputs_unused``: such
+a graph cannot see the labels), or as the block-causal mask of one document per row.
 """
 
 from __future__ import annotations
@@ -24,9 +31,10 @@ import torch.fx as fx
 
 from graphopt import analysis
 from graphopt.guards import Guard, right_padding_guard
+from graphopt.handoff import HandedOffMaskGuard
 from graphopt.losses import LossInfo, per_position_output
 from graphopt.masks import MaskCandidate, _canonical, prove_length
-from graphopt.passes import PassContext
+from graphopt.passes import MaskExport, PassContext
 
 
 class MaskElision:
@@ -40,7 +48,12 @@ class MaskElision:
             if cand.kind == "unknown":
                 ctx.report.decline(self.name, cand.reason)
                 continue
-            if cand.kind == "packed_causal":
+            if cand.exported:
+                self._export(gm, ctx, cand)
+            if cand.kind == "received":
+                rewritten += self._received(gm, ctx, cand)
+                continue
+            if cand.kind == "packed_causal" or not cand.users:
                 continue  # the varlen_attention pass owns packed masks
             guards = self._guards(gm, ctx, cand)
             if guards is None:
@@ -62,6 +75,57 @@ class MaskElision:
             for checkpoint in set(cand.checkpoints.values()):  # the mask no longer enters the bodies
                 analysis.drop_unused_checkpoint_operands(checkpoint)
             analysis.erase_dead(gm.graph, cand.slice_nodes)
+        return rewritten
+
+    def _export(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> None:
+        """Record ``cand``, a mask the graph returns, for publication to the graphs that receive it."""
+        outputs = gm.graph.output_node().args[0]
+        positions = [i for i, out in enumerate(outputs) if out is cand.node]
+        source = None if cand.input is None else ctx.placeholder_index(gm, cand.input)
+        proof = proven_length_guard(gm, cand) if cand.seq_symbols and cand.kind != "received" else None
+        ctx.exports.append(MaskExport(positions, cand.kind, source, proof))
+        what = "passed on" if cand.kind == "received" else f"published as {cand.kind}"
+        ctx.report.rewrite("mask_handoff", "export", f"{cand.node.name}: returned to later graphs, {what}")
+
+    def _received(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> int:
+        """Drop a mask received from an earlier graph behind a :class:`HandedOffMaskGuard`."""
+        if cand.additive_users:
+            ctx.report.decline(self.name, f"{cand.input.name}: a received mask added to attention scores (eager attention) is kept")
+            return 0
+        promise = ctx.options.padded_outputs_unused
+        guards = [
+            Guard(
+                name="handed_off_mask",
+                fn=HandedOffMaskGuard(promise),
+                input_indices=(ctx.placeholder_index(gm, cand.input),),
+                description=(
+                    f"{cand.input.name} was built by an earlier graph as a causal mask, the mask of a right-padded "
+                    + ("batch" if promise else "batch with no padding")
+                    + ", or the block-causal mask of one document per row"
+                ),
+                params=(promise,),
+            )
+        ]
+        if cand.seq_symbols:
+            guards.append(proven_length_guard(gm, cand))
+        if not ctx.allow_guards or not cand.sdpa_users or ctx.received_as != "causal":
+            return 0
+        rewritten = 0
+        for user in cand.sdpa_users:
+            if not self._sdpa_is_square(user, cand):
+                ctx.report.decline(self.name, f"{user.name}: query and key lengths differ")
+                continue
+            analysis.set_sdpa_arguments(user, attn_mask=None, is_causal=True)
+            ctx.report.rewrite(self.name, "sdpa_handed_off", f"{user.name}: attn_mask={cand.input.name} (from an earlier graph) -> is_causal=True")
+            rewritten += 1
+        if not rewritten:
+            return 0
+        for guard in guards:
+            ctx.add_guard(guard).rewrites.append(cand.node.name)
+        ctx.received_rewritten.append(ctx.placeholder_index(gm, cand.input))
+        for checkpoint in set(cand.checkpoints.values()):
+            analysis.drop_unused_checkpoint_operands(checkpoint)
+        analysis.erase_dead(gm.graph, cand.slice_nodes)
         return rewritten
 
     @staticmethod

@@ -103,6 +103,9 @@ class Unpad:
             return 0  # nothing padded is rewritten
         if getattr(guard.fn, "targets", None) is None and not ctx.options.padded_outputs_unused:
             return 0  # no loss says which outputs matter (mask elision declined it too)
+        if ctx.exports:
+            ctx.report.decline(self.name, "the graph returns its attention mask to later graphs; the padded layout is kept")
+            return 0
         from graphopt.backend import _active_ddp_module
 
         if _active_ddp_module() is not None:

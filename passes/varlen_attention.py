@@ -15,6 +15,11 @@ rotation, partial when R < D) for random tables, and the K/V paths must equal a 
 document boundaries are derived once per graph, on the device and with static shapes, by
 :func:`cu_seqlens_from_position_ids`, using the same rule the mask was proven to follow, so the
 rewrite is exact for every ``position_ids`` and needs no runtime guard.
+
+A mask received from an earlier graph (:mod:`graphopt.handoff`) is rewritten the same way in the
+``"packed"`` version of the graph (``PassContext.received_as``): the rotary tables are then inputs
+too, and the document boundaries arrive as an extra input, computed from the ``position_ids`` the
+mask was published with, behind a :class:`~graphopt.handoff.HandedOffPackedGuard`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ import torch
 import torch.fx as fx
 
 from graphopt import analysis
+from graphopt.guards import Guard
+from graphopt.handoff import HandedOffPackedGuard
+from graphopt.masks import MaskCandidate, _canonical
 from graphopt.ops.varlen_attention import apply_rotary
 from graphopt.passes import PassContext
 
@@ -80,6 +88,8 @@ class VarlenAttention:
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> int:
         rewritten = 0
         for cand in ctx.masks(gm):
+            if cand.kind == "received" and ctx.received_as == "packed" and ctx.allow_guards:
+                rewritten += self._received(gm, ctx, cand)
             if cand.kind != "packed_causal":
                 continue
             if cand.additive_users:
@@ -108,6 +118,65 @@ class VarlenAttention:
                 analysis.drop_unused_checkpoint_operands(checkpoint)
             analysis.erase_dead(gm.graph, cand.slice_nodes)
         return rewritten
+
+    def _received(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> int:
+        """Per-document attention for the SDPA calls reading a mask received from an earlier
+        graph, with the boundaries as a new trailing input (see the module docstring)."""
+        mask = cand.input
+        full, read = analysis.example_value(mask), analysis.example_value(cand.node)
+        if cand.additive_users or not all(_same_size(a, b) for a, b in zip(full.shape[-2:], read.shape[-2:])):
+            return 0  # attention reads a corner of the mask: boundaries of the whole would not fit
+        sources = {
+            p for p in gm.graph.find_nodes(op="placeholder")
+            if p is not mask and _float(p) and not analysis.example_value(p).requires_grad
+        }
+        outer = _TableAnalysis(gm, sources)
+        matches = []
+        for sdpa in cand.sdpa_users:
+            checkpoint = cand.checkpoints.get(sdpa)
+            tables = outer if checkpoint is None else _body_tables(checkpoint, outer)
+            match = _match(sdpa.graph.owning_module, sdpa, tables)
+            if isinstance(match, str):
+                ctx.report.decline(self.name, f"{sdpa.name}: {match}")
+            else:
+                matches.append((match, checkpoint))
+        if not matches:
+            return 0
+        from graphopt.passes.mask_elision import proven_length_guard
+
+        index = ctx.placeholder_index(gm, mask)
+        guards = [Guard(
+            name="handed_off_packed",
+            fn=HandedOffPackedGuard(),
+            input_indices=(index,),
+            description=f"{mask.name} was built by an earlier graph as the block-causal mask of its position_ids",
+        )]
+        if cand.seq_symbols:
+            guards.append(proven_length_guard(gm, cand))
+        cu = self._boundaries_input(gm, matches[0][0])
+        inside: dict[fx.Graph, fx.Node] = {gm.graph: cu}
+        for match, checkpoint in matches:
+            if match.sdpa.graph not in inside:
+                inside[match.sdpa.graph] = analysis.add_checkpoint_operand(checkpoint, cu)
+            self._rewrite(ctx, match, inside[match.sdpa.graph])
+        for guard in guards:
+            ctx.add_guard(guard).rewrites.append(cand.node.name)
+        ctx.received_rewritten.append(index)
+        for checkpoint in set(cand.checkpoints.values()):
+            analysis.drop_unused_checkpoint_operands(checkpoint)
+        analysis.erase_dead(gm.graph, cand.slice_nodes)
+        return len(matches)
+
+    @staticmethod
+    def _boundaries_input(gm: fx.GraphModule, first: AttentionMatch) -> fx.Node:
+        """A trailing placeholder for the (B*S + 1,) int32 document boundaries."""
+        last = gm.graph.find_nodes(op="placeholder")[-1]
+        with gm.graph.inserting_after(last):
+            cu = gm.graph.placeholder("handed_off_cu_seqlens")
+        q = analysis.example_value(first.xq)
+        with q.fake_mode:
+            cu.meta["example_value"] = torch.empty(q.shape[0] * q.shape[2] + 1, dtype=torch.int32, device=q.device)
+        return cu
 
     @staticmethod
     def _insert_cu_seqlens(positions: fx.Node, first: AttentionMatch) -> fx.Node:
@@ -194,6 +263,12 @@ def _body_tables(checkpoint: fx.Node, outer: _TableAnalysis) -> _TableAnalysis:
     placeholders = body.graph.find_nodes(op="placeholder")
     sources = {p for p, arg in zip(placeholders, checkpoint.args[1:]) if arg in outer.table_only}
     return _TableAnalysis(body, sources)
+
+
+def _same_size(a, b) -> bool:
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt) and _canonical(a) == _canonical(b)
+    return a == b
 
 
 def _carries_tokens(node: fx.Node) -> bool:

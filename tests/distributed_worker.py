@@ -5,17 +5,22 @@ under ``torch.compile(backend="graphopt")`` on the same data, and writes what it
 
 For each setup in ``SETUPS`` the rank trains ``STEPS`` SGD steps twice from the same seed: eagerly,
 then compiled (with ``graphopt.capture()`` around the compiled run). The batches are right-padded
-with ``labels == -100`` at the pads (the batches mask elision's guard accepts), different on each
-rank and each step, and of one shape, so each setup compiles once.
+with ``labels == -100`` at the pads (the batches mask elision's guard accepts), or packed where the
+setup says so, different on each rank and each step, and of one shape, so each setup compiles once.
 
 - ``ddp``: ``DistributedDataParallel(bucket_cap_mb=1)``. Dynamo's DDPOptimizer splits the graph
   where the gradient buckets end. Its first bucket is at least 1 MB
   (``torch.distributed._DEFAULT_FIRST_BUCKET_BYTES``; a smaller cap raises "First bucket should be
   smaller/equal to other buckets"), and the tiny model has 0.34 MB of parameters, so the MLPs are
   widened here (``intermediate_size=2048``: 1.5 MB per layer) to give several buckets. The split
-  falls between the layers: the mask is built in the first piece and passed to a later one.
+  falls between the layers: the mask is built in the first piece and passed to a later one. The
+  pieces cannot see the labels, so the batches are right-padded with ``padded_outputs_unused=True``
+  (labels are -100 at the pads).
 - ``fsdp2``: ``fully_shard`` on each decoder layer and on the root. FSDP2's hooks are wrapped in
-  ``torch._dynamo.disable``, so Dynamo graph-breaks around every sharded module.
+  ``torch._dynamo.disable``, so Dynamo graph-breaks around every sharded module. Padded as ``ddp``.
+- ``ddp_packed``, ``fsdp2_packed``: the same splits on packed batches (documents restarting their
+  ``position_ids``, no attention mask, no option): the layers receiving the mask run per-document
+  attention.
 - ``ddp_guarded_piece``: DDP with a 2 MB lm_head and embedding (``vocab_size=8192``), so the split
   falls after the layers: the first piece builds the mask and runs every attention, the second holds
   the loss. With ``padded_outputs_unused=True`` the first piece gets a right-padding guard, and the
@@ -63,6 +68,7 @@ class Setup:
     model: dict  # build_tiny_model overrides
     options: dict = field(default_factory=dict)  # graphopt options
     dynamo: dict = field(default_factory=dict)  # torch._dynamo.config for the compiled run
+    layout: str = "right"  # make_batch layout
 
     @property
     def vocab(self) -> int:
@@ -70,10 +76,13 @@ class Setup:
 
 
 WIDE_MLP = {"intermediate_size": 2048}
+PROMISE = {"padded_outputs_unused": True}
 SETUPS = {
-    "ddp": Setup("ddp", WIDE_MLP),
-    "fsdp2": Setup("fsdp2", WIDE_MLP),
-    "ddp_guarded_piece": Setup("ddp", {"vocab_size": 8192}, {"padded_outputs_unused": True}),
+    "ddp": Setup("ddp", WIDE_MLP, PROMISE),
+    "fsdp2": Setup("fsdp2", WIDE_MLP, PROMISE),
+    "ddp_packed": Setup("ddp", WIDE_MLP, layout="packed"),
+    "fsdp2_packed": Setup("fsdp2", WIDE_MLP, layout="packed"),
+    "ddp_guarded_piece": Setup("ddp", {"vocab_size": 8192}, PROMISE),
     "ddp_whole_graph": Setup("ddp", WIDE_MLP, dynamo={"optimize_ddp": False}),
     "ddp_python_reducer": Setup("ddp", WIDE_MLP, dynamo={"optimize_ddp": "python_reducer", "compiled_autograd": True}),
 }
@@ -98,7 +107,7 @@ def train(setup: Setup, rank: int, *, compiled: bool) -> list[float]:
     step_fn = torch.compile(model, backend="graphopt", options=setup.options) if compiled else model
     losses = []
     for step in range(STEPS):
-        batch = make_batch("right", batch=BATCH, seq=SEQ, vocab=setup.vocab, seed=100 * step + rank)
+        batch = make_batch(setup.layout, batch=BATCH, seq=SEQ, vocab=setup.vocab, seed=100 * step + rank)
         loss = step_fn(**batch, use_cache=False).loss
         loss.backward()
         optimizer.step()

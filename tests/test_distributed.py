@@ -9,19 +9,19 @@ docstring for each setup):
   once per piece. The mask is built in the first piece; a later layer gets it as a placeholder.
 - ``fsdp2``: ``fully_shard`` hooks are ``torch._dynamo.disable``-d, so the mask is built in a graph of
   its own (``create_causal_mask``), each decoder layer is one graph, and the loss is another.
+- ``ddp_packed``, ``fsdp2_packed``: the same splits on packed batches.
 - ``ddp_guarded_piece``: the split falls after the layers, and with ``padded_outputs_unused=True`` the
   first piece is guarded; the DDPOptimizer calls it with fake tensors while compiling.
 - ``ddp_whole_graph``: ``optimize_ddp=False``: graphopt gets the whole graph, rewrites it, and splits
   what it compiles at DDP's buckets itself (the recommended DDP setup).
 - ``ddp_python_reducer``: ``optimize_ddp="python_reducer"`` + compiled autograd: no split.
 
-Every step is exact (losses equal eager's). Mask elision works when graphopt sees the whole graph
-(``ddp_whole_graph``, ``ddp_python_reducer``), and on a guarded DDP piece (``ddp_guarded_piece``:
-the DDPOptimizer's fake call while compiling runs the fast graph without reading a guard). Across a
-split it still declines: in the graph that builds the mask, the mask is a graph output ("not
-attention"); in the graphs that consume it, it is a placeholder graphopt cannot prove; and the
-labels the right-padding guard must check are only in the last graph. Those assertions are
-``xfail(strict=True)``: they flip when that gap is closed.
+Every step is exact (losses equal eager's), and on every rank every attention call is rewritten and
+every step takes a fast path. Across a split the graph that builds the mask publishes it, and the
+graphs that receive it drop it at run time (:mod:`graphopt.handoff`): packed batches run per
+document; right-padded ones need ``padded_outputs_unused=True`` (``ddp``, ``fsdp2``), because the
+pieces that run attention cannot see the labels (without it they run their exact masked path:
+:mod:`tests.test_split_graphs`).
 """
 
 from __future__ import annotations
@@ -46,22 +46,15 @@ LAYERS = TINY_DIMS["num_hidden_layers"]
 # Setups whose compiled step runs as several graphs (the scenario under test), and how many SDPA
 # calls graphopt should receive when each graph is compiled once: FSDP2's decoder layers share one
 # graph (one SDPA call), compiled once and called for every layer.
-SPLIT_SETUPS = ("ddp", "fsdp2", "ddp_guarded_piece", "ddp_whole_graph")
-ATTENTION_CALLS = {"ddp": LAYERS, "fsdp2": 1, "ddp_guarded_piece": LAYERS, "ddp_whole_graph": LAYERS, "ddp_python_reducer": LAYERS}
+SPLIT_SETUPS = ("ddp", "fsdp2", "ddp_packed", "fsdp2_packed", "ddp_guarded_piece", "ddp_whole_graph")
+ATTENTION_CALLS = {
+    "ddp": LAYERS, "fsdp2": 1, "ddp_packed": LAYERS, "fsdp2_packed": 1,
+    "ddp_guarded_piece": LAYERS, "ddp_whole_graph": LAYERS, "ddp_python_reducer": LAYERS,
+}
+# Setups in which a graph receives the mask from another, and how many attention layers do.
+RECEIVING_LAYERS = {"ddp": None, "fsdp2": LAYERS, "ddp_packed": None, "fsdp2_packed": LAYERS}
 LAUNCH_TIMEOUT_S = 600
 REPO = Path(__file__).resolve().parent.parent
-
-CROSS_GRAPH_GAP = (
-    "issue 9 §4: mask elision does not work across graph boundaries. The mask is built in one graph "
-    "and reaches later graphs' SDPA calls as a graph output and a placeholder, and the labels the "
-    "right-padding guard checks are only in the graph of the loss"
-)
-LOSS_IN_NEXT_GRAPH_GAP = (
-    "issue 9 §4: the graph that builds and consumes the mask computes no loss, so the mask is kept "
-    "('outputs at padded positions may be read'); the labels the right-padding guard would check "
-    "are only in the next graph"
-)
-
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
@@ -125,55 +118,59 @@ def test_compiled_training_matches_eager(ranks, setup):
         )
 
 
-def _expected_gap(setup: str):
-    reason = {"ddp": CROSS_GRAPH_GAP, "fsdp2": CROSS_GRAPH_GAP}.get(setup)
-    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-    return pytest.param(setup, marks=marks, id=setup)
-
-
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("setup", [_expected_gap(setup) for setup in SETUPS])
+@pytest.mark.parametrize("setup", SETUPS)
 def test_rewrites_on_every_rank(ranks, setup):
-    """On every rank: each graph reaches graphopt once, every SDPA call drops its mask, the loss is
-    fused, and every step takes the fast path."""
+    """On every rank: each graph reaches graphopt once, every SDPA call drops its mask (packed:
+    runs per document), the loss is fused, and every step takes the fast path."""
     for rank, result in enumerate(ranks):
         r = result[setup]
         why = _summary(r, rank, setup)
         assert sum(g["sdpa_calls"] for g in r["graphs"]) == ATTENTION_CALLS[setup], why
         for g in r["graphs"]:
-            assert g["counts"].get("mask_elision", 0) == g["sdpa_calls"], why
+            rewritten = g["counts"].get("mask_elision", 0) + g["counts"].get("varlen_attention", 0)
+            assert rewritten == g["sdpa_calls"], why
         assert r["counts"].get("fused_cross_entropy") == 1, why
         assert r["runtime"].get("fast_path", 0) >= STEPS and not r["runtime"].get("fallback"), why
+        if setup in RECEIVING_LAYERS:  # the mask crossed a graph boundary and was dropped there
+            assert r["counts"].get("mask_handoff") == 1, why
+            received = "received_packed" if setup.endswith("_packed") else "fast_path"
+            layers = RECEIVING_LAYERS[setup]
+            assert r["runtime"].get(received, 0) >= STEPS * (layers or 1), why
 
 
 # One process: gradient checkpointing with use_cache=True makes transformers call
 # logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing") inside the
 # model's forward, where Dynamo graph-breaks. The mask is built and consumed in the first graph (the
-# layers run inside tag_activation_checkpoint); the labels and the loss are in the second.
+# layers run inside tag_activation_checkpoint); the labels and the loss are in the second, so for a
+# padded batch the mask is kept unless padded_outputs_unused=True.
 
 
-@pytest.fixture(scope="module")
-def checkpointed_step():
+def _checkpointed_step(**options):
     model = build_tiny_model("llama")
     model.gradient_checkpointing_enable()
     model.config.use_cache = True
     batch = make_batch("right")
-    eager, compiled, report = CompiledModel(model).step(batch)
-    return batch, eager, compiled, report
-
-
-@pytest.mark.slow
-def test_graph_break_before_loss_matches_eager(checkpointed_step):
-    batch, eager, compiled, report = checkpointed_step
+    eager, compiled, report = CompiledModel(model, options=options).step(batch)
     assert len(report.graphs) == 2, report  # the graph break at warning_once
     assert report.counts["fused_cross_entropy"] == 1, report
     assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
+    return report
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=LOSS_IN_NEXT_GRAPH_GAP)
-def test_graph_break_before_loss_elides_mask(checkpointed_step):
-    _, _, _, report = checkpointed_step
+def test_graph_break_before_loss_keeps_the_mask_and_says_why():
+    """Exact, and the mask is kept: this graph cannot check that the labels ignore the pads. The
+    decline names the option that drops it."""
+    report = _checkpointed_step()
+    assert not report.counts["mask_elision"], report
+    reasons = [reason for name, reason in report.declines if name == "mask_elision"]
+    assert any("padded_outputs_unused" in reason for reason in reasons), report
+
+
+@pytest.mark.slow
+def test_graph_break_before_loss_with_promise_drops_the_mask():
+    report = _checkpointed_step(padded_outputs_unused=True)
     assert report.counts["mask_elision"] == LAYERS, report
     assert report.runtime["fast_path"] > 0 and not report.runtime["fallback"], report

@@ -1,0 +1,99 @@
+"""A training step that reaches graphopt as several graphs, in one process: the mask is built in one
+graph and read by the attention of later ones (:mod:`graphopt.handoff`).
+
+The split is FSDP2's: ``fully_shard`` wraps its hooks in ``torch._dynamo.disable``, so Dynamo breaks
+the graph around every sharded layer. Here each decoder layer gets such a hook (a no-op), which
+gives the same graphs without a process group: the mask in a graph of its own, one graph per
+layer receiving it, the loss in the last. DDP's split and FSDP2 itself run in
+:mod:`tests.test_distributed`.
+
+Every step is compared with eager on the loss and every gradient; every test also says which path
+each layer took (the runtime counters).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphopt.tiny_models import TINY_DIMS, build_tiny_model, make_batch
+from tests.harness import CompiledModel, assert_steps_equal, real_positions
+
+LAYERS = TINY_DIMS["num_hidden_layers"]
+
+pytestmark = pytest.mark.slow
+
+
+def _split_per_layer(model):
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(torch._dynamo.disable(lambda module, args: None))
+    return model
+
+
+@pytest.fixture(scope="module")
+def split():
+    return CompiledModel(_split_per_layer(build_tiny_model("llama")))
+
+
+@pytest.fixture(scope="module")
+def split_promised():
+    return CompiledModel(_split_per_layer(build_tiny_model("llama")), options={"padded_outputs_unused": True})
+
+
+def _attention_calls(cm: CompiledModel) -> int:
+    return sum(g.before.count("scaled_dot_product_attention(") for g in cm.compile_reports)
+
+
+def test_unpadded_batch_drops_the_received_mask(split):
+    batch = make_batch("ones")
+    eager, compiled, report = split.step(batch)
+    assert_steps_equal(eager, compiled)
+    assert len(report.graphs) >= LAYERS + 2, report  # mask, layers, loss: several graphs
+    assert report.counts["mask_handoff"] == 1, report
+    assert report.rule_counts[("mask_elision", "sdpa_handed_off")] == _attention_calls(split) == LAYERS, report
+    assert report.runtime["fast_path"] >= LAYERS and not report.runtime.get("fallback"), report
+
+
+def test_padded_batch_keeps_the_mask_without_labels(split):
+    """The layers cannot see the labels: a padded batch runs their exact masked path, and says how
+    to get the fast one."""
+    batch = make_batch("right")
+    eager, compiled, report = split.step(batch)
+    assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
+    assert report.runtime["fallback"] == LAYERS and report.runtime["failed:no_padding"] == LAYERS, report
+    from graphopt.guards import GUARD_ADVICE
+
+    assert "padded_outputs_unused" in GUARD_ADVICE["no_padding"]
+
+
+def test_left_padded_batch_keeps_the_mask(split):
+    batch = make_batch("left")
+    eager, compiled, report = split.step(batch)
+    assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
+    assert report.runtime["failed:right_padded"] == LAYERS and not report.runtime.get("received_packed"), report
+
+
+def test_packed_batch_runs_per_document(split):
+    batch = make_batch("packed") | {"use_cache": False}
+    eager, compiled, report = split.step(batch)
+    assert_steps_equal(eager, compiled)
+    assert report.runtime["received_packed"] == LAYERS and not report.runtime.get("fallback"), report
+    assert any("second fast graph" in n for g in split.compile_reports for n in g.notes), report
+
+
+def test_other_lengths_drop_the_mask(split):
+    """A second length recompiles with symbolic sizes: the mask is published and dropped at lengths
+    its proof covers."""
+    for seq in (24, 40):
+        batch = make_batch("ones", seq=seq, seed=seq)
+        eager, compiled, report = split.step(batch)
+        assert_steps_equal(eager, compiled)
+        assert report.runtime["fast_path"] >= LAYERS and not report.runtime.get("fallback"), report
+
+
+def test_padded_batch_with_promise_drops_the_mask(split_promised):
+    batch = make_batch("right")
+    eager, compiled, report = split_promised.step(batch)
+    assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
+    assert report.rule_counts[("mask_elision", "sdpa_handed_off")] == LAYERS, report
+    assert report.runtime["fast_path"] >= LAYERS and not report.runtime.get("fallback"), report
