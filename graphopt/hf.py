@@ -43,6 +43,10 @@ class GraphoptCallback(TrainerCallback):
     The callback also lets Dynamo skip transformers' ``logger.warning_once`` calls (for the whole
     process): with activation checkpointing and ``use_cache`` on, one of them would split every
     training step into two graphs and keep the mask (see :func:`_skip_warning_once_in_graphs`).
+    And it turns Dynamo's own DDP graph split off (``torch._dynamo.config.optimize_ddp = False``,
+    unless set to something else than its default): under DDP, graphopt then sees each training
+    step whole, labels included, and splits what it compiles at DDP's gradient buckets itself, so
+    communication still overlaps the backward (see :func:`_let_graphopt_split_ddp_graphs`).
 
     With ``model_init``, the model that ``train()`` builds afresh is not compiled: the callback
     compiles the model the Trainer holds when its ``__init__`` ends.
@@ -89,6 +93,7 @@ class GraphoptCallback(TrainerCallback):
                 "Trainer and saves checkpoints under '_orig_mod.' keys)."
             )
         _skip_warning_once_in_graphs()
+        _let_graphopt_split_ddp_graphs()
         model.compile(backend="graphopt", mode=self.mode, options=self.options, dynamic=self.dynamic)
         return control
 
@@ -113,6 +118,21 @@ def _skip_warning_once_in_graphs() -> None:
         ignored = getattr(config, "ignore_logging_functions", None)
     if warning_once is not None and ignored is not None:
         ignored.add(warning_once)
+
+
+def _let_graphopt_split_ddp_graphs() -> None:
+    """Turn Dynamo's DDP graph split off, if it is at its default.
+
+    Dynamo's DDP optimizer splits a step into pieces at gradient-bucket boundaries and hands the
+    backend one piece at a time: the labels then reach only the last piece, and for a padded batch
+    the pieces that run attention keep the mask. With the split off, graphopt receives the whole
+    step, rewrites it, and splits what it compiles with the same ``DDPOptimizer``
+    (:func:`graphopt.backend._inductor`). Without DDP the setting has no effect.
+    """
+    import torch._dynamo
+
+    if torch._dynamo.config.optimize_ddp is True:
+        torch._dynamo.config.optimize_ddp = False
 
 
 def _check_training_args(args) -> None:

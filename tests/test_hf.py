@@ -293,6 +293,16 @@ def test_a_compiled_model_is_refused(tmp_path):
         Trainer(model=model, args=args, callbacks=[GraphoptCallback()])
 
 
+@pytest.mark.parametrize("setting, expected", [(True, False), (False, False), ("python_reducer", "python_reducer")])
+def test_callback_turns_off_dynamos_ddp_split_at_its_default(tmp_path, setting, expected):
+    """Under DDP graphopt then sees each step whole (labels included) and splits at the buckets
+    itself; a non-default choice of the user is kept."""
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with torch._dynamo.config.patch(optimize_ddp=setting):
+        Trainer(model=build_tiny_model("llama"), args=args, callbacks=[GraphoptCallback()])
+        assert torch._dynamo.config.optimize_ddp == expected
+
+
 def test_unknown_options_fail_when_the_callback_is_built():
     with pytest.raises(ValueError, match="mask_elision"):
         GraphoptCallback(options={"mask_elison": False})
