@@ -132,6 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int)
     p.add_argument("--steps", type=int, help="timed steps")
     p.add_argument("--warmup", type=int, help="untimed steps after the first (compile) step")
+    p.add_argument("--split-layers", action="store_true",
+                   help="break the compiled step around every decoder layer, as FSDP2's hooks do (a "
+                        "torch._dynamo.disable-d no-op hook per layer), for every backend")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -218,7 +221,14 @@ def build_model(args):
     )
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    if args.split_layers:
+        for layer in model.model.layers:
+            layer.register_forward_pre_hook(torch._dynamo.disable(_no_op_hook))
     return model.to(device=args.device, dtype=getattr(torch, args.dtype)).train()
+
+
+def _no_op_hook(module, args):
+    return None
 
 
 def make_batch(args, index: int) -> dict:

@@ -146,6 +146,11 @@ class Report:
             lines.append(
                 "runtime: " + ", ".join(f"{k}={v}" for k, v in sorted(self.runtime.items()))
             )
+            from graphopt.guards import GUARD_ADVICE
+
+            for key in sorted(k for k in self.runtime if k.startswith("failed:")):
+                name = key.partition(":")[2]
+                lines.append(f"  exact path ran ({name}): {GUARD_ADVICE.get(name, name)}")
         for g in self.graphs:
             for note in g.notes:
                 lines.append(f"note (graph {g.graph_id}): {note}")
