@@ -95,16 +95,7 @@ class VarlenAttention:
             if cand.additive_users:
                 ctx.report.decline(self.name, "packed eager attention (softmax of scores + mask) is not rewritten; the mask is kept")
                 continue
-            outer = _TableAnalysis(gm, {cand.input})
-            matches = []
-            for sdpa in cand.sdpa_users:
-                checkpoint = cand.checkpoints.get(sdpa)
-                tables = outer if checkpoint is None else _body_tables(checkpoint, outer)
-                match = _match(sdpa.graph.owning_module, sdpa, tables)
-                if isinstance(match, str):
-                    ctx.report.decline(self.name, f"{sdpa.name}: {match}")
-                else:
-                    matches.append((match, checkpoint))
+            matches = self._matches(ctx, cand, _TableAnalysis(gm, {cand.input}))
             if not matches:
                 continue
             cus: dict[fx.Graph, fx.Node] = {}  # one boundary computation per graph or body
@@ -119,6 +110,20 @@ class VarlenAttention:
             analysis.erase_dead(gm.graph, cand.slice_nodes)
         return rewritten
 
+    def _matches(self, ctx: PassContext, cand: MaskCandidate, outer: "_TableAnalysis") -> list[tuple[AttentionMatch, fx.Node | None]]:
+        """The SDPA users of ``cand`` proven rewritable, each with the checkpoint call whose body
+        holds it (or None); the others are reported as declines."""
+        matches = []
+        for sdpa in cand.sdpa_users:
+            checkpoint = cand.checkpoints.get(sdpa)
+            tables = outer if checkpoint is None else _body_tables(checkpoint, outer)
+            match = _match(sdpa.graph.owning_module, sdpa, tables)
+            if isinstance(match, str):
+                ctx.report.decline(self.name, f"{sdpa.name}: {match}")
+            else:
+                matches.append((match, checkpoint))
+        return matches
+
     def _received(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> int:
         """Per-document attention for the SDPA calls reading a mask received from an earlier
         graph, with the boundaries as a new trailing input (see the module docstring)."""
@@ -130,16 +135,7 @@ class VarlenAttention:
             p for p in gm.graph.find_nodes(op="placeholder")
             if p is not mask and _float(p) and not analysis.example_value(p).requires_grad
         }
-        outer = _TableAnalysis(gm, sources)
-        matches = []
-        for sdpa in cand.sdpa_users:
-            checkpoint = cand.checkpoints.get(sdpa)
-            tables = outer if checkpoint is None else _body_tables(checkpoint, outer)
-            match = _match(sdpa.graph.owning_module, sdpa, tables)
-            if isinstance(match, str):
-                ctx.report.decline(self.name, f"{sdpa.name}: {match}")
-            else:
-                matches.append((match, checkpoint))
+        matches = self._matches(ctx, cand, _TableAnalysis(gm, sources))
         if not matches:
             return 0
         from graphopt.passes.mask_elision import proven_length_guard
