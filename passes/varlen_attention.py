@@ -234,6 +234,7 @@ class _TableAnalysis:
 
     def __init__(self, gm: fx.GraphModule, sources: set[fx.Node]):
         deps = analysis.tensor_inputs(gm.graph)
+        self.sources = sources
         self.table_only = set(n for n in sources if n.op != "placeholder")
         self.hidden = set()
         for node in gm.graph.nodes:
@@ -254,10 +255,10 @@ class _TableAnalysis:
 
 def _body_tables(checkpoint: fx.Node, outer: _TableAnalysis) -> _TableAnalysis:
     """The table analysis of ``checkpoint``'s body: its placeholders that receive table-only
-    values of the outer graph are the sources."""
+    values or sources of the outer graph are the sources."""
     body = analysis.checkpoint_body(checkpoint)
     placeholders = body.graph.find_nodes(op="placeholder")
-    sources = {p for p, arg in zip(placeholders, checkpoint.args[1:]) if arg in outer.table_only}
+    sources = {p for p, arg in zip(placeholders, checkpoint.args[1:]) if arg in outer.table_only or arg in outer.sources}
     return _TableAnalysis(body, sources)
 
 

@@ -95,3 +95,34 @@ def test_padded_batch_with_promise_drops_the_mask(split_promised):
     assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
     assert report.rule_counts[("mask_elision", "sdpa_handed_off")] == LAYERS, report
     assert report.runtime["fast_path"] >= LAYERS and not report.runtime.get("fallback"), report
+
+
+# -- activation checkpointing, and the families whose RoPE differs ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def split_checkpointed():
+    model = _split_per_layer(build_tiny_model("llama"))
+    model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    return CompiledModel(model, options={"padded_outputs_unused": True})
+
+
+@pytest.mark.parametrize("layout", ["right", "packed"])
+def test_checkpointed_layers_drop_the_received_mask(split_checkpointed, layout):
+    """The layers run inside tag_activation_checkpoint: the mask (and, packed, the rotary tables)
+    enter the bodies as operands, and the recomputation runs the rewritten body."""
+    batch = make_batch(layout)
+    eager, compiled, report = split_checkpointed.step(batch)
+    assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
+    taken = "received_packed" if layout == "packed" else "fast_path"
+    assert report.runtime[taken] >= LAYERS and not report.runtime.get("fallback"), report
+
+
+@pytest.mark.parametrize("family", ["cohere", "phi3", "glm4"])  # interleaved fp32, fused qkv, partial rotary
+def test_packed_batch_runs_per_document_in_other_families(family):
+    cm = CompiledModel(_split_per_layer(build_tiny_model(family)))
+    batch = make_batch("packed") | {"use_cache": False}
+    eager, compiled, report = cm.step(batch)
+    assert_steps_equal(eager, compiled)
+    assert report.runtime["received_packed"] == LAYERS and not report.runtime.get("fallback"), report
