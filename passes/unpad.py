@@ -840,6 +840,7 @@ class _PositionTables:
         from graphopt.passes.varlen_attention import _carries_tokens
 
         deps = analysis.tensor_inputs(gm.graph)
+        self.sources = sources
         self.table_only: set[fx.Node] = set(n for n in sources if n.op != "placeholder")
         self.hidden: set[fx.Node] = set()
         reach = set(sources)
