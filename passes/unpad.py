@@ -106,11 +106,6 @@ class Unpad:
         if ctx.exports:
             ctx.report.decline(self.name, "the graph returns its attention mask to later graphs; the padded layout is kept")
             return 0
-        from graphopt.backend import _active_ddp_module
-
-        if _active_ddp_module() is not None:
-            ctx.report.decline(self.name, "DistributedDataParallel is active; unpadded graphs are not split at gradient buckets yet")
-            return 0
         try:
             plan = _Builder.outer(gm, ctx, guard).build()
         except Decline as e:

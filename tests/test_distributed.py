@@ -133,6 +133,8 @@ def test_rewrites_on_every_rank(ranks, setup):
             assert rewritten == g["sdpa_calls"], why
         assert r["counts"].get("fused_cross_entropy") == 1, why
         assert r["runtime"].get("fast_path", 0) >= STEPS and not r["runtime"].get("fallback"), why
+        if setup == "ddp_whole_graph":  # graphopt sees the labels: the padded batch is unpadded
+            assert r["runtime"].get("unpad", 0) >= STEPS, why
         if setup in RECEIVING_LAYERS:  # the mask crossed a graph boundary and was dropped there
             assert r["counts"].get("mask_handoff") == 1, why
             received = "received_packed" if setup.endswith("_packed") else "fast_path"
