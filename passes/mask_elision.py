@@ -92,6 +92,8 @@ class MaskElision:
         if cand.additive_users:
             ctx.report.decline(self.name, f"{cand.input.name}: a received mask added to attention scores (eager attention) is kept")
             return 0
+        if not ctx.allow_guards or not cand.sdpa_users or ctx.received_as != "causal":
+            return 0  # the exact fallback keeps it; the packed version is varlen attention's
         promise = ctx.options.padded_outputs_unused
         guards = [
             Guard(
@@ -108,8 +110,6 @@ class MaskElision:
         ]
         if cand.seq_symbols:
             guards.append(proven_length_guard(gm, cand))
-        if not ctx.allow_guards or not cand.sdpa_users or ctx.received_as != "causal":
-            return 0
         rewritten = 0
         for user in cand.sdpa_users:
             if not self._sdpa_is_square(user, cand):
