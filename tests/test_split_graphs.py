@@ -126,3 +126,17 @@ def test_packed_batch_runs_per_document_in_other_families(family):
     eager, compiled, report = cm.step(batch)
     assert_steps_equal(eager, compiled)
     assert report.runtime["received_packed"] == LAYERS and not report.runtime.get("fallback"), report
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["right", "packed"])
+def test_split_layers_on_cuda(layout):
+    """The handoff on the device: the mask published from a CUDA graph, its padding read once, the
+    packed boundaries computed on the device (scripts/gpu_check.sh runs the cuda tests)."""
+    model = _split_per_layer(build_tiny_model("llama")).cuda()
+    cm = CompiledModel(model, options={"padded_outputs_unused": True})
+    batch = {k: v.cuda() for k, v in make_batch(layout).items()} | {"use_cache": False}
+    eager, compiled, report = cm.step(batch)
+    assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
+    taken = "received_packed" if layout == "packed" else "fast_path"
+    assert report.runtime[taken] >= LAYERS and not report.runtime.get("fallback"), report
