@@ -27,6 +27,8 @@ import threading
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from graphopt.guards import right_padding_guard
+
 _FACTS = WeakIdKeyDictionary()
 _LOCK = threading.Lock()
 
@@ -78,14 +80,12 @@ class MaskFact:
         if self.kind == "causal":
             return {}
         if self.kind == "causal_padding":
-            keep = self.source != 0
-            names = ("right_padded", "no_empty_rows", "no_padding")
-            values = ((keep[:, 1:] <= keep[:, :-1]).all(), keep[:, 0].all(), keep.all())
+            on_device = right_padding_guard(self.source, None, ignore_index=-100)
+            on_device["no_padding"] = (self.source != 0).all()
         else:
             pos = self.source
-            names = ("one_document_per_row",)
-            values = ((pos[:, 1:] - pos[:, :-1] == 1).all(),)
-        return dict(zip(names, torch.stack(values).tolist()))
+            on_device = {"one_document_per_row": (pos[:, 1:] - pos[:, :-1] == 1).all()}
+        return dict(zip(on_device, torch.stack(list(on_device.values())).tolist()))
 
 
 def publish(mask: torch.Tensor, kind: str, source: torch.Tensor | None) -> None:
