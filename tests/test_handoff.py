@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from graphopt import handoff
 from graphopt.masks import find_masks
-from tests.test_masks import B, S, capture, qkv
+from tests.test_masks import B, S, capture, qkv, sdpa_with
 
 
 def _causal(batch: int = B, seq: int = S) -> torch.Tensor:
@@ -116,20 +116,13 @@ def test_registry_does_not_keep_masks_alive():
 # -- received masks: attention must read them unchanged --------------------------------------------
 
 
-def _attend(transform):
-    def fn(q, k, v, mask):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=transform(mask))
-
-    return fn
-
-
 @pytest.mark.parametrize(
     "transform",
     [lambda m: m, lambda m: m[:, :, :, :S], lambda m: m[:, :, :S, :S]],
     ids=["as_received", "key_slice", "corner"],
 )
 def test_mask_read_unchanged_is_received(transform):
-    gm = capture(_attend(transform), *qkv(), _causal())
+    gm = capture(sdpa_with(transform), *qkv(), _causal())
     (cand,) = find_masks(gm)
     assert cand.kind == "received", cand.reason
     assert len(cand.sdpa_users) == 1
@@ -141,7 +134,7 @@ def test_mask_read_unchanged_is_received(transform):
     ids=["negated", "transposed", "combined", "rolled"],
 )
 def test_mask_changed_before_attention_is_not_received(transform):
-    gm = capture(_attend(transform), *qkv(), _causal())
+    gm = capture(sdpa_with(transform), *qkv(), _causal())
     (cand,) = find_masks(gm)
     assert cand.kind == "unknown"
     assert "changed before attention reads it" in cand.reason
@@ -162,3 +155,30 @@ def test_returned_mask_is_exported_and_classified():
     (cand,) = find_masks(gm)
     assert cand.exported and cand.kind == "causal_padding", cand.reason
     assert not cand.users
+
+
+def test_mask_passed_on_by_a_graph_stays_known():
+    """A graph that receives a mask and returns it unchanged passes its fact on: the next graph
+    still drops it (three compiled functions, the mask crossing two boundaries)."""
+    import graphopt
+
+    def build(am):
+        idx = torch.arange(am.shape[1])
+        return (idx[None, None, None, :] <= idx[None, None, :, None]) & am.bool()[:, None, None, :]
+
+    def attend_and_pass_on(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), mask.clone()[:, :, :, :]
+
+    def attend(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    torch._dynamo.reset()
+    steps = [torch.compile(f, backend="graphopt", options={"padded_outputs_unused": True}) for f in (build, attend_and_pass_on, attend)]
+    q, k, v = qkv()
+    am = torch.ones(B, S, dtype=torch.long)
+    with graphopt.capture() as report:
+        mask = steps[0](am)
+        out1, passed = steps[1](q, k, v, mask)
+        out2 = steps[2](q, k, v, passed)
+    torch.testing.assert_close(out2, attend(q, k, v, build(am)))
+    assert report.runtime["fast_path"] == 3 and not report.runtime.get("fallback"), report  # all three graphs
