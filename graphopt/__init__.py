@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch._dynamo.backends import registry as _registry
 
+from graphopt import tracing as _tracing
 from graphopt.backend import graphopt_backend
 from graphopt.inspection import Report, capture, explain
 from graphopt.options import GraphoptOptions
@@ -27,6 +28,9 @@ __version__ = "0.1.0"
 # import, so registering here too would be a duplicate.
 if "graphopt" not in _registry._COMPILER_FNS and _registry._BACKENDS.get("graphopt") is None:
     _registry.register_backend(graphopt_backend, name="graphopt")
+
+# Checkpointed layers of transformers >= 5.25 stay in graphopt's graphs (see graphopt.tracing).
+_tracing.install()
 
 # TORCH_LOGS="graphopt" (INFO) or "+graphopt" (DEBUG).
 torch._logging._internal.register_log("graphopt", "graphopt")

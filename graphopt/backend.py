@@ -43,6 +43,7 @@ def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     opts, inductor_options = split_options(options)
     inductor = _inductor(mode, inductor_options)
     report = inspection.new_graph_report(inspection.module_code(gm))
+    _note_graph_breaks(report)
     if _is_ddp_piece(gm):
         report.note(
             "this graph is one piece of a graph Dynamo's DDP optimizer split at gradient buckets: a mask "
@@ -75,6 +76,21 @@ def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     if ctx.exports:
         compiled = PublishedMasks(compiled, ctx.exports)
     return PublishedOnFirstCall(compiled, report, opts.dump_dir)
+
+
+def _note_graph_breaks(report: inspection.GraphReport) -> None:
+    """Note in ``report`` the graph breaks Dynamo recorded since the previous graph, with the fix
+    of each known cause (warned once per cause), and a Dynamo graphopt could not hook."""
+    from graphopt import tracing
+
+    for reason in tracing.new_graph_breaks():
+        report.graph_breaks.append(reason)
+        fix = tracing.advice(reason)
+        if fix is not None:
+            report.note(f"Dynamo split the step before this graph ({reason}): {fix}")
+            tracing.warn_once(reason)
+    if tracing.install_failure is not None:
+        report.note(f"checkpointed layers of transformers >= 5.25 may fall out of the graph: {tracing.install_failure}")
 
 
 def _inductor(mode: str | None, inductor_options: dict):

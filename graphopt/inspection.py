@@ -54,6 +54,7 @@ class GraphReport:
     declines: list[Decline] = field(default_factory=list)
     guards: list[GuardRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    graph_breaks: list[str] = field(default_factory=list)  # Dynamo's reasons, recorded since the previous graph
     pass_seconds: float = 0.0
     quiet: bool = False  # a report that is never published (the fallback graph's) logs nothing
 
@@ -89,6 +90,7 @@ class Report:
         rule_counts: ``(name, rule)`` → applications.
         declines: ``(name, reason)`` pairs.
         guards: the runtime guards installed.
+        graph_breaks: why Dynamo split the compiled code into several graphs (its reasons).
         runtime: dispatch statistics (fast-path and fallback calls, failed guard conditions).
         result: what the explained call returned.
     """
@@ -114,6 +116,10 @@ class Report:
     def guards(self) -> list[GuardRecord]:
         return [guard for g in self.graphs for guard in g.guards]
 
+    @property
+    def graph_breaks(self) -> list[str]:
+        return [reason for g in self.graphs for reason in g.graph_breaks]
+
     def graph_code(self, which: str = "after") -> list[str]:
         """Readable Python for each graph, ``which`` = ``"before"`` or ``"after"`` the passes."""
         return [getattr(g, which) for g in self.graphs]
@@ -138,6 +144,10 @@ class Report:
             lines.append("declined:")
             for (name, reason), n in collections.Counter(self.declines).items():
                 lines.append(f"  {name}: {reason}" + (f" (x{n})" if n > 1 else ""))
+        if self.graph_breaks:
+            lines.append("graph breaks (Dynamo split the code; each graph is rewritten on its own):")
+            for reason, n in collections.Counter(self.graph_breaks).items():
+                lines.append(f"  {reason}" + (f" (x{n})" if n > 1 else ""))
         if self.guards:
             lines.append("runtime guards:")
             for guard in self.guards:
