@@ -24,6 +24,7 @@ mask was published with, behind a :class:`~graphopt.handoff.HandedOffPackedGuard
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -306,12 +307,14 @@ def _dominates(cand: fx.Node, node: fx.Node, tables: _TableAnalysis) -> bool:
     return True
 
 
-def _region_leaves(node: fx.Node, x: fx.Node, tables: _TableAnalysis) -> tuple[list[fx.Node], list[fx.Node]]:
-    """The table-only nodes feeding the region between ``x`` and ``node``, and the region."""
+def _region_leaves(node: fx.Node, x: fx.Node | set[fx.Node], tables: _TableAnalysis) -> tuple[list[fx.Node], list[fx.Node]]:
+    """The table-only nodes feeding the region between ``x`` (one node or several) and ``node``,
+    and the region."""
+    stop = x if isinstance(x, set) else {x}
     leaves, region, stack, seen = [], [], [node], set()
     while stack:
         cur = stack.pop()
-        if cur in seen or cur is x:
+        if cur in seen or cur in stop:
             continue
         seen.add(cur)
         if cur in tables.table_only:
@@ -322,21 +325,28 @@ def _region_leaves(node: fx.Node, x: fx.Node, tables: _TableAnalysis) -> tuple[l
     return list(dict.fromkeys(leaves)), region
 
 
-def _probe_rope(gm, node: fx.Node, x: fx.Node, leaves: list[fx.Node]):
-    """(cos, sin, interleaved) such that node == rope(x, cos, sin), or None."""
+def _probe_rope(gm, node: fx.Node, x: fx.Node, leaves: list[fx.Node], others: Sequence[fx.Node] = ()):
+    """(cos, sin, interleaved) such that node == rope(x, cos, sin), or None. ``others`` are further
+    inputs of the region (the key, when one op rotates query and key): ``node`` must not depend on
+    them, which two draws of their values check."""
     if len(leaves) != 2:
         return None
     for leaf in leaves:  # HF's unsqueeze_dim=1 layout: (B|1, 1, S, R)
         lv = analysis.example_value(leaf)
         if not isinstance(lv, torch.Tensor) or lv.dim() != 4 or analysis.hint(lv.shape[1]) != 1:
             return None
-    fn = analysis.extract_function(gm, node, stop_at=[x, *leaves])
+    fn = analysis.extract_function(gm, node, stop_at=[x, *others, *leaves])
     gen = torch.Generator().manual_seed(3)
-    xv = analysis.example_value(x)
-    x_probe = torch.randn(analysis.hinted_shape(xv), generator=gen)
-    tables = [torch.randn(analysis.hinted_shape(analysis.example_value(leaf)), generator=gen) for leaf in leaves]
+
+    def draw(n: fx.Node) -> torch.Tensor:
+        return torch.randn(analysis.hinted_shape(analysis.example_value(n)), generator=gen)
+
+    x_probe, tables = draw(x), [draw(leaf) for leaf in leaves]
+    chosen = {x: x_probe, leaves[0]: tables[0], leaves[1]: tables[1]}
     try:
-        out = analysis.run_function(fn, {x: x_probe, leaves[0]: tables[0], leaves[1]: tables[1]})
+        out = analysis.run_function(fn, chosen | {o: draw(o) for o in others})
+        if others and not torch.equal(out, analysis.run_function(fn, chosen | {o: draw(o) for o in others})):
+            return None
     except Exception:
         return None
     rtol = 1e-5 if out.dtype == torch.float32 else 2e-2
@@ -422,7 +432,7 @@ def _match(gm: fx.GraphModule, sdpa: fx.Node, tables: _TableAnalysis) -> Attenti
             return f"rotary table {table.name} is {tuple(tv.shape)}, not (batch, 1, seq, rotary_dim)"
     return AttentionMatch(
         sdpa=sdpa, xq=xq, xk=xk, xv=xv, cos=cos, sin=sin, interleaved=interleaved, fp32_tables=fp32_math,
-        scale=float(scale), region=region_q + region_k + region_k2 + region_v,
+        scale=float(scale), region=list(dict.fromkeys(region_q + region_k + region_k2 + region_v)),
     )
 
 
@@ -439,6 +449,30 @@ def _find_rope(gm, node: fx.Node, tables: _TableAnalysis):
             if isinstance(source, fx.Node) and _dtype(source) == _dtype(node) != _dtype(dom):
                 return source, cos, sin, interleaved, region + [dom], True
             return dom, cos, sin, interleaved, region, False
+    return _find_rope_among_inputs(gm, node, tables)
+
+
+def _find_rope_among_inputs(gm, node: fx.Node, tables: _TableAnalysis):
+    """RoPE computed by one op that rotates several tensors (a hub kernel rotating q and k in one
+    call, ``q_embed, k_embed = rotary(q, k, cos, sin)``): ``node`` is RoPE of one of the op's
+    inputs and does not depend on the others. The op is the nearest ancestor reading several
+    token tensors; its region ends at all of them."""
+    joint, steps = node, 0
+    while steps < _MAX_DOMINATOR_TRIES:
+        hidden = list(dict.fromkeys(a for a in joint.all_input_nodes if a in tables.hidden))
+        if len(hidden) >= 2:
+            break
+        if len(hidden) != 1:
+            return None
+        joint, steps = hidden[0], steps + 1
+    else:
+        return None
+    leaves, region = _region_leaves(node, set(hidden), tables)
+    for x in hidden:
+        found = _probe_rope(gm, node, x, leaves, others=[o for o in hidden if o is not x])
+        if found is not None:
+            cos, sin, interleaved = found
+            return x, cos, sin, interleaved, region, False
     return None
 
 

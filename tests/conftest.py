@@ -42,3 +42,13 @@ def pytest_collection_modifyitems(config, items):
 def triton_device() -> torch.device:
     """Where a Triton path's test puts its tensors: CUDA if present, else the CPU (interpreter)."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def without_inductor(monkeypatch):
+    """graphopt's whole backend (passes, guards, fallbacks) with every Inductor compile replaced by
+    the graph's own forward: compiles take seconds. For tests of what graphopt rewrites and what
+    the rewritten graphs compute; the Inductor path has tests of its own."""
+    from graphopt import backend
+
+    monkeypatch.setattr(backend, "_inductor", lambda mode, options: lambda gm, example_inputs: gm.forward)

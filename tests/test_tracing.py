@@ -19,19 +19,13 @@ import pytest
 import torch
 
 import graphopt
-from graphopt import backend, tracing
+from graphopt import tracing
 from graphopt.tiny_models import FAMILIES, build_tiny_model, make_batch
 from tests.harness import assert_steps_equal, run_step
 from tests.passes.test_checkpointing import enable_checkpointing
 
 N_LAYERS = 2
 EAGER_ATTENTION = {"gemma2"}  # softcapped eager attention: no varlen, no unpadding
-
-
-@pytest.fixture
-def without_inductor(monkeypatch):
-    """graphopt's backend with every Inductor compile replaced by the graph's own forward."""
-    monkeypatch.setattr(backend, "_inductor", lambda mode, options: lambda gm, example_inputs: gm.forward)
 
 
 def compile_step(model, batch: dict):

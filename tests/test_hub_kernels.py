@@ -1,0 +1,68 @@
+"""Models kernelized by ``kernels`` (transformers >= 5.25 kernelizes ``from_pretrained`` models by
+default): a hub RoPE kernel that rotates q and k in one custom op is proven by meaning, like any
+other RoPE, and per-document attention replaces it. The stand-in kernel of
+:mod:`tests.stand_in_kernels` runs on the CPU; a CUDA-only hub kernel cannot be probed there and
+is declined with its name (see :func:`test_a_kernel_that_cannot_run_on_the_probe_device_is_named`).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import graphopt
+
+from graphopt.tiny_models import build_tiny_model, make_batch
+from tests.test_tracing import compile_step, explain_split
+from tests.harness import assert_steps_equal
+
+pytest.importorskip("kernels")
+from tests.stand_in_kernels import kernelize_rope  # noqa: E402
+
+N_LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def kernelized():
+    model = build_tiny_model("llama")
+    kernelize_rope(model)
+    assert type(model.model.layers[0].self_attn._kernel_funcs["rotary_pos_emb"]).forward is not model.model.layers[0].self_attn._kernel_funcs["rotary_pos_emb"].forward.__func__
+    return model
+
+
+def test_the_kernel_is_in_the_traced_graph(without_inductor, kernelized):
+    _, _, report = compile_step(kernelized, dict(make_batch("packed"), use_cache=False))
+    assert "graphopt_test.rotary" in report.graph_code("before")[0]
+
+
+def test_packed_attention_over_a_kernelized_rope_runs_per_document(without_inductor, kernelized):
+    eager, compiled, report = compile_step(kernelized, dict(make_batch("packed"), use_cache=False))
+    assert report.counts["varlen_attention"] == N_LAYERS and report.counts["rope_fusion"] == N_LAYERS, explain_split(report)
+    assert "graphopt_test.rotary" not in report.graph_code("after")[0]
+    assert_steps_equal(eager, compiled)
+
+
+def test_padded_batches_drop_the_mask_around_a_kernelized_rope(without_inductor, kernelized):
+    eager, compiled, report = compile_step(kernelized, dict(make_batch("right"), use_cache=False))
+    assert report.counts["mask_elision"] == N_LAYERS, explain_split(report)
+    assert_steps_equal(eager, compiled)
+
+
+def test_a_rope_that_reads_the_other_tensor_is_not_rope(without_inductor):
+    """Negative: an op whose query output depends on the key is not RoPE of the query, even when
+    the dependence is within the probe's tolerance of RoPE (two draws of the key tell). Eager only
+    (it has no autograd formula), so the forward is compared."""
+    import torch
+
+    from tests.stand_in_kernels import LeakyRotary
+
+    model = build_tiny_model("llama")
+    kernelize_rope(model, LeakyRotary)
+    batch = dict(make_batch("packed"), use_cache=False)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(**batch).loss
+        with graphopt.capture() as report:
+            compiled = torch.compile(model, backend="graphopt")(**batch).loss
+    assert report.counts["varlen_attention"] == 0, explain_split(report)
+    assert any("could not prove the query is RoPE" in reason for _, reason in report.declines)
+    torch.testing.assert_close(compiled, eager)
