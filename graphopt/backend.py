@@ -89,6 +89,9 @@ def _note_graph_breaks(report: inspection.GraphReport) -> None:
         if fix is not None:
             report.note(f"Dynamo split the step before this graph ({reason}): {fix}")
             tracing.warn_once(reason)
+    problem = tracing.warn_unsupported_versions_once()
+    if problem is not None:
+        report.note(problem)
     if tracing.install_failure is not None:
         report.note(f"checkpointed layers of transformers >= 5.25 may fall out of the graph: {tracing.install_failure}")
 

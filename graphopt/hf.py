@@ -48,6 +48,11 @@ class GraphoptCallback(TrainerCallback):
     step whole, labels included, and splits what it compiles at DDP's gradient buckets itself, so
     communication still overlaps the backward (see :func:`_let_graphopt_split_ddp_graphs`).
 
+    A model kernelized by transformers (``from_pretrained`` does it by default from 5.25 on; on CUDA
+    hub kernels then replace RMSNorm and RoPE) gets transformers' own torch code back first
+    (:func:`turn_off_hub_kernels`): graphopt proves and fuses those layers itself, and an opaque
+    kernel would stop unpadding. The callback logs what it turned off.
+
     With ``model_init``, the model that ``train()`` builds afresh is not compiled: the callback
     compiles the model the Trainer holds when its ``__init__`` ends.
 
@@ -94,8 +99,25 @@ class GraphoptCallback(TrainerCallback):
             )
         _skip_warning_once_in_graphs()
         _let_graphopt_split_ddp_graphs()
+        turn_off_hub_kernels(model)
         model.compile(backend="graphopt", mode=self.mode, options=self.options, dynamic=self.dynamic)
         return control
+
+
+def turn_off_hub_kernels(model) -> bool:
+    """``model.reset_kernels()`` if transformers kernelized ``model`` (``model.use_kernels``), with an
+    INFO log line; returns whether it did. Exact: the kernels replace torch code of the same
+    function, which is what graphopt then proves and rewrites."""
+    import logging
+
+    if not getattr(model, "use_kernels", False) or not hasattr(model, "reset_kernels"):
+        return False
+    model.reset_kernels()
+    logging.getLogger("graphopt").info(
+        "GraphoptCallback: turned off the hub kernels transformers installed (model.reset_kernels()); "
+        "graphopt proves and fuses RoPE and the norms itself"
+    )
+    return True
 
 
 def _skip_warning_once_in_graphs() -> None:

@@ -172,3 +172,39 @@ def versions_line() -> str:
         except importlib.metadata.PackageNotFoundError:
             parts.append(f"{name} -")
     return ", ".join(parts)
+
+
+OLDEST_TRANSFORMERS = (5, 19)  # pyproject's lower bound, tested by CI's oldest-versions job
+_version_checked = False
+
+
+def unsupported_versions() -> str | None:
+    """Why the transformers in this process is one graphopt does not support, or None. Read from the
+    module already imported (graphopt never imports transformers for this)."""
+    import sys
+
+    module = sys.modules.get("transformers")
+    version = getattr(module, "__version__", None)
+    if version is None:
+        return None
+    try:
+        release = tuple(int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return None
+    if release >= OLDEST_TRANSFORMERS:
+        return None
+    oldest = ".".join(map(str, OLDEST_TRANSFORMERS))
+    return (
+        f"transformers {version} is older than graphopt supports ({oldest}): its RoPE tables are built "
+        f"with a matmul, so padded batches are not unpadded. Fix: pip install -U 'transformers>={oldest}'"
+    )
+
+
+def warn_unsupported_versions_once() -> str | None:
+    """:func:`unsupported_versions`, warned once per process; returns it for the report."""
+    global _version_checked
+    problem = unsupported_versions()
+    if problem is not None and not _version_checked:
+        log.warning("graphopt: %s", problem)
+    _version_checked = True
+    return problem

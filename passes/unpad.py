@@ -445,7 +445,7 @@ class _Builder:
             return self._cross_entropy(node)
         if node.op == "call_function" and str(target).startswith("graphopt.linear_cross_entropy"):
             return self._fused_loss(node)
-        self._decline(node, "is not known to act on each token independently")
+        self._decline(node, "is not known to act on each token independently" + _custom_op_hint(node))
         return None  # unreachable
 
     def _broadcast(self, node: fx.Node, inputs: list[fx.Node]) -> tuple:
@@ -742,6 +742,19 @@ class _Builder:
             inverse = sorted(range(len(order)), key=order.__getitem__)
             out = g.call_method("permute", (out, *inverse))
         return out
+
+
+def _custom_op_hint(node: fx.Node) -> str:
+    """For an op of another library's namespace: where such ops come from, and the fix."""
+    qualified = getattr(node.target, "_qualified_op_name", None) or getattr(node.target, "__qualname__", "")
+    namespace = getattr(node.target, "namespace", None) or (qualified.split("::")[0] if "::" in qualified else None)
+    if node.op != "call_function" or namespace in (None, "aten", "prims", "graphopt"):
+        return ""
+    return (
+        f"; it is a custom op ({namespace}), as the hub kernels that transformers >= 5.25 installs "
+        "through kernels' kernelize are: call model.reset_kernels() (or load with use_kernels=False) "
+        "before compiling to run transformers' own torch code there"
+    )
 
 
 def _legacy_empty(node) -> bool:

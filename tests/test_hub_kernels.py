@@ -42,8 +42,12 @@ def test_packed_attention_over_a_kernelized_rope_runs_per_document(without_induc
 
 
 def test_padded_batches_drop_the_mask_around_a_kernelized_rope(without_inductor, kernelized):
+    """Mask elision fires; unpadding cannot prove the op token-wise and says which op and the fix."""
     eager, compiled, report = compile_step(kernelized, dict(make_batch("right"), use_cache=False))
     assert report.counts["mask_elision"] == N_LAYERS, explain_split(report)
+    assert report.counts["unpad"] == 0
+    (reason,) = [reason for name, reason in report.declines if name == "unpad"]
+    assert "custom op (graphopt_test)" in reason and "model.reset_kernels()" in reason
     assert_steps_equal(eager, compiled)
 
 
@@ -66,3 +70,16 @@ def test_a_rope_that_reads_the_other_tensor_is_not_rope(without_inductor):
     assert report.counts["varlen_attention"] == 0, explain_split(report)
     assert any("could not prove the query is RoPE" in reason for _, reason in report.declines)
     torch.testing.assert_close(compiled, eager)
+
+
+def test_the_trainer_callback_turns_hub_kernels_off():
+    from graphopt.hf import turn_off_hub_kernels
+
+    model = build_tiny_model("llama")
+    assert not turn_off_hub_kernels(model)  # not kernelized: nothing to do
+    kernelize_rope(model)
+    model._use_kernels = True  # what set_use_kernels records after kernelizing
+    func = model.model.layers[0].self_attn._kernel_funcs["rotary_pos_emb"]
+    assert "forward" in func.__dict__
+    assert turn_off_hub_kernels(model)
+    assert "forward" not in func.__dict__ and not model.use_kernels

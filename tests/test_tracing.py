@@ -24,6 +24,8 @@ from graphopt.tiny_models import FAMILIES, build_tiny_model, make_batch
 from tests.harness import assert_steps_equal, run_step
 from tests.passes.test_checkpointing import enable_checkpointing
 
+pytestmark = pytest.mark.oldest  # CI also runs this file against the oldest supported transformers
+
 N_LAYERS = 2
 EAGER_ATTENTION = {"gemma2"}  # softcapped eager attention: no varlen, no unpadding
 
@@ -139,3 +141,13 @@ def test_a_split_step_says_why_and_how_to_fix_it(without_inductor, monkeypatch, 
     warnings = [r for r in caplog.records if "Dynamo split the compiled step" in r.getMessage()]
     assert len(warnings) == 1
     assert collections.Counter(report.counts)["mask_elision"] == 0
+
+
+def test_an_unsupported_transformers_is_named_with_the_fix(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.18.0")
+    problem = tracing.unsupported_versions()
+    assert "transformers 5.18.0" in problem and "pip install -U 'transformers>=5.19'" in problem
+    monkeypatch.setattr(transformers, "__version__", "5.19.0")
+    assert tracing.unsupported_versions() is None
