@@ -30,7 +30,6 @@ from tests.harness import (
 )
 from tests.tolerances import tol
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "glm4"]
 BATCH, SEQ = 2, 16
 FUSED_OP = "torch.ops.graphopt.linear_cross_entropy"
 UNFUSED_CE = "torch.nn.functional.cross_entropy"
@@ -90,7 +89,11 @@ def n_targets(batch: dict) -> int:
 # Family matrix
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Every family's loss is fused and exact through the whole pipeline in tests/test_tracing.py, and
+# through Inductor in tests/passes/test_unpad.py (every SDPA family); here, through Inductor on the
+# padded fast path, one family of each head / RoPE layout: half RoPE, softcapped eager (gemma2),
+# partial interleaved RoPE (glm4), fused qkv (phi3).
+@pytest.mark.parametrize("family", ["llama", "gemma2", "glm4", "phi3"])
 def test_family_loss_is_fused_and_exact(models, family):
     cm = models(family)
     batch = right_padded(seed=1)
