@@ -354,21 +354,18 @@ class GuardedGraph:
     def __call__(self, *args):
         if _is_fake_call(args):  # shapes only: the fast graph's outputs have the fallback's metadata
             return self.fast(*args)
-        if self.first is not None and not evaluate_guards(self.first[0], args):
+        if self.first is not None and evaluate_guards(self.first[0], args).held:
             inspection.record_runtime("fast_path")
             return self.first[1](*args)
-        if self.reads is None:
-            failed, extra = evaluate_guards(self.guards, args), {}
-        else:
-            failed, values = evaluate_guards(self.guards, args, also_read=self.reads(args))
-            extra = {"host_values": values}
-        if not failed:
+        result = evaluate_guards(self.guards, args, also_read=None if self.reads is None else self.reads(args))
+        if result.held:
             inspection.record_runtime("fast_path")
+            extra = {} if self.reads is None else {"host_values": result.also_read}
             return self.fast(*args, **extra)
         inspection.record_runtime("fallback")
-        for name in failed:
+        for name in result.failed:
             inspection.record_runtime(f"failed:{name}")
-        self._warn(failed)
+        self._warn(result.failed)
         return self.fallback(*args)
 
     def _warn(self, failed: list[str]) -> None:

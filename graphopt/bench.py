@@ -575,9 +575,9 @@ class GuardTimer:
 
         def timed(guards, args, **kwargs):
             start = time.perf_counter()
-            failed = self.original(guards, args, **kwargs)
+            result = self.original(guards, args, **kwargs)
             self.times.append(time.perf_counter() - start)
-            return failed
+            return result
 
         backend.evaluate_guards = timed
         return self.times

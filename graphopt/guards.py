@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -137,12 +138,28 @@ class Guard:
         return self.fn(*(args[i] for i in self.input_indices))
 
 
-def evaluate_guards(guards: Sequence[Guard], args: Sequence, *, also_read: torch.Tensor | None = None):
-    """Evaluate all guards with one host read. Returns the failed conditions that are causes:
-    per guard, the first failing one in its order of precedence.
+class GuardResult(NamedTuple):
+    """What :func:`evaluate_guards` found.
+
+    Attributes:
+        failed: the failed conditions that are causes, per guard the first failing one in its
+            order of precedence; empty when every guard holds.
+        also_read: the values of ``also_read`` read with the guards, or None when none was asked.
+    """
+
+    failed: list[str]
+    also_read: list[int] | None
+
+    @property
+    def held(self) -> bool:
+        return not self.failed
+
+
+def evaluate_guards(guards: Sequence[Guard], args: Sequence, *, also_read: torch.Tensor | None = None) -> GuardResult:
+    """Evaluate all guards with one host read.
 
     ``also_read``: a 1-D integer tensor the caller needs on the host too (the unpadded graph's row
-    lengths); it rides along in the same read, and the call returns ``(failed, its values)``.
+    lengths); it rides along in the same read.
     """
     per_guard: list[tuple[list[str], list]] = []
     device_values: list[torch.Tensor] = []
@@ -173,4 +190,4 @@ def evaluate_guards(guards: Sequence[Guard], args: Sequence, *, also_read: torch
     for names, values in per_guard:
         causes = [name for name, v in zip(names, values) if not (v if isinstance(v, bool) else held[v])]
         failed.extend(causes[:1])
-    return failed if also_read is None else (failed, extra)
+    return GuardResult(failed, extra)

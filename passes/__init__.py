@@ -77,6 +77,21 @@ class MaskExport:
 
 
 @dataclass
+class RightPadding:
+    """The right-padding guard mask elision registered, for the passes that build on it (unpad).
+
+    Attributes:
+        guard: the registered guard; ``guard.input_indices[0]`` is the attention mask's
+            placeholder index, the rest are the inputs of the scored targets.
+        scores_targets: the guard also checks the targets a proven loss scores (False: the graph
+            has no loss, and only ``padded_outputs_unused`` says padded outputs do not matter).
+    """
+
+    guard: Guard
+    scores_targets: bool
+
+
+@dataclass
 class PassContext:
     """What a pass may read and where it records what it did.
 
@@ -92,6 +107,8 @@ class PassContext:
             varlen attention, taking the document boundaries as an extra input); the backend
             builds the ``"packed"`` version as a second fast graph.
         received_rewritten: placeholder indices of the received masks that were rewritten.
+        right_padding: the right-padding guard of mask elision, when it registered one.
+        unpad: the ``UnpadPlan`` of :mod:`graphopt.passes.unpad`, when the graph can be unpadded.
         detached_logits: logits whose gradient the backend attaches outside the graph.
         memo: probing results shared by the pipelines run on copies of one graph (the fast graph
             and the exact fallback), keyed by the probed subgraph's code.
@@ -106,7 +123,8 @@ class PassContext:
     exports: list[MaskExport] = field(default_factory=list)
     received_as: str = "causal"
     received_rewritten: list[int] = field(default_factory=list)
-    unpad: object = None  # the UnpadPlan of graphopt.passes.unpad, when the graph can be unpadded
+    right_padding: RightPadding | None = None
+    unpad: object = None
     _masks: list | None = None
     _losses: tuple | None = None
 
@@ -202,11 +220,13 @@ def _apply_undoable(p, work: fx.GraphModule, ctx: PassContext) -> tuple[fx.Graph
     """Apply pass ``p`` to ``work`` in place; returns (the graph to continue with, changed).
 
     If ``p`` raises, a copy of ``work`` taken before it runs replaces it (the analyses cached on
-    ``work`` are dropped with it) and everything ``p`` registered is removed.
+    ``work`` are dropped with it) and everything ``p`` registered is removed: guards, detached
+    logits, exports, received masks it rewrote, the right-padding guard and the unpad plan.
     """
     snapshot = analysis.copy_graph_module(work)
     report = ctx.report
     n_guards, n_detached, n_exports = len(ctx.guards), len(ctx.detached_logits), len(ctx.exports)
+    n_received, right_padding, unpad = len(ctx.received_rewritten), ctx.right_padding, ctx.unpad
     n_rewrites, n_notes = len(report.rewrites), len(report.notes)
     try:
         p.apply(work, ctx)
@@ -215,6 +235,8 @@ def _apply_undoable(p, work: fx.GraphModule, ctx: PassContext) -> tuple[fx.Graph
         raise
     except Exception as e:  # noqa: BLE001 - any failure of an analysis must become a decline
         del ctx.guards[n_guards:], ctx.detached_logits[n_detached:], ctx.exports[n_exports:]
+        del ctx.received_rewritten[n_received:]
+        ctx.right_padding, ctx.unpad = right_padding, unpad
         del report.rewrites[n_rewrites:], report.notes[n_notes:]
         ctx.invalidate()
         reason = f"the pass raised {type(e).__name__}: {e}; the graph is left as it was"

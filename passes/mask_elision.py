@@ -34,7 +34,7 @@ from graphopt.guards import Guard, right_padding_guard
 from graphopt.handoff import HandedOffMaskGuard
 from graphopt.losses import LossInfo, per_position_output
 from graphopt.masks import MaskCandidate, _canonical, prove_length
-from graphopt.passes import MaskExport, PassContext
+from graphopt.passes import MaskExport, PassContext, RightPadding
 
 
 class MaskElision:
@@ -71,7 +71,10 @@ class MaskElision:
                 ctx.report.rewrite(self.name, f"eager_{rule}", f"{user.name}: + {cand.node.name} -> + constant causal mask")
                 rewritten += 1
             for guard in guards:
-                ctx.add_guard(guard).rewrites.append(cand.node.name)
+                registered = ctx.add_guard(guard)
+                registered.rewrites.append(cand.node.name)
+                if isinstance(guard.fn, _ScoredTargetsGuard):
+                    ctx.right_padding = RightPadding(registered, scores_targets=guard.fn.targets is not None)
             for checkpoint in set(cand.checkpoints.values()):  # the mask no longer enters the bodies
                 analysis.drop_unused_checkpoint_operands(checkpoint)
             analysis.erase_dead(gm.graph, cand.slice_nodes)

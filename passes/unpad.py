@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+import graphopt.ops.linear_cross_entropy  # noqa: F401 - registers torch.ops.graphopt.linear_cross_entropy
 from graphopt import analysis
 from graphopt.passes import PassContext
 
@@ -98,10 +99,10 @@ class Unpad:
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> int:
         if not ctx.allow_guards:
             return 0
-        guard = next((g for g in ctx.guards if g.name == "right_padding"), None)
-        if guard is None:
+        if ctx.right_padding is None:
             return 0  # nothing padded is rewritten
-        if getattr(guard.fn, "targets", None) is None and not ctx.options.padded_outputs_unused:
+        guard = ctx.right_padding.guard
+        if not ctx.right_padding.scores_targets and not ctx.options.padded_outputs_unused:
             return 0  # no loss says which outputs matter (mask elision declined it too)
         if ctx.exports:
             ctx.report.decline(self.name, "the graph returns its attention mask to later graphs; the padded layout is kept")
@@ -443,7 +444,7 @@ class _Builder:
             return self._sdpa(node), args, kwargs
         if node.op == "call_function" and target is torch.nn.functional.cross_entropy:
             return self._cross_entropy(node)
-        if node.op == "call_function" and str(target).startswith("graphopt.linear_cross_entropy"):
+        if node.op == "call_function" and target is torch.ops.graphopt.linear_cross_entropy.default:
             return self._fused_loss(node)
         self._decline(node, "is not known to act on each token independently" + _custom_op_hint(node))
         return None  # unreachable
@@ -664,19 +665,19 @@ class _Builder:
         """The fused loss on the packed tokens and their gathered targets. Logits it returns are
         written by the op straight to their padded rows (row B*S takes the bucket's extra tokens
         and is cut off), so no packed (T, V) copy is ever held next to the padded one."""
-        hidden, weight, target = node.args[:3]
-        if self._t(hidden) != ("BS", None) or self._t(weight):
+        arguments = dict(zip(_LOSS_ARGUMENTS, node.args)) | dict(node.kwargs)
+        if self._t(arguments["hidden"]) != ("BS", None) or self._t(arguments["weight"]):
             self._decline(node, "reads hidden states not laid out as (tokens, hidden)")
-        gathered = self._gathered_targets(target)
+        arguments["target"] = self._gathered_targets(arguments["target"])
         self.rewritten.append("fused loss on packed targets")
-        kwargs = dict(node.kwargs)
-        returns_logits = node.args[6] != "none"
+        returns_logits = arguments["logits"] != "none"
         if returns_logits:
             total = self.graph.call_function(operator.mul, (self.rows, self.width))
-            kwargs["logits_rows"] = self.scatter
-            kwargs["logits_len"] = self.graph.call_function(operator.add, (total, 1))
+            arguments["logits_rows"] = self.scatter
+            arguments["logits_len"] = self.graph.call_function(operator.add, (total, 1))
         tags = [None, _PADDED_ROWS if returns_logits else None]
-        return tags, (node.args[0], node.args[1], gathered, *node.args[3:]), kwargs
+        positional = _LOSS_ARGUMENTS[: len(node.args)]
+        return tags, tuple(arguments[name] for name in positional), {k: v for k, v in arguments.items() if k not in positional}
 
     # -- attention and outputs -------------------------------------------------------------------
 
@@ -742,6 +743,10 @@ class _Builder:
             inverse = sorted(range(len(order)), key=order.__getitem__)
             out = g.call_method("permute", (out, *inverse))
         return out
+
+
+# The fused loss op's arguments in schema order, to read a call's arguments by name.
+_LOSS_ARGUMENTS = [a.name for a in torch.ops.graphopt.linear_cross_entropy.default._schema.arguments]
 
 
 def _custom_op_hint(node: fx.Node) -> str:

@@ -113,11 +113,11 @@ def test_evaluate_guards_reports_the_cause_of_each_guard_and_host_decisions():
         Guard("right_padding", _guard, (0, 1), ""),
         Guard("length", lambda m: {"lengths_agree": True, "proven_length": m.shape[1] <= 2}, (0,), ""),
     ]
-    assert sorted(evaluate_guards(guards, [mask, labels])) == ["proven_length", "right_padded"]
+    assert sorted(evaluate_guards(guards, [mask, labels]).failed) == ["proven_length", "right_padded"]
     # Right padded, but a row is empty and a pad is scored: the empty row is the cause.
-    assert evaluate_guards(guards[:1], [torch.tensor([[1, 1, 0], [0, 0, 0]]), torch.tensor([[1, 2, 3], [4, 4, 4]])]) == ["no_empty_rows"]
-    assert evaluate_guards(guards[:1], [torch.tensor([[1, 0, 0]]), torch.tensor([[1, 2, 3]])]) == ["pads_ignored"]
-    assert evaluate_guards(guards[:1], [torch.tensor([[1, 1, 0]]), torch.tensor([[1, 2, IGNORE]])]) == []
+    assert evaluate_guards(guards[:1], [torch.tensor([[1, 1, 0], [0, 0, 0]]), torch.tensor([[1, 2, 3], [4, 4, 4]])]).failed == ["no_empty_rows"]
+    assert evaluate_guards(guards[:1], [torch.tensor([[1, 0, 0]]), torch.tensor([[1, 2, 3]])]).failed == ["pads_ignored"]
+    assert evaluate_guards(guards[:1], [torch.tensor([[1, 1, 0]]), torch.tensor([[1, 2, IGNORE]])]).failed == []
 
 
 def test_guard_identity_includes_its_parameters():
