@@ -28,6 +28,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from graphopt.guards import right_padding_guard
+from graphopt.masks import document_starts
 
 _FACTS = WeakIdKeyDictionary()
 _LOCK = threading.Lock()
@@ -83,8 +84,7 @@ class MaskFact:
             on_device = right_padding_guard(self.source, None, ignore_index=-100)
             on_device["no_padding"] = (self.source != 0).all()
         else:
-            pos = self.source
-            on_device = {"one_document_per_row": (pos[:, 1:] - pos[:, :-1] == 1).all()}
+            on_device = {"one_document_per_row": ~document_starts(self.source).narrow(1, 1, self.source.shape[1] - 1).any()}
         return dict(zip(on_device, torch.stack(list(on_device.values())).tolist()))
 
 

@@ -448,12 +448,28 @@ def padding_to_length(attention_mask: torch.Tensor, length: int) -> torch.Tensor
     return attention_mask[:, :length]
 
 
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """Where documents start in a packed batch: at each row's first token, and wherever the
+    position does not increase by exactly one (transformers' ``find_packed_sequence_indices``
+    rule). The one definition of the rule: the mask proof, the document boundaries of
+    ``varlen_attention`` and the handoff's one-document check all read it.
+
+    Args:
+        position_ids: (B, S) integer positions.
+
+    Returns:
+        (B, S) bool. Built with ``narrow`` rather than indexing: the same ops, and no device guard
+        when it is traced with fake tensors.
+    """
+    width = position_ids.shape[1]
+    step = position_ids.narrow(1, 1, width - 1) - position_ids.narrow(1, 0, width - 1)
+    first = torch.ones_like(position_ids.narrow(1, 0, 1), dtype=torch.bool)
+    return torch.cat((first, step != 1), dim=1)
+
+
 def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Document index of each token: a new document starts wherever the position does not
-    increase by exactly one (and at the start of each row). Shape (B, S), like the input."""
-    step = torch.ones_like(position_ids)
-    step[:, 1:] = position_ids[:, 1:] - position_ids[:, :-1]
-    return (step != 1).cumsum(-1)
+    """Document index of each token within its row, from 0 (:func:`document_starts`), (B, S)."""
+    return document_starts(position_ids).cumsum(-1) - 1
 
 
 def _compare(out, kind: str, inp: torch.Tensor | None, seq_len: int, masked_values: set) -> tuple[bool, str]:

@@ -33,7 +33,7 @@ import torch.fx as fx
 from graphopt import analysis
 from graphopt.guards import Guard
 from graphopt.handoff import HandedOffPackedGuard
-from graphopt.masks import MaskCandidate, _canonical
+from graphopt.masks import MaskCandidate, _canonical, document_starts
 from graphopt.ops.varlen_attention import apply_rotary
 from graphopt.passes import PassContext
 
@@ -43,8 +43,8 @@ _MAX_DOMINATOR_TRIES = 8
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
     """Document boundaries of a packed batch, padded to a static length.
 
-    A document starts at each row start and wherever the position does not increase by exactly
-    one (transformers' ``find_packed_sequence_indices`` rule). Rows are flattened, so T = B * S.
+    Documents start where :func:`graphopt.masks.document_starts` says. Rows are flattened, so
+    T = B * S.
 
     Args:
         position_ids: (B, S) or (1, S) integer positions.
@@ -55,11 +55,7 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch: int) -> torc
         are T (empty documents).
     """
     pos = position_ids.expand(batch, -1)
-    width = pos.shape[1]
-    # narrow rather than indexing: the same ops, and no device guard when traced with fake tensors.
-    step = pos.narrow(1, 1, width - 1) - pos.narrow(1, 0, width - 1)
-    starts = torch.cat((torch.ones_like(pos.narrow(1, 0, 1), dtype=torch.bool), step != 1), dim=1)
-    starts = starts.reshape(-1)
+    starts = document_starts(pos).reshape(-1)
     total = starts.shape[0]
     doc = starts.cumsum(0) - 1
     cu = torch.full((total + 1,), total, dtype=torch.int64, device=pos.device)
