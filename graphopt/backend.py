@@ -133,10 +133,10 @@ def _is_ddp_piece(gm: fx.GraphModule) -> bool:
 def _exact_fallback(gm: fx.GraphModule, opts, report: inspection.GraphReport, inductor, memo: dict) -> ExactFallback:
     """The graph to run when a guard fails: ``gm`` with the rewrites that need no guard. The passes
     reuse what probing found for the fast graph (``memo``)."""
-    from graphopt.passes import run_passes
+    from graphopt.passes import Variant, run_passes
 
     quiet = inspection.GraphReport(graph_id=report.graph_id, before=report.before, quiet=True)
-    work, ctx = run_passes(gm, opts, quiet, allow_guards=False, memo=memo)
+    work, ctx = run_passes(gm, opts, quiet, variant=Variant.FALLBACK, memo=memo)
     if quiet.changed:
         kept = ", ".join(sorted(quiet.counts)) or "none"
         report.note(f"the exact fallback keeps the rewrites that need no guard ({kept})")
@@ -148,10 +148,10 @@ def _packed_version(gm: fx.GraphModule, opts, report: inspection.GraphReport, in
     """For a graph that drops a mask it receives (:mod:`graphopt.handoff`): the version that runs
     per-document attention when the mask is packed, as ``(guards, graph)`` for
     :class:`GuardedGraph`'s ``first``; None when its attention cannot be rewritten so."""
-    from graphopt.passes import run_passes
+    from graphopt.passes import Variant, run_passes
 
     quiet = inspection.GraphReport(graph_id=report.graph_id, before=report.before, quiet=True)
-    work, packed_ctx = run_passes(gm, opts, quiet, memo=ctx.memo, received_as="packed")
+    work, packed_ctx = run_passes(gm, opts, quiet, variant=Variant.RECEIVED_PACKED, memo=ctx.memo)
     if len(packed_ctx.received_rewritten) != 1:
         why = "; ".join(d.reason for d in quiet.declines if d.name == "varlen_attention")
         report.note(
@@ -247,12 +247,13 @@ class PublishedMasks:
         if _is_fake_call(args):
             return outputs
         from graphopt import handoff
+        from graphopt.masks import MaskKind
 
         for export in self.exports:
             if export.proof is not None and not all(export.proof.conditions(args).values()):
                 continue
             source = None if export.input_index is None else args[export.input_index]
-            if export.kind == "received":
+            if export.kind == MaskKind.RECEIVED:
                 fact = handoff.lookup(source)
                 if fact is None:
                     continue

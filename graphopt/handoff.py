@@ -28,7 +28,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from graphopt.guards import right_padding_guard
-from graphopt.masks import document_starts
+from graphopt.masks import MaskKind, document_starts
 
 _FACTS = WeakIdKeyDictionary()
 _LOCK = threading.Lock()
@@ -39,7 +39,7 @@ class MaskFact:
     as a function of ``source`` (the 2-D ``attention_mask`` for ``causal_padding``, the
     ``position_ids`` for ``packed_causal``, None for ``causal``)."""
 
-    def __init__(self, mask: torch.Tensor, kind: str, source: torch.Tensor | None):
+    def __init__(self, mask: torch.Tensor, kind: MaskKind, source: torch.Tensor | None):
         self.kind = kind
         self.source = source
         self._versions = self._versions_of(mask)
@@ -78,9 +78,9 @@ class MaskFact:
             return self._cu_seqlens[batch]
 
     def _read(self) -> dict[str, bool]:
-        if self.kind == "causal":
+        if self.kind == MaskKind.CAUSAL:
             return {}
-        if self.kind == "causal_padding":
+        if self.kind == MaskKind.CAUSAL_PADDING:
             on_device = right_padding_guard(self.source, None, ignore_index=-100)
             on_device["no_padding"] = (self.source != 0).all()
         else:
@@ -88,7 +88,7 @@ class MaskFact:
         return dict(zip(on_device, torch.stack(list(on_device.values())).tolist()))
 
 
-def publish(mask: torch.Tensor, kind: str, source: torch.Tensor | None) -> None:
+def publish(mask: torch.Tensor, kind: MaskKind, source: torch.Tensor | None) -> None:
     """Record that ``mask`` holds the ``kind`` mask of ``source``."""
     with _LOCK:
         _FACTS[mask] = MaskFact(mask, kind, source)
@@ -115,7 +115,7 @@ class HandedOffPackedGuard:
             return {"mask_known": False}
         source = fact.source
         packed = (
-            fact.kind == "packed_causal"
+            fact.kind == MaskKind.PACKED_CAUSAL
             and source.dim() == 2
             and source.shape[0] in (1, mask.shape[0])
             and source.shape[1] == mask.shape[-1] == mask.shape[-2]
@@ -146,6 +146,6 @@ class HandedOffMaskGuard:
         if fact is None:
             return {"mask_known": False}
         conditions = {"mask_known": True, **fact.conditions()}
-        if fact.kind == "causal_padding" and self.padded_outputs_unused:
+        if fact.kind == MaskKind.CAUSAL_PADDING and self.padded_outputs_unused:
             conditions.pop("no_padding")
         return conditions

@@ -36,6 +36,7 @@ reported as ``unknown`` with the reason.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import sympy
@@ -49,14 +50,29 @@ SOFTMAX_TARGETS = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.soft
 PROBE_LENGTHS = (1, 2, 5, 64, 300, 1024)
 
 
+class MaskKind(str, enum.Enum):
+    """What probing proved an attention mask to be. ``RECEIVED``: a mask that came from an earlier
+    graph and that attention reads unchanged (its kind is what that graph published)."""
+
+    CAUSAL = "causal"
+    CAUSAL_PADDING = "causal_padding"
+    PACKED_CAUSAL = "packed_causal"
+    RECEIVED = "received"
+    UNKNOWN = "unknown"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__  # f"{kind}" is the value, as str(kind)
+
+
 @dataclass
 class MaskCandidate:
     """An attention mask found in the graph, and what probing proved it to be.
 
     Attributes:
         node: the mask value consumed by attention.
-        kind: ``"causal"``, ``"causal_padding"``, ``"packed_causal"``, ``"received"`` or
-            ``"unknown"``.
+        kind: what probing proved (:class:`MaskKind`).
         sdpa_users: SDPA calls taking ``node`` as ``attn_mask``.
         additive_users: ``scores + node`` additions feeding a softmax (eager attention).
         checkpoints: for users inside an activation-checkpoint body, the checkpoint call of the
@@ -69,12 +85,12 @@ class MaskCandidate:
         seq_len: the (hinted) query length; ``seq_symbols`` the symbols of the sizes that equal
             it (query and key lengths, the mask input's length) when shapes are dynamic.
         max_probed_len: the proof holds for sequence lengths up to this.
-        reason: why ``kind`` is ``"unknown"``.
+        reason: why ``kind`` is ``MaskKind.UNKNOWN``.
         function: the mask's slice as a function, kept to prove it at more lengths later.
     """
 
     node: fx.Node
-    kind: str = "unknown"
+    kind: MaskKind = MaskKind.UNKNOWN
     sdpa_users: list[fx.Node] = field(default_factory=list)
     additive_users: list[fx.Node] = field(default_factory=list)
     checkpoints: dict[fx.Node, fx.Node] = field(default_factory=dict)
@@ -275,9 +291,9 @@ def _classify(gm: fx.GraphModule, cand: MaskCandidate, inputs: frozenset[fx.Node
     cand.seq_symbols = frozenset(symbols)
     input_node = next(iter(inputs), None)
     if input_node is not None and _is_received_mask(input_node):
-        hypotheses = ["received"]
+        hypotheses = [MaskKind.RECEIVED]
     else:
-        hypotheses = ["causal"] if input_node is None else ["causal_padding", "packed_causal"]
+        hypotheses = [MaskKind.CAUSAL] if input_node is None else [MaskKind.CAUSAL_PADDING, MaskKind.PACKED_CAUSAL]
     details = []
     for kind in hypotheses:
         ok, detail = _check(fn, cand, input_node, kind, _sizes(cand))
@@ -289,7 +305,7 @@ def _classify(gm: fx.GraphModule, cand: MaskCandidate, inputs: frozenset[fx.Node
     failures = [d for d in details if d.startswith("probing the mask failed")]
     if failures:  # nothing was learnt about what the mask is
         cand.reason = failures[0]
-    elif hypotheses == ["received"]:
+    elif hypotheses == [MaskKind.RECEIVED]:
         cand.reason = f"the mask received as {input_node.name} is changed before attention reads it: {details[0]}"
     elif input_node is None:
         cand.reason = f"the mask depends on no input and is not causal ({details[0]})"
@@ -313,7 +329,7 @@ def prove_length(cand: MaskCandidate, length: int) -> bool:
     Probes on the CPU, as at compile time; on success raises ``cand.max_probed_len``. Used by the
     runtime guard when a longer sequence than any proven arrives.
     """
-    if not cand.seq_symbols or cand.function is None or cand.kind == "unknown":
+    if not cand.seq_symbols or cand.function is None or cand.kind == MaskKind.UNKNOWN:
         return False
     ok, _ = _check(cand.function, cand, cand.input, cand.kind, [length])
     if ok:
@@ -321,7 +337,7 @@ def prove_length(cand: MaskCandidate, length: int) -> bool:
     return ok
 
 
-def _check(fn, cand: MaskCandidate, input_node, kind: str, lengths) -> tuple[bool, str]:
+def _check(fn, cand: MaskCandidate, input_node, kind: MaskKind, lengths) -> tuple[bool, str]:
     gen = torch.Generator().manual_seed(0)
     masked_values: set[float] = set() if cand.masked_value is None else {cand.masked_value}
     for seq_len in lengths:
@@ -342,7 +358,7 @@ def _check(fn, cand: MaskCandidate, input_node, kind: str, lengths) -> tuple[boo
                     chosen[inp] = _size_under(ev, assignment)
             try:
                 out = analysis.run_function(fn, chosen)
-                if kind == "received":
+                if kind == MaskKind.RECEIVED:
                     ok, detail = _compare_received(out, ref_input)
                 else:
                     ok, detail = _compare(out, kind, ref_input, seq_len, masked_values)
@@ -384,22 +400,22 @@ _PADDING_PATTERNS = ("right", "left", "holes", "full", "empty")
 _POSITION_PATTERNS = ("restarts", "offsets", "arbitrary")
 
 
-def _n_probes(kind: str, batch: int) -> int:
-    if kind == "received":
+def _n_probes(kind: MaskKind, batch: int) -> int:
+    if kind == MaskKind.RECEIVED:
         return 2
-    patterns = _PADDING_PATTERNS if kind == "causal_padding" else _POSITION_PATTERNS
+    patterns = _PADDING_PATTERNS if kind == MaskKind.CAUSAL_PADDING else _POSITION_PATTERNS
     return -(-len(patterns) // max(batch, 1)) + 1
 
 
-def _probe_value(kind: str, shape, dtype, probe: int, gen: torch.Generator) -> torch.Tensor:
+def _probe_value(kind: MaskKind, shape, dtype, probe: int, gen: torch.Generator) -> torch.Tensor:
     """Inputs that separate the hypotheses: right/left padding, holes, full and empty rows for
     padding masks; documents restarting at 0, at offsets, and arbitrary positions for position ids."""
-    if kind == "received":  # any values: attention must read them unchanged
+    if kind == MaskKind.RECEIVED:  # any values: attention must read them unchanged
         if dtype == torch.bool:
             return torch.rand(shape, generator=gen) < 0.5
         return torch.randn(shape, generator=gen).to(dtype)
     batch, seq = shape
-    patterns = _PADDING_PATTERNS if kind == "causal_padding" else _POSITION_PATTERNS
+    patterns = _PADDING_PATTERNS if kind == MaskKind.CAUSAL_PADDING else _POSITION_PATTERNS
     rows = [_probe_row(patterns[(probe * batch + r) % len(patterns)], seq, gen) for r in range(batch)]
     return torch.stack(rows).to(dtype)
 
@@ -423,16 +439,16 @@ def _probe_row(pattern: str, seq: int, gen: torch.Generator) -> torch.Tensor:
     return torch.tensor(row[:seq])
 
 
-def _reference(kind: str, inp: torch.Tensor | None, seq_len: int, causal: torch.Tensor | None = None) -> torch.Tensor:
+def _reference(kind: MaskKind, inp: torch.Tensor | None, seq_len: int, causal: torch.Tensor | None = None) -> torch.Tensor:
     """The hypothesis' mask for probe input ``inp`` (B, S), as (B|1, 1, S, S). ``causal`` may
     pass the (S, S) causal matrix in, when the caller computes many references of one length."""
     if causal is None:
         idx = torch.arange(seq_len)
         causal = idx[None, :] <= idx[:, None]
     causal = causal[None, None]  # (1, 1, q, kv)
-    if kind == "causal":
+    if kind == MaskKind.CAUSAL:
         return causal
-    if kind == "causal_padding":
+    if kind == MaskKind.CAUSAL_PADDING:
         return causal & (padding_to_length(inp, seq_len) != 0)[:, None, None, :]
     docs = document_ids(inp)
     same = docs[:, :, None] == docs[:, None, :]
@@ -472,7 +488,7 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return document_starts(position_ids).cumsum(-1) - 1
 
 
-def _compare(out, kind: str, inp: torch.Tensor | None, seq_len: int, masked_values: set) -> tuple[bool, str]:
+def _compare(out, kind: MaskKind, inp: torch.Tensor | None, seq_len: int, masked_values: set) -> tuple[bool, str]:
     """Compare the slice's output with the hypothesis, one batch row at a time (the reference of a
     whole (B, 1, S, S) batch would double the probe's memory)."""
     if not isinstance(out, torch.Tensor) or out.dim() != 4:

@@ -10,6 +10,7 @@ reported as a decline: a failing analysis never breaks a user's compile.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch.fx as fx
 from graphopt import analysis
 from graphopt.guards import Guard
 from graphopt.inspection import GraphReport
+from graphopt.masks import MaskKind
 from graphopt.options import GraphoptOptions
 
 log = logging.getLogger("graphopt")
@@ -62,7 +64,7 @@ class MaskExport:
 
     Attributes:
         positions: where the mask stands in the graph's outputs.
-        kind: what the mask was proven to be, or ``"received"`` for a mask the graph received and
+        kind: what the mask was proven to be, or ``MaskKind.RECEIVED`` for a mask the graph received and
             returns unchanged (its published fact is passed on).
         input_index: the placeholder index of the mask's source (attention_mask, position_ids or
             the received mask), None for a causal mask of no input.
@@ -71,9 +73,18 @@ class MaskExport:
     """
 
     positions: list[int]
-    kind: str
+    kind: MaskKind
     input_index: int | None
     proof: Guard | None = None
+
+
+class Variant(enum.Enum):
+    """Which version of a graph the passes build. The backend chooses it, once per version, and
+    every pass reads it from the context (:attr:`PassContext.allow_guards`, :attr:`PassContext.received_as`)."""
+
+    FAST = "fast"  # every rewrite, behind runtime guards where needed; received masks become causal SDPA
+    FALLBACK = "fallback"  # only the rewrites that need no guard: what runs when a guard fails
+    RECEIVED_PACKED = "received_packed"  # received packed masks run per document (a second fast graph)
 
 
 @dataclass
@@ -98,14 +109,9 @@ class PassContext:
     Attributes:
         options: the user's options.
         report: where rewrites, declines and notes go.
-        allow_guards: False when building the exact fallback graph: a rewrite that needs a runtime
-            guard is then not made (the fallback runs exactly when a guard fails).
+        variant: which version of the graph is built (:class:`Variant`).
         guards: the runtime guards the rewrites registered.
         exports: the masks the graph returns, to publish for later graphs.
-        received_as: how masks received from earlier graphs are rewritten: ``"causal"`` (SDPA
-            with ``is_causal=True``, by mask elision) or ``"packed"`` (per-document attention, by
-            varlen attention, taking the document boundaries as an extra input); the backend
-            builds the ``"packed"`` version as a second fast graph.
         received_rewritten: placeholder indices of the received masks that were rewritten.
         right_padding: the right-padding guard of mask elision, when it registered one.
         unpad: the ``UnpadPlan`` of :mod:`graphopt.passes.unpad`, when the graph can be unpadded.
@@ -116,17 +122,28 @@ class PassContext:
 
     options: GraphoptOptions
     report: GraphReport
-    allow_guards: bool = True
+    variant: Variant = Variant.FAST
     guards: list[Guard] = field(default_factory=list)
     detached_logits: list[DetachedLogits] = field(default_factory=list)
     memo: dict = field(default_factory=dict)
     exports: list[MaskExport] = field(default_factory=list)
-    received_as: str = "causal"
     received_rewritten: list[int] = field(default_factory=list)
     right_padding: RightPadding | None = None
     unpad: object = None
     _masks: list | None = None
     _losses: tuple | None = None
+
+    @property
+    def allow_guards(self) -> bool:
+        """False in the exact fallback: a rewrite that needs a runtime guard is not made there."""
+        return self.variant is not Variant.FALLBACK
+
+    @property
+    def received_as(self) -> str:
+        """How masks received from earlier graphs are rewritten: ``"causal"`` (SDPA with
+        ``is_causal=True``, by mask elision) or ``"packed"`` (per-document attention, by varlen
+        attention, the document boundaries an extra input)."""
+        return "packed" if self.variant is Variant.RECEIVED_PACKED else "causal"
 
     def masks(self, gm: fx.GraphModule) -> list:
         """The attention masks of ``gm`` (:func:`graphopt.masks.find_masks`), found once per
@@ -189,9 +206,8 @@ def run_passes(
     options: GraphoptOptions,
     report: GraphReport,
     *,
-    allow_guards: bool = True,
+    variant: Variant = Variant.FAST,
     memo: dict | None = None,
-    received_as: str = "causal",
 ) -> tuple[fx.GraphModule, PassContext]:
     """Run :func:`enabled_passes` on a copy of ``gm``; returns the copy and the context.
 
@@ -205,7 +221,7 @@ def run_passes(
     """
     work = analysis.copy_graph_module(gm)
     analysis.unshare_checkpoint_bodies(work)
-    ctx = PassContext(options, report, allow_guards=allow_guards, memo={} if memo is None else memo, received_as=received_as)
+    ctx = PassContext(options, report, variant=variant, memo={} if memo is None else memo)
     start = time.perf_counter()
     for p in enabled_passes(options):
         work, changed = _apply_undoable(p, work, ctx)

@@ -33,7 +33,7 @@ from graphopt import analysis
 from graphopt.guards import Guard, right_padding_guard
 from graphopt.handoff import HandedOffMaskGuard
 from graphopt.losses import LossInfo, per_position_output
-from graphopt.masks import MaskCandidate, _canonical, prove_length
+from graphopt.masks import MaskCandidate, MaskKind, _canonical, prove_length
 from graphopt.passes import MaskExport, PassContext, RightPadding
 
 
@@ -45,20 +45,20 @@ class MaskElision:
         rewritten."""
         rewritten = 0
         for cand in ctx.masks(gm):
-            if cand.kind == "unknown":
+            if cand.kind == MaskKind.UNKNOWN:
                 ctx.report.decline(self.name, cand.reason)
                 continue
             if cand.exported:
                 self._export(gm, ctx, cand)
-            if cand.kind == "received":
+            if cand.kind == MaskKind.RECEIVED:
                 rewritten += self._received(gm, ctx, cand)
                 continue
-            if cand.kind == "packed_causal" or not cand.users:
+            if cand.kind == MaskKind.PACKED_CAUSAL or not cand.users:
                 continue  # the varlen_attention pass owns packed masks
             guards = self._guards(gm, ctx, cand)
             if guards is None:
                 continue
-            rule = "causal" if cand.kind == "causal" else "causal_padding"
+            rule = cand.kind.value
             for user in cand.sdpa_users:
                 if not self._sdpa_is_square(user, cand):
                     ctx.report.decline(self.name, f"{user.name}: query and key lengths differ")
@@ -85,9 +85,9 @@ class MaskElision:
         outputs = gm.graph.output_node().args[0]
         positions = [i for i, out in enumerate(outputs) if out is cand.node]
         source = None if cand.input is None else ctx.placeholder_index(gm, cand.input)
-        proof = proven_length_guard(gm, cand) if cand.seq_symbols and cand.kind != "received" else None
+        proof = proven_length_guard(gm, cand) if cand.seq_symbols and cand.kind != MaskKind.RECEIVED else None
         ctx.exports.append(MaskExport(positions, cand.kind, source, proof))
-        what = "passed on" if cand.kind == "received" else f"published as {cand.kind}"
+        what = "passed on" if cand.kind == MaskKind.RECEIVED else f"published as {cand.kind}"
         ctx.report.rewrite("mask_handoff", "export", f"{cand.node.name}: returned to later graphs, {what}")
 
     def _received(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> int:
@@ -142,7 +142,7 @@ class MaskElision:
         guards = []
         if cand.seq_symbols:
             guards.append(proven_length_guard(gm, cand))
-        if cand.kind == "causal_padding":
+        if cand.kind == MaskKind.CAUSAL_PADDING:
             why = self._padding_decline(gm, ctx, cand)
             if why is not None:
                 if why:

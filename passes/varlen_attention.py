@@ -33,7 +33,7 @@ import torch.fx as fx
 from graphopt import analysis
 from graphopt.guards import Guard
 from graphopt.handoff import HandedOffPackedGuard
-from graphopt.masks import MaskCandidate, _canonical, document_starts
+from graphopt.masks import MaskCandidate, MaskKind, _canonical, document_starts
 from graphopt.ops.varlen_attention import apply_rotary
 from graphopt.passes import PassContext
 
@@ -85,9 +85,9 @@ class VarlenAttention:
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> int:
         rewritten = 0
         for cand in ctx.masks(gm):
-            if cand.kind == "received" and ctx.received_as == "packed" and ctx.allow_guards:
+            if cand.kind == MaskKind.RECEIVED and ctx.received_as == "packed" and ctx.allow_guards:
                 rewritten += self._received(gm, ctx, cand)
-            if cand.kind != "packed_causal":
+            if cand.kind != MaskKind.PACKED_CAUSAL:
                 continue
             if cand.additive_users:
                 ctx.report.decline(self.name, "packed eager attention (softmax of scores + mask) is not rewritten; the mask is kept")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from graphopt import handoff
-from graphopt.masks import find_masks
+from graphopt.masks import MaskKind, find_masks
 from tests.test_masks import B, S, capture, qkv, sdpa_with
 
 
@@ -124,7 +124,7 @@ def test_registry_does_not_keep_masks_alive():
 def test_mask_read_unchanged_is_received(transform):
     gm = capture(sdpa_with(transform), *qkv(), _causal())
     (cand,) = find_masks(gm)
-    assert cand.kind == "received", cand.reason
+    assert cand.kind == MaskKind.RECEIVED, cand.reason
     assert len(cand.sdpa_users) == 1
 
 
@@ -136,7 +136,7 @@ def test_mask_read_unchanged_is_received(transform):
 def test_mask_changed_before_attention_is_not_received(transform):
     gm = capture(sdpa_with(transform), *qkv(), _causal())
     (cand,) = find_masks(gm)
-    assert cand.kind == "unknown"
+    assert cand.kind == MaskKind.UNKNOWN
     assert "changed before attention reads it" in cand.reason
 
 
@@ -153,7 +153,7 @@ def test_returned_mask_is_exported_and_classified():
 
     gm = capture(build, torch.ones(B, S, dtype=torch.long))
     (cand,) = find_masks(gm)
-    assert cand.exported and cand.kind == "causal_padding", cand.reason
+    assert cand.exported and cand.kind == MaskKind.CAUSAL_PADDING, cand.reason
     assert not cand.users
 
 

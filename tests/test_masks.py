@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphopt.masks import document_ids, find_masks
+from graphopt.masks import MaskKind, document_ids, find_masks
 
 B, S, H, D = 2, 8, 2, 4
 
@@ -75,7 +75,7 @@ def am_right():
 def test_causal_padding_is_recognized_in_any_spelling(spelling):
     gm = capture(sdpa_with(spelling), *qkv(), am_right())
     (cand,) = find_masks(gm)
-    assert cand.kind == "causal_padding", cand.reason
+    assert cand.kind == MaskKind.CAUSAL_PADDING, cand.reason
     assert cand.input.name.endswith("am_") and len(cand.sdpa_users) == 1
 
 
@@ -83,7 +83,7 @@ def test_causal_padding_is_recognized_in_any_spelling(spelling):
 def test_other_masks_are_not_recognized(spelling):
     gm = capture(sdpa_with(spelling), *qkv(), am_right())
     (cand,) = find_masks(gm)
-    assert cand.kind == "unknown"
+    assert cand.kind == MaskKind.UNKNOWN
     assert "neither causal" in cand.reason
 
 
@@ -95,7 +95,7 @@ def test_additive_mask_into_softmax_is_recognized_with_its_masked_value():
 
     gm = capture(fn, *qkv(), am_right())
     (cand,) = find_masks(gm)
-    assert cand.kind == "causal_padding" and len(cand.additive_users) == 1
+    assert cand.kind == MaskKind.CAUSAL_PADDING and len(cand.additive_users) == 1
     assert cand.masked_value == torch.finfo(torch.float32).min
 
 
@@ -106,7 +106,7 @@ def test_mask_with_other_users_is_left_alone():
 
     gm = capture(fn, *qkv(), am_right())
     (cand,) = find_masks(gm)
-    assert cand.kind == "unknown" and "derived from the mask" in cand.reason
+    assert cand.kind == MaskKind.UNKNOWN and "derived from the mask" in cand.reason
 
 
 def test_plain_causal_mask_needs_no_input():
@@ -115,7 +115,7 @@ def test_plain_causal_mask_needs_no_input():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=(idx[None, :] <= idx[:, None])[None, None])
 
     (cand,) = find_masks(capture(fn, *qkv()))
-    assert cand.kind == "causal" and cand.input is None
+    assert cand.kind == MaskKind.CAUSAL and cand.input is None
 
 
 def test_packed_block_causal_mask_is_recognized():
@@ -127,7 +127,7 @@ def test_packed_block_causal_mask_is_recognized():
 
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7]])
     (cand,) = find_masks(capture(fn, *qkv(), pos))
-    assert cand.kind == "packed_causal", cand.reason
+    assert cand.kind == MaskKind.PACKED_CAUSAL, cand.reason
 
 
 def test_document_ids_split_where_positions_do_not_step_by_one():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from graphopt import masks
+from graphopt.masks import MaskKind
 from graphopt.tiny_models import build_tiny_model, make_batch
 from tests.harness import CompiledModel, assert_steps_equal, real_positions
 
@@ -308,7 +309,7 @@ def test_a_window_longer_than_the_probes_fails_its_proof_past_it(monkeypatch):
     torch._dynamo.mark_dynamic(am, 1)
     (gm,) = capture_graphs(attention, q, q, q, am)
     (cand,) = masks.find_masks(gm)
-    assert cand.kind == "causal_padding" and cand.max_probed_len == 9
+    assert cand.kind == MaskKind.CAUSAL_PADDING and cand.max_probed_len == 9
     guard = proven_length_guard(gm, cand)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
 
