@@ -41,7 +41,7 @@ class DetachedLogits:
     """Logits that the rewritten graph returns without a gradient; the backend attaches it.
 
     This is the contract between :mod:`graphopt.passes.fused_cross_entropy`, which appends an extra
-    output, and :class:`graphopt.backend.AttachedLogitsGraph`, which removes it again.
+    output, and :class:`graphopt.runtime.AttachedLogitsGraph`, which removes it again.
 
     Attributes:
         positions: where the logits stand in the graph's outputs.
@@ -60,7 +60,7 @@ class DetachedLogits:
 @dataclass
 class MaskExport:
     """A mask the graph returns, to publish for the graphs that receive it
-    (:mod:`graphopt.handoff`; :class:`graphopt.backend.PublishedMasks` publishes it).
+    (:mod:`graphopt.handoff`; :class:`graphopt.runtime.PublishedMasks` publishes it).
 
     Attributes:
         positions: where the mask stands in the graph's outputs.
