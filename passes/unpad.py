@@ -132,11 +132,22 @@ def _hints(value: torch.Tensor) -> list[int]:
 class _Builder:
     """Builds the unpadded version of a graph (the outer graph, or a checkpoint body of it)."""
 
-    def __init__(self, gm: fx.GraphModule, ctx: PassContext, batch: int, seq: int):
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext, batch: int, seq: int, *, mask_input: int | None = None, label_inputs=frozenset()):
+        """``mask_input``: the attention mask's placeholder index in the outer graph; None builds
+        a checkpoint body (:meth:`build_body`), whose packed values go back to its caller."""
         self.gm = gm
         self.ctx = ctx
         self.B, self.S = batch, seq
+        self.is_body = mask_input is None
+        self.mask_input = mask_input
+        self.label_inputs = set(label_inputs)
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        # The new graph's packing inputs and sizes (set by build / build_body, then _sizes).
+        self.tables = None
+        self.mask = self.gather = self.positions = self.cu = self.scatter = None
+        self.t_node = self.rows = self.width = None
+        self.mask_meta = None  # a body's view of the outer attention mask
+        self.out_tags: list = []  # a body's output tags, for its caller
         self.tags: dict[fx.Node, tuple | list | None] = {}
         self.env: dict[fx.Node, fx.Node] = {}
         self.graph = fx.Graph()
@@ -157,10 +168,8 @@ class _Builder:
                 f"a ({batch}, {seq}) batch: a dimension of 1 cannot be told from a broadcast, "
                 "so the token dimensions cannot be tracked"
             )
-        self = cls(gm, ctx, batch, seq)
-        self.mask_input = guard.input_indices[0]
-        self.label_inputs = {placeholders[i] for i in guard.input_indices[1:]}
-        return self
+        label_inputs = {placeholders[i] for i in guard.input_indices[1:]}
+        return cls(gm, ctx, batch, seq, mask_input=guard.input_indices[0], label_inputs=label_inputs)
 
     # -- entry -----------------------------------------------------------------------------------
 
@@ -268,9 +277,7 @@ class _Builder:
         """A placeholder after the graph's own (so the arguments are theirs + these), with a
         padded-shape example value like the other nodes' (passes read example values)."""
         node = self.graph.placeholder(name)
-        mask = getattr(self, "mask_meta", None)
-        if mask is None:
-            mask = analysis.example_value(self.placeholders[self.mask_input])
+        mask = self.mask_meta if self.is_body else analysis.example_value(self.placeholders[self.mask_input])
         if dtype is None:
             node.meta["example_value"] = mask
             return node
@@ -701,7 +708,7 @@ class _Builder:
             self.rewritten.append("attention per row (varlen, RoPE fused)")
 
     def _output(self, node: fx.Node) -> None:
-        if not hasattr(self, "mask_input"):  # a checkpoint body: packed values go back to the caller
+        if self.is_body:  # packed values go back to the caller
             values = node.args[0]
             self.out_tags = [self._t(v) for v in values]
             self.graph.output(fx.node.map_arg(values, self._new))
