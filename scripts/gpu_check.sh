@@ -209,7 +209,7 @@ fi
     run_step env env 60 "$PY" "$LOGS/env_probe.py" "$LOGS/env.json"
     for selection in "${PYTEST_SELECTIONS[@]}"; do
         name=${selection%%|*}
-        run_step "$name" pytest 180 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$LOGS/$name.xml" ${selection#*|}
+        run_step "$name" pytest 180 "$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra --junitxml="$LOGS/$name.xml" ${selection#*|}
     done
     run_step explain explain 60 "$PY" -m graphopt explain --device "$DEVICE" --dtype "$DTYPE" --family llama --layout right --seq 64
     run_step bench-loss bench 150 "$PY" -m graphopt.bench --config loss --device "$DEVICE" --dtype "$DTYPE" \

@@ -15,7 +15,11 @@ from graphopt.masks import MaskKind
 from graphopt.tiny_models import build_tiny_model, make_batch
 from tests.harness import CompiledModel, assert_steps_equal, real_positions
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"]
+# The padded fast path through Inductor for one family of each attention layout: plain SDPA
+# (llama), q/k norms (qwen3), fused qkv (phi3), eager softcapped attention (gemma2). Every family's
+# mask elision is asserted, with exact losses and gradients, in tests/test_tracing.py (the whole
+# pipeline without Inductor) and tests/test_device_independence.py (CPU and CUDA graphs).
+FAMILIES = ["llama", "qwen3", "phi3", "gemma2"]
 SEQ = 16
 N_LAYERS = 2
 
