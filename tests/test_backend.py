@@ -110,7 +110,7 @@ def test_inference_under_no_grad():
 
 def _llama_step_graph():
     from graphopt.tiny_models import build_tiny_model, make_batch
-    from tests.retarget import capture_graphs
+    from tests.support.retarget import capture_graphs
 
     (gm,) = capture_graphs(build_tiny_model("llama"), **make_batch("right", batch=2, seq=16, seed=1))
     return gm
@@ -141,7 +141,7 @@ def test_a_pass_that_raises_is_undone_and_reported(monkeypatch):
 def test_a_pass_that_raises_leaves_a_working_exact_compile(monkeypatch):
     from graphopt.passes.mask_elision import MaskElision
     from graphopt.tiny_models import build_tiny_model, make_batch
-    from tests.harness import CompiledModel, assert_steps_equal
+    from tests.support.harness import CompiledModel, assert_steps_equal
 
     monkeypatch.setattr(MaskElision, "apply", lambda self, gm, ctx: 1 / 0)
     cm = CompiledModel(build_tiny_model("llama"))
@@ -204,7 +204,7 @@ def test_fallback_is_compiled_by_inductor_once_and_reused(monkeypatch):
     import torch._inductor.compile_fx as compile_fx_module
 
     from graphopt.tiny_models import build_tiny_model, make_batch
-    from tests.harness import CompiledModel, assert_steps_equal
+    from tests.support.harness import CompiledModel, assert_steps_equal
 
     calls = []
     real = compile_fx_module.compile_fx
@@ -223,7 +223,7 @@ def test_fallback_is_compiled_by_inductor_once_and_reused(monkeypatch):
 
 def test_drop_logits_gives_the_same_outputs_on_the_fast_path_and_the_fallback():
     from graphopt.tiny_models import build_tiny_model, make_batch
-    from tests.harness import CompiledModel
+    from tests.support.harness import CompiledModel
 
     cm = CompiledModel(build_tiny_model("llama"), options={"drop_logits": True})
     shapes = {}
@@ -238,7 +238,7 @@ def test_drop_logits_gives_the_same_outputs_on_the_fast_path_and_the_fallback():
 def test_unguarded_rewritten_graphs_count_their_calls():
     """Issue 9 §8: report.runtime shows the calls of rewritten graphs that need no guard."""
     from graphopt.tiny_models import build_tiny_model, make_batch
-    from tests.harness import CompiledModel
+    from tests.support.harness import CompiledModel
 
     cm = CompiledModel(build_tiny_model("llama"))
     eager, compiled, report = cm.step(make_batch("packed", batch=2, seq=16, seed=7) | {"use_cache": False})

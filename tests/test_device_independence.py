@@ -2,7 +2,7 @@
 
 Every family's Dynamo graph, for each batch layout, with and without labels, in fp32 and bf16, is
 captured on the CPU and retargeted to CUDA (device constants and fake example values, see
-``tests/retarget.py``; nothing runs on a GPU). graphopt's passes must make the same rewrites and
+``tests/support/retarget.py``; nothing runs on a GPU). graphopt's passes must make the same rewrites and
 the same declines on both, and no pass may raise. Probes run on the CPU whatever the graph names,
 so a CUDA graph is recognized exactly as its CPU twin.
 
@@ -24,7 +24,7 @@ from graphopt.inspection import GraphReport
 from graphopt.options import GraphoptOptions
 from graphopt.passes import run_passes
 from graphopt.tiny_models import FAMILIES, build_tiny_model, make_batch
-from tests.retarget import capture_graphs, retarget
+from tests.support.retarget import capture_graphs, retarget
 
 # "left" and "right" trace to the same graph (they differ only in values), checked below once.
 LAYOUTS = ("right", "packed", "none")

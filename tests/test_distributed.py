@@ -1,7 +1,7 @@
 """graphopt when the training step reaches it as several graphs: DDP's graph split, FSDP2's graph
 breaks, and (in one process) a graph break before the loss.
 
-The distributed setups run in 2 CPU processes (gloo), each :mod:`tests.distributed_worker`, which
+The distributed setups run in 2 CPU processes (gloo), each :mod:`tests.support.distributed_worker`, which
 trains a tiny Llama eagerly and compiled on the same data and reports what graphopt did (see its
 docstring for each setup):
 
@@ -37,9 +37,9 @@ import pytest
 import torch
 
 from graphopt.tiny_models import TINY_DIMS, build_tiny_model, make_batch
-from tests.distributed_worker import SETUPS, STEPS
-from tests.harness import CompiledModel, assert_steps_equal, real_positions
-from tests.tolerances import tol
+from tests.support.distributed_worker import SETUPS, STEPS
+from tests.support.harness import CompiledModel, assert_steps_equal, real_positions
+from tests.support.tolerances import tol
 
 WORLD_SIZE = 2
 LAYERS = TINY_DIMS["num_hidden_layers"]
@@ -58,14 +58,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    """Each rank's results (see :mod:`tests.distributed_worker`), every setup from one launch."""
+    """Each rank's results (see :mod:`tests.support.distributed_worker`), every setup from one launch."""
     out = tmp_path_factory.mktemp("distributed")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     logs = [out / f"rank{rank}.log" for rank in range(WORLD_SIZE)]
     procs = []
     for rank, log in enumerate(logs):
         cmd = [
-            sys.executable, "-m", "tests.distributed_worker",
+            sys.executable, "-m", "tests.support.distributed_worker",
             "--rank", str(rank), "--world-size", str(WORLD_SIZE),
             "--init", f"file://{out / 'store'}",  # a file store: no port to pick, no port to collide
             "--out", str(out),

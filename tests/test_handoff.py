@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from graphopt import handoff
 from graphopt.masks import MaskKind, find_masks
-from tests.test_masks import B, S, capture, qkv, sdpa_with
+from tests.support.mask_graphs import B, S, capture, qkv, sdpa_with
 
 
 def _causal(batch: int = B, seq: int = S) -> torch.Tensor:

@@ -32,7 +32,7 @@ from transformers import (  # noqa: E402
 import graphopt  # noqa: E402
 from graphopt.hf import GraphoptCallback  # noqa: E402
 from graphopt.tiny_models import TINY_DIMS, build_tiny_model, tiny_texts, tiny_tokenizer  # noqa: E402
-from tests.tolerances import tol  # noqa: E402
+from tests.support.tolerances import tol  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -45,7 +45,7 @@ LAYERS = TINY_DIMS["num_hidden_layers"]
 # SGD keeps eager and compiled runs within fp32 tolerance over 10 steps; Adam's first steps divide
 # each gradient by its own magnitude, so rounding-level differences in near-zero gradients become
 # lr-sized updates. SFTConfig turns on bf16 autocast and activation checkpointing by default:
-# bf16 is turned off for the fp32 comparison of tests/tolerances.py; checkpointing stays on (TRL's
+# bf16 is turned off for the fp32 comparison of tests/support/tolerances.py; checkpointing stays on (TRL's
 # default), so the SFT runs check the rewrites inside checkpointed layers.
 COMMON_ARGS = dict(
     per_device_train_batch_size=BATCH,
@@ -314,7 +314,7 @@ def test_peft_lora_model_gets_every_rewrite_and_no_lm_head_gradient():
     fused loss computes no gradient for the frozen lm_head."""
     peft = pytest.importorskip("peft")
     from graphopt.tiny_models import make_batch
-    from tests.harness import CompiledModel, assert_steps_equal, real_positions
+    from tests.support.harness import CompiledModel, assert_steps_equal, real_positions
 
     model = peft.get_peft_model(
         build_tiny_model("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)

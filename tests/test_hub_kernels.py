@@ -1,7 +1,7 @@
 """Models kernelized by ``kernels`` (transformers >= 5.25 kernelizes ``from_pretrained`` models by
 default): a hub RoPE kernel that rotates q and k in one custom op is proven by meaning, like any
 other RoPE, and per-document attention replaces it. The stand-in kernel of
-:mod:`tests.stand_in_kernels` runs on the CPU; a CUDA-only hub kernel cannot be probed there and
+:mod:`tests.support.stand_in_kernels` runs on the CPU; a CUDA-only hub kernel cannot be probed there and
 is declined with its name (see :func:`test_a_kernel_that_cannot_run_on_the_probe_device_is_named`).
 """
 
@@ -12,11 +12,10 @@ import pytest
 import graphopt
 
 from graphopt.tiny_models import build_tiny_model, make_batch
-from tests.test_tracing import compile_step, explain_split
-from tests.harness import assert_steps_equal
+from tests.support.harness import assert_steps_equal, compile_step, explain_split
 
 pytest.importorskip("kernels")
-from tests.stand_in_kernels import kernelize_rope  # noqa: E402
+from tests.support.stand_in_kernels import kernelize_rope  # noqa: E402
 
 N_LAYERS = 2
 
@@ -58,7 +57,7 @@ def test_a_rope_that_reads_the_other_tensor_is_not_rope(without_inductor):
     (it has no autograd formula), so the forward is compared."""
     import torch
 
-    from tests.stand_in_kernels import LeakyRotary
+    from tests.support.stand_in_kernels import LeakyRotary
 
     model = build_tiny_model("llama")
     kernelize_rope(model, LeakyRotary)

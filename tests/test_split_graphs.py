@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from graphopt.tiny_models import TINY_DIMS, build_tiny_model, make_batch
-from tests.harness import CompiledModel, assert_steps_equal, real_positions
+from tests.support.harness import CompiledModel, assert_steps_equal, real_positions
 
 LAYERS = TINY_DIMS["num_hidden_layers"]
 

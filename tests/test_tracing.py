@@ -19,31 +19,12 @@ import torch
 import graphopt
 from graphopt import tracing
 from graphopt.tiny_models import FAMILIES, build_tiny_model, make_batch
-from tests.harness import assert_steps_equal, run_step
-from tests.passes.test_checkpointing import enable_checkpointing
+from tests.support.harness import assert_steps_equal, compile_step, enable_checkpointing, explain_split
 
 pytestmark = pytest.mark.oldest  # CI also runs this file against the oldest supported transformers
 
 N_LAYERS = 2
 EAGER_ATTENTION = {"gemma2"}  # softcapped eager attention: no varlen, no unpadding
-
-
-def compile_step(model, batch: dict):
-    """One eager and one compiled training step of ``model``; returns both, the report, and the
-    number of graphs Dynamo handed to graphopt."""
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="graphopt")
-    eager = run_step(model, batch)
-    with graphopt.capture() as report:
-        step = run_step(compiled, batch)
-    return eager, step, report
-
-
-def explain_split(report) -> str:
-    return (
-        f"{len(report.graphs)} graphs; Dynamo's graph breaks: {report.graph_breaks or 'none'}; "
-        f"rewrites {dict(report.counts)}; declines {report.declines}"
-    )
 
 
 def expected_rewrites(family: str, layout: str) -> dict[str, int]:

@@ -23,8 +23,8 @@ import torch
 from graphopt.ops.linear_cross_entropy import default_chunk_size
 from graphopt.ops.triton_cross_entropy import MAX_BLOCK_V
 from graphopt.ops.varlen_attention import varlen_attention_reference
-from tests.ops.varlen_cases import make_case
-from tests.tolerances import tol
+from tests.support.varlen_cases import make_case
+from tests.support.tolerances import tol
 
 IGNORE = -100
 CUDA = torch.device("cuda")

@@ -21,8 +21,8 @@ from graphopt.ops.linear_cross_entropy import (
     linear_cross_entropy_reference,
 )
 from graphopt.ops.triton_cross_entropy import MAX_BLOCK_V
-from tests.harness import count_attached_logits_backward
-from tests.tolerances import tol
+from tests.support.harness import count_attached_logits_backward
+from tests.support.tolerances import tol
 
 IGNORE = -100
 op = torch.ops.graphopt.linear_cross_entropy

@@ -13,7 +13,7 @@ exists, so it is reproducible on a machine without a GPU.
 How. Each op is called on ``meta`` tensors shaped as on a GPU, with ``wrap_triton`` replaced by a
 recorder, so the launcher runs its real argument and constexpr logic (GPU block sizes, flags per
 dtype) and no kernel runs. Each recorded launch is typed both ways and lowered to TTIR for an sm_90
-target by ``tests/ops/triton_frontend.py``, in a process of its own (one where ``triton.jit``
+target by ``tests/support/triton_frontend.py``, in a process of its own (one where ``triton.jit``
 compiles rather than interprets).
 
 What it proves: the kernels' source, with the constexprs the launchers pass on CUDA and with scalar
@@ -96,7 +96,7 @@ def assert_front_end_compiles(launches) -> None:
     assert launches, "the op launched no kernel"
     typed = [typed_launch(*launch, float_type) for launch in launches for float_type in FLOAT_TYPES]
     result = subprocess.run(
-        [sys.executable, "-m", "tests.ops.triton_frontend"], input=json.dumps(typed), capture_output=True,
+        [sys.executable, "-m", "tests.support.triton_frontend"], input=json.dumps(typed), capture_output=True,
         text=True, cwd=REPO_ROOT, env=dict(os.environ, TRITON_INTERPRET="0"), timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]

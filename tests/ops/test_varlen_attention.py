@@ -16,8 +16,8 @@ from graphopt.ops.varlen_attention import (
     apply_rotary,
     varlen_attention_reference,
 )
-from tests.ops.varlen_cases import make_case
-from tests.tolerances import tol
+from tests.support.varlen_cases import make_case
+from tests.support.tolerances import tol
 
 needs_flash_attn = pytest.mark.skipif(
     importlib.util.find_spec("flash_attn") is None, reason="needs the flash-attn package"
@@ -176,24 +176,30 @@ OPCHECK_CASES = [
 ]
 
 
+def _opcheck_forward_and_backward(fwd, bwd, case: dict, **kwargs) -> None:
+    """``opcheck`` a forward op on ``case``, then its backward op on the forward's outputs."""
+    args = (*_op_inputs(case), case["scale"], case["interleaved"])
+    torch.library.opcheck(fwd, args, **kwargs)
+    with torch.no_grad():
+        out, lse = fwd(*args)
+    q, k, v, cos, sin, cu_seqlens = _op_inputs(case)
+    torch.library.opcheck(
+        bwd,
+        (case["grad_out"], q.detach(), k.detach(), v.detach(), cos, sin, cu_seqlens, out, lse,
+         case["scale"], case["interleaved"]),
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize("case_name, dtype, requires_grad", OPCHECK_CASES)
 def test_opcheck_torch_ops(case_name, dtype, requires_grad):
     case = make_case(**CASES[case_name], dtype=dtype)
     for name in ("q", "k", "v"):
         case[name].requires_grad_(requires_grad)
-    args = (*_op_inputs(case), case["scale"], case["interleaved"])
-    torch.library.opcheck(torch.ops.graphopt.varlen_attention_torch_fwd, args)
+    _opcheck_forward_and_backward(torch.ops.graphopt.varlen_attention_torch_fwd, torch.ops.graphopt.varlen_attention_torch_bwd, case)
     torch.library.opcheck(
         torch.ops.graphopt.varlen_attention,
         (*_op_inputs(case), case["q"].shape[0], case["scale"], case["interleaved"], "torch"),
-    )
-    with torch.no_grad():
-        out, lse = torch.ops.graphopt.varlen_attention_torch_fwd(*args)
-    q, k, v, cos, sin, cu_seqlens = _op_inputs(case)
-    torch.library.opcheck(
-        torch.ops.graphopt.varlen_attention_torch_bwd,
-        (case["grad_out"], q.detach(), k.detach(), v.detach(), cos, sin, cu_seqlens, out, lse,
-         case["scale"], case["interleaved"]),
     )
 
 
@@ -206,18 +212,8 @@ def test_opcheck_triton_ops(case_name, dtype, requires_grad, triton_device):
     case = make_case(**CASES[case_name], dtype=dtype, device=triton_device)
     for name in ("q", "k", "v"):
         case[name].requires_grad_(requires_grad)
-    args = (*_op_inputs(case), case["scale"], case["interleaved"])
     kwargs = {} if test_utils is None else {"test_utils": test_utils}
-    torch.library.opcheck(torch.ops.graphopt.varlen_attention_triton_fwd, args, **kwargs)
-    with torch.no_grad():
-        out, lse = torch.ops.graphopt.varlen_attention_triton_fwd(*args)
-    q, k, v, cos, sin, cu_seqlens = _op_inputs(case)
-    torch.library.opcheck(
-        torch.ops.graphopt.varlen_attention_triton_bwd,
-        (case["grad_out"], q.detach(), k.detach(), v.detach(), cos, sin, cu_seqlens, out, lse,
-         case["scale"], case["interleaved"]),
-        **kwargs,
-    )
+    _opcheck_forward_and_backward(torch.ops.graphopt.varlen_attention_triton_fwd, torch.ops.graphopt.varlen_attention_triton_bwd, case, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

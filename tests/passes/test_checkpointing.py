@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from graphopt.tiny_models import build_tiny_model, make_batch
-from tests.harness import CompiledModel, assert_steps_equal, real_positions
+from tests.support.harness import CompiledModel, assert_steps_equal, enable_checkpointing, real_positions
 
 SEQ = 16
 N_LAYERS = 2
@@ -32,14 +32,6 @@ def checkpointed():
         return cache[family, reentrant]
 
     return get
-
-
-def enable_checkpointing(model, **kwargs) -> None:
-    """``activation_checkpointing_enable`` (transformers >= 5.2x) or its older name."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _batch(layout: str, seed: int) -> dict:
@@ -113,7 +105,7 @@ def test_a_body_shared_by_two_checkpoint_calls_is_rewritten_for_each(monkeypatch
                 x = torch.utils.checkpoint.checkpoint(layer, x, mask, use_reentrant=False)
             return x
 
-    from tests.retarget import capture_graphs
+    from tests.support.retarget import capture_graphs
 
     (gm,) = capture_graphs(Model(), torch.randn(1, 2, 4, 8), torch.ones(1, 1, 4, 4, dtype=torch.bool))
     hops = [n for n in gm.graph.nodes if analysis.is_checkpoint(n)]
@@ -135,7 +127,7 @@ def test_a_mask_read_by_other_code_inside_a_body_is_kept(other_use):
     from graphopt.inspection import GraphReport
     from graphopt.options import GraphoptOptions
     from graphopt.passes import run_passes
-    from tests.retarget import capture_graphs
+    from tests.support.retarget import capture_graphs
 
     def layer(x, mask):
         out = F.scaled_dot_product_attention(x, x, x, attn_mask=mask)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt.tiny_models import IGNORE_INDEX, build_tiny_model, make_batch
-from tests.harness import (
+from tests.support.harness import (
     CompiledModel,
     Step,
     assert_steps_equal,
@@ -28,7 +28,7 @@ from tests.harness import (
     real_positions,
     run_step,
 )
-from tests.tolerances import tol
+from tests.support.tolerances import tol
 
 BATCH, SEQ = 2, 16
 FUSED_OP = "torch.ops.graphopt.linear_cross_entropy"

@@ -13,7 +13,7 @@ import torch
 from graphopt import masks
 from graphopt.masks import MaskKind
 from graphopt.tiny_models import build_tiny_model, make_batch
-from tests.harness import CompiledModel, assert_steps_equal, real_positions
+from tests.support.harness import CompiledModel, assert_steps_equal, real_positions
 
 # The padded fast path through Inductor for one family of each attention layout: plain SDPA
 # (llama), q/k norms (qwen3), fused qkv (phi3), eager softcapped attention (gemma2). Every family's
@@ -299,7 +299,7 @@ def test_a_window_longer_than_the_probes_fails_its_proof_past_it(monkeypatch):
     import torch.nn.functional as F
 
     from graphopt.passes.mask_elision import proven_length_guard
-    from tests.retarget import capture_graphs
+    from tests.support.retarget import capture_graphs
 
     def attention(q, k, v, am):
         idx = torch.arange(am.shape[1])

@@ -13,7 +13,7 @@ import torch
 import graphopt
 from graphopt.passes.unpad import _view_tags, packing_indices
 from graphopt.tiny_models import FAMILIES, IGNORE_INDEX, PAD_TOKEN_ID, build_tiny_model, make_batch
-from tests.harness import CompiledModel, assert_steps_equal, real_positions
+from tests.support.harness import CompiledModel, assert_steps_equal, real_positions
 
 SEQ = 24
 
@@ -80,7 +80,7 @@ def test_every_sdpa_family_unpadded_equals_eager(compiled, family):
 def test_checkpointed_layers_are_unpadded(reentrant):
     """With activation checkpointing each layer's body is unpadded too, and the recomputation in
     the backward runs the unpadded body."""
-    from tests.passes.test_checkpointing import enable_checkpointing
+    from tests.support.harness import enable_checkpointing
 
     model = build_tiny_model("llama")
     enable_checkpointing(model, use_reentrant=reentrant)

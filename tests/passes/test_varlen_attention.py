@@ -11,8 +11,8 @@ import torch
 
 import graphopt
 from graphopt.tiny_models import ROTARY_LAYOUT, build_tiny_model, collate_flattening, make_batch
-from tests.harness import CompiledModel, assert_steps_equal, run_step
-from tests.tolerances import tol
+from tests.support.harness import CompiledModel, assert_steps_equal, run_step
+from tests.support.tolerances import tol
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "cohere", "glm4"]
 N_LAYERS = 2

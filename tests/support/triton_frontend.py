@@ -1,6 +1,6 @@
 """Triton's front end (Python AST -> TTIR) for a CUDA target, on kernel launches described in JSON.
 
-``python -m tests.ops.triton_frontend`` reads a JSON list of launches from stdin, each
+``python -m tests.support.triton_frontend`` reads a JSON list of launches from stdin, each
 ``{"module", "kernel", "signature", "constexprs"}``: the module that defines the ``@triton.jit``
 kernel, its name, the argument types (``"*fp32"``, ``"i32"``, ``"fp64"``, ``"constexpr"``...) and
 the constexpr values. It lowers each one to TTIR for ``TARGET`` and prints a JSON list with, per

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 import graphopt
-from tests.tolerances import tol
+from tests.support.tolerances import tol
 
 
 @dataclass
@@ -104,3 +104,29 @@ def count_attached_logits_backward(monkeypatch) -> list:
 def real_positions(batch: dict) -> torch.Tensor | None:
     mask = batch.get("attention_mask")
     return None if mask is None else mask.bool()
+
+
+def compile_step(model, batch: dict):
+    """One eager and one compiled training step of ``model``; returns both, the report, and the
+    number of graphs Dynamo handed to graphopt."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="graphopt")
+    eager = run_step(model, batch)
+    with graphopt.capture() as report:
+        step = run_step(compiled, batch)
+    return eager, step, report
+
+
+def explain_split(report) -> str:
+    return (
+        f"{len(report.graphs)} graphs; Dynamo's graph breaks: {report.graph_breaks or 'none'}; "
+        f"rewrites {dict(report.counts)}; declines {report.declines}"
+    )
+
+
+def enable_checkpointing(model, **kwargs) -> None:
+    """``activation_checkpointing_enable`` (transformers >= 5.2x) or its older name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

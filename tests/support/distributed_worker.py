@@ -1,7 +1,7 @@
 """One rank of the distributed tests (:mod:`tests.test_distributed`): trains a tiny Llama eagerly and
 under ``torch.compile(backend="graphopt")`` on the same data, and writes what it saw as JSON.
 
-    python -m tests.distributed_worker --rank R --world-size 2 --init file:///tmp/x/store --out DIR
+    python -m tests.support.distributed_worker --rank R --world-size 2 --init file:///tmp/x/store --out DIR
 
 For each setup in ``SETUPS`` the rank trains ``STEPS`` SGD steps twice from the same seed: eagerly,
 then compiled (with ``graphopt.capture()`` around the compiled run). The batches are right-padded
