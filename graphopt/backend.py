@@ -3,20 +3,19 @@
 ``torch.compile(model, backend="graphopt", mode=..., options=...)`` hands each Dynamo graph to
 :func:`graphopt_backend`, which
 
-1. runs the passes (:func:`graphopt.passes.run_passes`) on a copy of the graph, recording a report;
-2. compiles the rewritten graph with Inductor, exactly as ``backend="inductor"`` would (same mode,
-   same Inductor options, AOTAutograd for training);
-3. when the fused loss returns detached logits, wraps the compiled graph in
-   :class:`AttachedLogitsGraph`, which gives them their gradient outside the graph;
-4. when a rewrite depends on input values, returns a :class:`GuardedGraph` that checks the guards
-   before every call and otherwise runs an :class:`ExactFallback`: the graph with every rewrite
-   that needs no guard (the fused loss, packed attention), compiled by Inductor on first need;
-5. when the graph returns an attention mask it proved, publishes the mask after every call for
-   the graphs that receive it (:class:`PublishedMasks`, :mod:`graphopt.handoff`);
-6. publishes the graph's report when the graph first runs (:class:`PublishedOnFirstCall`).
+1. runs the passes (:func:`graphopt.passes.run_passes`) on a copy of the graph, recording a report:
+   the fast version, with every rewrite;
+2. compiles it with Inductor, exactly as ``backend="inductor"`` would (same mode, same Inductor
+   options, AOTAutograd for training), wrapped in the adapters its rewrites registered
+   (:class:`graphopt.runtime.AdaptedGraph`);
+3. when a rewrite depends on input values (it registered guards), also builds the exact
+   fallback, the graph with only the rewrites that need no guard, and, for a graph that drops a
+   mask it receives, the version that runs that mask's documents separately; both are compiled
+   on first need. A :class:`graphopt.runtime.GuardedDispatch` chooses per call;
+4. publishes the graph's report when the graph first runs (:class:`graphopt.runtime.PublishedOnFirstCall`).
 
-A graph with nothing to rewrite goes to Inductor unchanged. The wrappers that run at call time
-live in :mod:`graphopt.runtime`.
+A graph with nothing to rewrite goes to Inductor unchanged. What runs at call time lives in
+:mod:`graphopt.runtime`; "How a call flows" in ``docs/design.md`` walks through one.
 """
 
 from __future__ import annotations
@@ -29,23 +28,14 @@ import torch.fx as fx
 
 from graphopt import inspection
 from graphopt.options import split_options
-from graphopt.runtime import (
-    ExactFallback,
-    GuardedGraph,
-    PublishedMasks,
-    PublishedOnFirstCall,
-    ReceivedPackedGraph,
-    RewrittenGraph,
-    UnpaddedGraph,
-    attach_logits,
-)
+from graphopt.runtime import AdaptedGraph, GuardedDispatch, LazyGraph, PublishedOnFirstCall, Version
 
 log = logging.getLogger("graphopt")
 
 
 def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str | None = None, options: dict | None = None):
     """Dynamo backend entry point (registered as ``"graphopt"``)."""
-    from graphopt.passes import run_passes
+    from graphopt.passes import Variant, run_passes
 
     opts, inductor_options = split_options(options)
     inductor = _inductor(mode, inductor_options)
@@ -62,27 +52,26 @@ def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     work, ctx = run_passes(gm, opts, report)
     report.after = inspection.module_code(work) if report.changed else report.before
     report.guards = [inspection.GuardRecord(g.name, g.description, list(g.rewrites)) for g in ctx.guards]
-    fallback = _exact_fallback(gm, opts, report, inductor, ctx.memo) if report.changed and ctx.guards else None
-
     if not report.changed:
-        compiled = inductor(gm, example_inputs)
+        return PublishedOnFirstCall(inductor(gm, example_inputs), report, opts.dump_dir)
+
+    n_args = len(gm.graph.find_nodes(op="placeholder"))
+    if any(a.input_names for a in ctx.adapters):  # no example values for the inputs it adds
+        compiled = LazyGraph(work, inductor, report.graph_id, "fast graph")
     else:
-        n_outputs = len(gm.graph.output_node().args[0])
-        if ctx.unpad is not None:  # the padded fast graph is never run: the unpadded one replaces it
-            report.after = inspection.module_code(ctx.unpad.module)
-            fast = UnpaddedGraph(ctx.unpad, ctx.detached_logits, n_outputs, inductor, report.graph_id, fallback)
-            reads = fast.lengths
-        else:
-            fast = attach_logits(inductor(work, example_inputs), ctx.detached_logits, n_outputs)
-            reads = None
-        first = _packed_version(gm, opts, report, inductor, ctx) if ctx.received_rewritten else None
-        if ctx.guards:
-            compiled = GuardedGraph(fast, fallback, ctx.guards, report.graph_id, reads=reads, first=first)
-        else:
-            compiled = RewrittenGraph(fast)
-    if ctx.exports:
-        compiled = PublishedMasks(compiled, ctx.exports)
-    return PublishedOnFirstCall(compiled, report, opts.dump_dir)
+        compiled = inductor(work, example_inputs)
+    fast = AdaptedGraph(compiled, ctx.adapters, work, n_args)
+    versions, fallback = [Version(ctx.guards, fast)], None
+    if ctx.guards:
+        fallback = _version(gm, opts, report, inductor, ctx, Variant.FALLBACK)
+        if ctx.received_rewritten:
+            packed = _version(gm, opts, report, inductor, ctx, Variant.RECEIVED_PACKED)
+            if packed is not None:
+                versions.insert(0, packed)
+        fallback = fallback.graph
+    shapes_only = fallback if fast.adds_inputs else fast  # answers calls with fake tensors
+    dispatch = GuardedDispatch(versions, fallback, report.graph_id, shapes_only=shapes_only)
+    return PublishedOnFirstCall(dispatch, report, opts.dump_dir)
 
 
 def _note_graph_breaks(report: inspection.GraphReport) -> None:
@@ -137,41 +126,35 @@ def _is_ddp_piece(gm: fx.GraphModule) -> bool:
     return "DDPOptimizer" in str(getattr(reason, "reason", ""))
 
 
-def _exact_fallback(gm: fx.GraphModule, opts, report: inspection.GraphReport, inductor, memo: dict) -> ExactFallback:
-    """The graph to run when a guard fails: ``gm`` with the rewrites that need no guard. The passes
-    reuse what probing found for the fast graph (``memo``)."""
+def _version(gm: fx.GraphModule, opts, report: inspection.GraphReport, inductor, ctx, variant) -> Version | None:
+    """Another version of ``gm`` (:class:`graphopt.passes.Variant`), compiled on first call, with
+    the guards it needs; the passes reuse what probing found for the fast graph (``ctx.memo``).
+    What it keeps goes into ``report``'s notes (and its guards into ``report.guards``). None for a
+    received-packed version whose attention cannot be rewritten so."""
     from graphopt.passes import Variant, run_passes
 
     quiet = inspection.GraphReport(graph_id=report.graph_id, before=report.before, quiet=True)
-    work, ctx = run_passes(gm, opts, quiet, variant=Variant.FALLBACK, memo=memo)
-    if quiet.changed:
-        kept = ", ".join(sorted(quiet.counts)) or "none"
-        report.note(f"the exact fallback keeps the rewrites that need no guard ({kept})")
-        return ExactFallback(work, ctx.detached_logits, len(gm.graph.output_node().args[0]), inductor, report.graph_id)
-    return ExactFallback(gm, [], 0, inductor, report.graph_id)
-
-
-def _packed_version(gm: fx.GraphModule, opts, report: inspection.GraphReport, inductor, ctx):
-    """For a graph that drops a mask it receives (:mod:`graphopt.handoff`): the version that runs
-    per-document attention when the mask is packed, as ``(guards, graph)`` for
-    :class:`GuardedGraph`'s ``first``; None when its attention cannot be rewritten so."""
-    from graphopt.passes import Variant, run_passes
-
-    quiet = inspection.GraphReport(graph_id=report.graph_id, before=report.before, quiet=True)
-    work, packed_ctx = run_passes(gm, opts, quiet, variant=Variant.RECEIVED_PACKED, memo=ctx.memo)
-    if len(packed_ctx.received_rewritten) != 1:
+    work, version_ctx = run_passes(gm, opts, quiet, variant=variant, memo=ctx.memo)
+    n_args = len(gm.graph.find_nodes(op="placeholder"))
+    if variant is Variant.FALLBACK:
+        if not quiet.changed:
+            work, version_ctx.adapters = gm, []
+        else:
+            kept = ", ".join(sorted(quiet.counts)) or "none"
+            report.note(f"the exact fallback keeps the rewrites that need no guard ({kept})")
+        return Version([], AdaptedGraph(LazyGraph(work, inductor, report.graph_id, "exact fallback"), version_ctx.adapters, work, n_args))
+    if len(version_ctx.received_rewritten) != 1:
         why = "; ".join(d.reason for d in quiet.declines if d.name == "varlen_attention")
         report.note(
             "when the mask this graph receives is packed (several documents per row), the exact masked "
             "path runs" + (f": {why}" if why else "")
         )
         return None
-    n_outputs = len(gm.graph.output_node().args[0])
-    module = ExactFallback(work, packed_ctx.detached_logits, n_outputs, inductor, report.graph_id, what="packed version")
-    report.guards += [inspection.GuardRecord(g.name, g.description, list(g.rewrites)) for g in packed_ctx.guards]
+    report.guards += [inspection.GuardRecord(g.name, g.description, list(g.rewrites)) for g in version_ctx.guards]
     calls = sum(1 for r in quiet.rewrites if (r.name, r.rule) == ("varlen_attention", "sdpa_packed"))
     report.note(
         f"when the mask this graph receives is packed, a second fast graph runs its {calls} attention "
         "call(s) per document (varlen_attention, RoPE fused); compiled on first use"
     )
-    return packed_ctx.guards, ReceivedPackedGraph(module, packed_ctx.received_rewritten[0])
+    module = LazyGraph(work, inductor, report.graph_id, "packed version")
+    return Version(version_ctx.guards, AdaptedGraph(module, version_ctx.adapters, work, n_args))

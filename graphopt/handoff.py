@@ -8,7 +8,7 @@ prove anything about an input tensor at compile time; they learn what it holds a
 
 - the graph that builds a mask proven ``causal``, ``causal_padding`` or ``packed_causal``
   (:mod:`graphopt.masks`) *publishes* the tensor it returns, with the input the mask was proven to
-  be a function of (:func:`publish`, called by :class:`graphopt.runtime.PublishedMasks`);
+  be a function of (:func:`publish`, called by :class:`graphopt.passes.mask_elision.PublishMasks`);
 - a graph that receives a mask, and whose only use of it is as SDPA's ``attn_mask`` exactly as
   received, *looks it up* (:func:`lookup`) before it runs, and takes its fast path only when the
   mask is known and what it holds makes causal attention exact (:class:`HandedOffMaskGuard`).
@@ -103,7 +103,7 @@ def lookup(mask: torch.Tensor) -> MaskFact | None:
 
 class HandedOffPackedGuard:
     """The guard of a graph that replaced a received mask with per-document attention (the
-    ``"packed"`` version of a graph, see :class:`graphopt.runtime.GuardedGraph`).
+    ``"packed"`` version of a graph, see :class:`graphopt.runtime.GuardedDispatch`).
 
     Conditions: ``mask_known`` (as :class:`HandedOffMaskGuard`), then ``packed``: the mask was
     published as the block-causal mask of its ``position_ids``, which have one row or the mask's

@@ -1,17 +1,34 @@
-"""What runs when a graph graphopt compiled is called: the wrappers around the compiled graphs.
+"""What runs when a graph graphopt compiled is called.
 
-:func:`graphopt.backend.graphopt_backend` builds, for each Dynamo graph, a stack of these, from the
-inside out:
+A rewrite may change its graph's *calling convention*: the inputs the graph takes, the outputs it
+returns, what must happen around each call. Each such change is an :class:`Adapter`, registered
+by the pass that makes it, next to its rewrite (:meth:`graphopt.passes.PassContext.adapt`):
 
-1. the compiled rewritten graph, or :class:`UnpaddedGraph` (a right-padded batch on its real
-   tokens), each wrapped in :class:`AttachedLogitsGraph` when the fused loss returns detached logits;
-2. :class:`GuardedGraph` when a rewrite depends on input values (fast graph, or an
-   :class:`ExactFallback` compiled on first need), else :class:`RewrittenGraph`;
-3. :class:`PublishedMasks` when the graph returns a mask it proved (:mod:`graphopt.handoff`);
-4. :class:`PublishedOnFirstCall`, outermost: the graph's report is published when it first runs.
+========================================  ==========================================================
+adapter (pass)                            change to the calling convention
+========================================  ==========================================================
+``AttachLogits`` (fused_cross_entropy)    logits returned detached + the hidden states they came from:
+                                          the logits get their gradient, the extra output goes
+``PublishMasks`` (mask_elision)           after a call, the proven masks the graph returns are
+                                          published for the graphs that receive them
+``ReceivedBoundaries`` (varlen_attention) one more input: the document boundaries of a received
+                                          packed mask
+``PackTokens`` (unpad)                    four more inputs: the packing indices of a right-padded
+                                          batch, built from row lengths read with the guards
+========================================  ==========================================================
 
-A call with fake tensors (the DDP optimizer's shape call, :func:`is_fake_call`) reads no data:
-guards are not evaluated, nothing is published or counted.
+:func:`graphopt.backend.graphopt_backend` builds, for each Dynamo graph, from the inside out:
+
+1. for each version of the graph the passes built (:class:`graphopt.passes.Variant`: the fast
+   graph, the exact fallback, the received-packed version) an :class:`AdaptedGraph`: the compiled
+   graph (the fast one compiled now, the others by a :class:`LazyGraph` on first call) run through
+   its adapters;
+2. a :class:`GuardedDispatch`: each call runs the first version whose guards hold, the exact
+   fallback when none does; a call with fake tensors (:func:`is_fake_call`) runs the version
+   with Dynamo's calling convention for shapes only, reading no guard and publishing nothing;
+3. :class:`PublishedOnFirstCall`, outermost: the graph's report is published when it first runs.
+
+A graph with nothing to rewrite is Inductor's compiled graph inside :class:`PublishedOnFirstCall`.
 """
 
 from __future__ import annotations
@@ -19,6 +36,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -30,36 +49,233 @@ from graphopt.guards import GUARD_ADVICE, Guard, evaluate_guards
 log = logging.getLogger("graphopt")
 
 
-def attach_logits(compiled, detached: list, n_outputs: int):
-    """``compiled``, or :class:`AttachedLogitsGraph` around it when it returns detached logits."""
-    return AttachedLogitsGraph(compiled, detached, n_outputs) if detached else compiled
+class Adapter:
+    """One change a rewrite makes to its graph's calling convention.
 
+    A subclass overrides what it changes; the defaults change nothing. :class:`AdaptedGraph`
+    calls the hooks of its adapters around every call:
 
-class AttachedLogitsGraph:
-    """Run the rewritten graph and attach the gradient of the logits it returns detached.
+    - :meth:`reads` and :meth:`inputs` in registration order (the pass that appends placeholders
+      registers its adapter at the same time, so the extra arguments line up);
+    - :meth:`outputs` in reverse order, each undoing its own change to the outputs;
+    - :meth:`after` in registration order, last.
 
-    The fused loss returns the logits without a gradient plus, as an extra output, the hidden states
-    it read (see :mod:`graphopt.passes.fused_cross_entropy`). This restores the graph's original
-    outputs: the logits get ``d logits / d (hidden, weight)`` as an autograd node of their own
-    (:func:`~graphopt.ops.linear_cross_entropy.attach_logits_grad`), and the extra outputs go.
+    A call with fake tensors (shapes only) runs :meth:`outputs` alone: it must compute with
+    tensors only, never read values on the host or record anything.
+
+    Attributes:
+        input_names: the placeholders the rewrite appended to the graph, in order; the arguments
+            :meth:`inputs` supplies fill them.
     """
 
-    def __init__(self, compiled, detached: list, n_outputs: int):
-        from graphopt.ops.linear_cross_entropy import attach_logits_grad  # the op module imports triton
+    input_names: tuple[str, ...] = ()
 
+    def reads(self, args: Sequence) -> torch.Tensor | None:
+        """A 1-D integer device tensor whose values :meth:`inputs` needs on the host, or None.
+        It is read together with the guards, in their one device-to-host transfer."""
+        return None
+
+    def inputs(self, args: Sequence, host: list[int] | None) -> tuple:
+        """The extra arguments of this call, one per name of :attr:`input_names`. ``host``: the
+        values of :meth:`reads`, on the host."""
+        return ()
+
+    def outputs(self, args: Sequence, outputs: list) -> list:
+        """The outputs the caller sees, from the outputs the compiled graph returned."""
+        return outputs
+
+    def after(self, args: Sequence, outputs: list) -> None:
+        """Side effects of a real call (publication, counters), given the fixed-up outputs."""
+
+
+class AdaptedGraph:
+    """A compiled version of a graph, run through its adapters (see :class:`Adapter`).
+
+    ``module`` is the FX graph ``compiled`` runs; its placeholders must be Dynamo's ``n_args``
+    inputs followed by exactly the adapters' :attr:`~Adapter.input_names`, in order. That is
+    checked here, when the version is built: an adapter that does not match its rewrite is an
+    error at compile time, never a silently shifted argument.
+    """
+
+    def __init__(self, compiled, adapters: Sequence[Adapter], module: fx.GraphModule, n_args: int):
+        names = [n.name for n in module.graph.find_nodes(op="placeholder")]
+        expected = [name for a in adapters for name in a.input_names]
+        if names[n_args:] != expected:
+            raise RuntimeError(
+                f"graphopt internal error: the graph's extra inputs {names[n_args:]} do not match its "
+                f"adapters' {expected}; please report this with TORCH_LOGS=+graphopt output"
+            )
         self.compiled = compiled
-        self.detached = detached
-        self.n_outputs = n_outputs
-        self._attach = attach_logits_grad
+        self.adapters = list(adapters)
+        self.adds_inputs = bool(expected)
+
+    def reads(self, args: Sequence) -> HostReads | None:
+        """What the adapters need on the host for this call (None: nothing)."""
+        parts = [a.reads(args) for a in self.adapters]
+        if all(p is None for p in parts):
+            return None
+        return HostReads(
+            torch.cat([p.reshape(-1).to(torch.int64) for p in parts if p is not None]),
+            [0 if p is None else p.numel() for p in parts],
+        )
+
+    def __call__(self, *args, host_values: list[list[int] | None] | None = None):
+        """A real call. ``host_values``: per adapter, the values of its :meth:`~Adapter.reads`
+        read with the guards (:meth:`HostReads.split`); read here when not given."""
+        if host_values is None:
+            request = self.reads(args)
+            host_values = [None] * len(self.adapters) if request is None else request.split(request.values.tolist())
+        extra: list = []
+        for adapter, host in zip(self.adapters, host_values):
+            extra.extend(adapter.inputs(args, host))
+        outputs = self._outputs(args, self.compiled(*args, *extra))
+        for adapter in self.adapters:
+            adapter.after(args, outputs)
+        return outputs
+
+    def shapes(self, *args):
+        """A call with fake tensors: the outputs' metadata, nothing read or recorded. Only a
+        version that adds no inputs can answer it (there are no values to build them from)."""
+        assert not self.adds_inputs, "a version with extra inputs cannot answer a shapes-only call"
+        return self._outputs(args, self.compiled(*args))
+
+    def _outputs(self, args: Sequence, outputs) -> list:
+        outputs = list(outputs)
+        for adapter in reversed(self.adapters):
+            outputs = adapter.outputs(args, outputs)
+        return outputs
+
+
+class LazyGraph:
+    """An FX graph compiled by Inductor on its first call (the exact fallback, the unpadded graph,
+    the received-packed version: graphs that may never run, or whose extra inputs Dynamo has no
+    example values for).
+
+    It is compiled with ``torch.compile(backend=<the same Inductor>)`` on a GraphModule built at
+    first use: Dynamo skips the code of GraphModules generated while it compiles a frame, so
+    compiling the one Dynamo handed us would silently run it eagerly. Dynamo then guards and
+    reuses it like any compiled function (one compile per shape regime, not per batch).
+    """
+
+    def __init__(self, module: fx.GraphModule, inductor, graph_id: int, what: str):
+        self.module = module
+        self.inductor = inductor
+        self.graph_id = graph_id
+        self.what = what
+        self._compiled = _Once(self._compile)
 
     def __call__(self, *args):
-        outputs = list(self.compiled(*args))
-        for d in self.detached:
-            scale = {} if d.logit_scale == 1.0 else {"logit_scale": d.logit_scale}
-            logits = self._attach(outputs[d.positions[0]], outputs[d.hidden_position], args[d.weight_input], **scale)
-            for position in d.positions:
-                outputs[position] = logits
-        return outputs[: self.n_outputs]
+        return self.compiled(*args)
+
+    @property
+    def compiled(self):
+        return self._compiled.get()
+
+    def _compile(self):
+        start = time.perf_counter()
+        # Built now, outside Dynamo's compile: fresh code objects, which Dynamo traces.
+        compiled = torch.compile(analysis.copy_graph_module(self.module), backend=self.inductor)
+        log.info("graph %d: %s prepared in %.2fs (compiles on first call)", self.graph_id, self.what, time.perf_counter() - start)
+        return compiled
+
+
+class _Once:
+    """The value of ``make()``, computed on first use, once, whichever thread asks first."""
+
+    def __init__(self, make):
+        self._make = make
+        self._value = None
+        self._done = False
+        self._lock = threading.Lock()
+
+    def get(self):
+        if not self._done:
+            with self._lock:
+                if not self._done:
+                    self._value = self._make()
+                    self._done = True
+        return self._value
+
+
+@dataclass
+class HostReads:
+    """The values a version's adapters need on the host: one tensor, read with the guards."""
+
+    values: torch.Tensor  # 1-D int64, the adapters' reads concatenated
+    sizes: list[int]  # per adapter, how many of them are its own (0: it reads nothing)
+
+    def split(self, host: list[int]) -> list[list[int] | None]:
+        """``host`` (the values, read) cut back into each adapter's part."""
+        parts: list[list[int] | None] = []
+        start = 0
+        for n in self.sizes:
+            parts.append(host[start : start + n] if n else None)
+            start += n
+        return parts
+
+
+@dataclass
+class Version:
+    """A version of a graph and the guards under which it computes what the original does."""
+
+    guards: list[Guard]
+    graph: AdaptedGraph
+
+
+def is_fake_call(args) -> bool:
+    """Whether a compiled graph is being called with fake tensors: the DDP optimizer does that while
+    it compiles, to get the next piece's example inputs. Such a call reads no data and counts for
+    nothing."""
+    return any(isinstance(a, FakeTensor) for a in args)
+
+
+class GuardedDispatch:
+    """Run the first version whose guards hold, else the exact fallback.
+
+    ``versions`` are tried in order (the received-packed version, whose guards read no device
+    data, before the fast graph). A version's guards and its adapters' host values come in one
+    device-to-host read. Each call is counted: ``fast_path``, or ``fallback`` with the failed
+    conditions of the last version (``failed:<condition>``); a failed condition is logged once per
+    graph with advice on how to reach the fast path; only the condition that is the cause is
+    reported (see :func:`~graphopt.guards.evaluate_guards`).
+
+    A call with fake tensors goes to ``shapes_only``, a version with Dynamo's calling convention.
+    """
+
+    def __init__(self, versions: Sequence[Version], fallback: AdaptedGraph | None, graph_id: int, *, shapes_only: AdaptedGraph):
+        if fallback is None and any(v.guards for v in versions):
+            raise ValueError("a version with guards needs an exact fallback")
+        self.versions = list(versions)
+        self.fallback = fallback
+        self.graph_id = graph_id
+        self.shapes_only = shapes_only
+        self._warned: set[str] = set()
+
+    def __call__(self, *args):
+        if is_fake_call(args):
+            return self.shapes_only.shapes(*args)
+        failed: list[str] = []
+        for version in self.versions:
+            request = version.graph.reads(args)
+            result = evaluate_guards(version.guards, args, also_read=None if request is None else request.values)
+            if result.held:
+                inspection.record_runtime("fast_path")
+                host = None if request is None else request.split(result.also_read)
+                return version.graph(*args, host_values=host)
+            failed = result.failed
+        inspection.record_runtime("fallback")
+        for name in failed:
+            inspection.record_runtime(f"failed:{name}")
+        self._warn(failed)
+        return self.fallback(*args)
+
+    def _warn(self, failed: list[str]) -> None:
+        new = [name for name in failed if name not in self._warned]
+        if not new:
+            return
+        self._warned.update(new)
+        advice = " ".join(GUARD_ADVICE.get(name, name) for name in new)
+        log.warning("graphopt: graph %d runs its exact masked path for this batch: %s", self.graph_id, advice)
 
 
 class PublishedOnFirstCall:
@@ -73,198 +289,8 @@ class PublishedOnFirstCall:
     def __init__(self, compiled, report: inspection.GraphReport, dump_dir: str | None):
         self.compiled = compiled
         self.report = report
-        self.dump_dir = dump_dir
-        self._pending = True
-        self._lock = threading.Lock()
+        self._published = _Once(lambda: inspection.publish(report, dump_dir))
 
     def __call__(self, *args):
-        if self._pending:
-            with self._lock:
-                if self._pending:
-                    inspection.publish(self.report, self.dump_dir)
-                    self._pending = False
+        self._published.get()
         return self.compiled(*args)
-
-
-def is_fake_call(args) -> bool:
-    """Whether a compiled graph is being called with fake tensors: the DDP optimizer does that while
-    it compiles, to get the next piece's example inputs. Such a call reads no data and counts for
-    nothing."""
-    return any(isinstance(a, FakeTensor) for a in args)
-
-
-class PublishedMasks:
-    """Publish the proven masks a graph returns (:mod:`graphopt.handoff`), after each call, so the
-    graphs that receive them can drop them. A symbolic-size mask is published only at lengths its
-    proof covers; a mask the graph received and returns passes its fact on."""
-
-    def __init__(self, compiled, exports: list):
-        self.compiled = compiled
-        self.exports = exports
-
-    def __call__(self, *args):
-        outputs = self.compiled(*args)
-        if is_fake_call(args):
-            return outputs
-        from graphopt import handoff
-        from graphopt.masks import MaskKind
-
-        for export in self.exports:
-            if export.proof is not None and not all(export.proof.conditions(args).values()):
-                continue
-            source = None if export.input_index is None else args[export.input_index]
-            if export.kind == MaskKind.RECEIVED:
-                fact = handoff.lookup(source)
-                if fact is None:
-                    continue
-                kind, source = fact.kind, fact.source
-            else:
-                kind = export.kind
-            for position in export.positions:
-                handoff.publish(outputs[position], kind, source)
-        return outputs
-
-
-class ReceivedPackedGraph:
-    """The packed version of a graph that receives its mask (see :func:`graphopt.backend._packed_version`): called
-    with the graph's arguments plus the document boundaries of the received mask, computed once
-    per mask on the device (:meth:`graphopt.handoff.MaskFact.cu_seqlens`)."""
-
-    def __init__(self, module: ExactFallback, mask_index: int):
-        self.module = module
-        self.mask_index = mask_index
-
-    def __call__(self, *args):
-        from graphopt import handoff
-
-        mask = args[self.mask_index]
-        fact = handoff.lookup(mask)  # the guards held: it is known and packed
-        inspection.record_runtime("received_packed")
-        return self.module(*args, fact.cu_seqlens(mask.shape[0]))
-
-
-class RewrittenGraph:
-    """A rewritten graph that needs no guard; counts its calls as ``fast_path`` in the report."""
-
-    def __init__(self, compiled):
-        self.compiled = compiled
-
-    def __call__(self, *args):
-        if not is_fake_call(args):
-            inspection.record_runtime("fast_path")
-        return self.compiled(*args)
-
-
-class ExactFallback:
-    """The graph a :class:`GuardedGraph` runs when a guard fails, compiled by Inductor on first use.
-
-    It is compiled with ``torch.compile(backend=<the same Inductor>)`` on a GraphModule built at
-    first use: Dynamo skips the code of GraphModules generated while it compiles a frame, so
-    compiling the one Dynamo handed us would silently run it eagerly. Dynamo then guards and
-    reuses it like any compiled function (one compile per shape regime, not per batch).
-    """
-
-    def __init__(self, module: fx.GraphModule, detached: list, n_outputs: int, inductor, graph_id: int, what: str = "exact fallback"):
-        self.module = module
-        self.what = what
-        self.detached = detached
-        self.n_outputs = n_outputs
-        self.inductor = inductor
-        self.graph_id = graph_id
-        self._compiled = None
-        self._lock = threading.Lock()
-
-    def __call__(self, *args):
-        return self.compiled(*args)
-
-    @property
-    def compiled(self):
-        with self._lock:
-            if self._compiled is None:
-                start = time.perf_counter()
-                # Built now, outside Dynamo's compile: fresh code objects, which Dynamo traces.
-                compiled = torch.compile(analysis.copy_graph_module(self.module), backend=self.inductor)
-                self._compiled = attach_logits(compiled, self.detached, self.n_outputs)
-                log.info("graph %d: %s prepared in %.2fs (compiles on first call)", self.graph_id, self.what, time.perf_counter() - start)
-            return self._compiled
-
-
-class GuardedGraph:
-    """Run the rewritten graph when every guard holds, the :class:`ExactFallback` otherwise.
-
-    A failed condition is logged once per graph with advice on how to reach the fast path; only
-    the condition that is the cause is reported (see :func:`~graphopt.guards.evaluate_guards`).
-
-    ``reads``: for a fast graph that needs values on the host too (the unpadded graph's row
-    lengths), ``reads(args)`` gives them as a device tensor; they come in the guards' one read and
-    the fast graph is called with ``host_values=`` them.
-
-    ``first``: ``(guards, graph)``, another fast graph tried first, when its own guards hold (the
-    packed version of a graph that receives its mask; its guards read no device data).
-    """
-
-    def __init__(self, fast, fallback: ExactFallback, guards: list[Guard], graph_id: int, *, reads=None, first=None):
-        self.fast = fast
-        self.fallback = fallback
-        self.guards = guards
-        self.graph_id = graph_id
-        self.reads = reads
-        self.first = first
-        self._warned: set[str] = set()
-
-    def __call__(self, *args):
-        if is_fake_call(args):  # shapes only: the fast graph's outputs have the fallback's metadata
-            return self.fast(*args)
-        if self.first is not None and evaluate_guards(self.first[0], args).held:
-            inspection.record_runtime("fast_path")
-            return self.first[1](*args)
-        result = evaluate_guards(self.guards, args, also_read=None if self.reads is None else self.reads(args))
-        if result.held:
-            inspection.record_runtime("fast_path")
-            extra = {} if self.reads is None else {"host_values": result.also_read}
-            return self.fast(*args, **extra)
-        inspection.record_runtime("fallback")
-        for name in result.failed:
-            inspection.record_runtime(f"failed:{name}")
-        self._warn(result.failed)
-        return self.fallback(*args)
-
-    def _warn(self, failed: list[str]) -> None:
-        new = [name for name in failed if name not in self._warned]
-        if not new:
-            return
-        self._warned.update(new)
-        advice = " ".join(GUARD_ADVICE.get(name, name) for name in new)
-        log.warning("graphopt: graph %d runs its exact masked path for this batch: %s", self.graph_id, advice)
-
-
-class UnpaddedGraph:
-    """The fast path of a right-padded batch, run on its real tokens only
-    (:mod:`graphopt.passes.unpad`): builds the packing indices from the attention mask, then runs
-    the unpadded graph, compiled by Inductor on first use. The packed length is marked dynamic, so
-    batches of other real-token counts reuse the compilation."""
-
-    def __init__(self, plan, detached: list, n_outputs: int, inductor, graph_id: int, shapes_only):
-        self.plan = plan
-        self.module = ExactFallback(plan.module, detached, n_outputs, inductor, graph_id, what="unpadded graph")
-        self.graph_id = graph_id
-        self.shapes_only = shapes_only  # the padded graph that answers calls with fake tensors
-
-    def lengths(self, args) -> torch.Tensor:
-        """The real-token count of each row, on the device (read with the guards)."""
-        return (args[self.plan.mask_input] != 0).sum(-1)
-
-    def __call__(self, *args, host_values: list[int] | None = None):
-        if is_fake_call(args):  # no data to pack: the padded graph has the same output metadata
-            return self.shapes_only(*args)
-        from graphopt.passes.unpad import packing_indices
-
-        lengths = self.lengths(args).tolist() if host_values is None else host_values
-        extra, n_real, packed = packing_indices(args[self.plan.mask_input], lengths, self.plan.bucket)
-        for name in ("gather", "positions", "scatter"):
-            torch._dynamo.maybe_mark_dynamic(extra[name], 0)
-        padded = args[self.plan.mask_input].numel()
-        inspection.record_runtime("unpad")
-        inspection.record_runtime("unpad_tokens_saved", padded - packed)
-        inspection.record_runtime("unpad_bucket_waste", packed - n_real)
-        return self.module(*args, extra["gather"], extra["positions"], extra["cu_seqlens"], extra["scatter"])

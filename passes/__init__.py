@@ -1,11 +1,13 @@
 """graphopt's graph rewrites, one concern per module (installed as ``graphopt.passes``).
 
 A pass is an object with a ``name`` and ``apply(graph_module, context)``. It rewrites the Dynamo
-FX graph in place, records every rewrite and every decline on ``context.report``, and registers a
-:class:`graphopt.guards.Guard` for each assumption about input values that its rewrite relies on.
-:func:`run_passes` runs them in order on a copy of the graph; each leaves a valid graph
-(``graph.lint()`` passes, dead nodes it created are gone). A pass that raises is undone and
-reported as a decline: a failing analysis never breaks a user's compile.
+FX graph in place (or returns a new graph that replaces it), records every rewrite and every
+decline on ``context.report``, registers a :class:`graphopt.guards.Guard` for each assumption
+about input values that its rewrite relies on, and a :class:`graphopt.runtime.Adapter` for each
+change it makes to the graph's calling convention (inputs it appends, outputs the caller must not
+see, work around each call). :func:`run_passes` runs them in order on a copy of the graph; each
+leaves a valid graph (``graph.lint()`` passes, dead nodes it created are gone). A pass that raises
+is undone and reported as a decline: a failing analysis never breaks a user's compile.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch.fx as fx
@@ -20,8 +23,8 @@ import torch.fx as fx
 from graphopt import analysis
 from graphopt.guards import Guard
 from graphopt.inspection import GraphReport
-from graphopt.masks import MaskKind
 from graphopt.options import GraphoptOptions
+from graphopt.runtime import Adapter
 
 log = logging.getLogger("graphopt")
 _warned: set[tuple[int, str]] = set()
@@ -34,48 +37,6 @@ class InvalidProgramError(ValueError):
     refuse; :func:`run_passes` lets it through (every other exception of a pass becomes a
     decline). The message says what eager says and how to fix the input.
     """
-
-
-@dataclass
-class DetachedLogits:
-    """Logits that the rewritten graph returns without a gradient; the backend attaches it.
-
-    This is the contract between :mod:`graphopt.passes.fused_cross_entropy`, which appends an extra
-    output, and :class:`graphopt.runtime.AttachedLogitsGraph`, which removes it again.
-
-    Attributes:
-        positions: where the logits stand in the graph's outputs.
-        hidden_position: the output the pass appended, holding the (N, H) hidden states the fused
-            loss read; the backend removes it from what the caller sees.
-        weight_input: the graph input (placeholder index) holding the lm_head weight.
-        logit_scale: the constant the logits were multiplied by after the matmul (1.0: none).
-    """
-
-    positions: list[int]
-    hidden_position: int
-    weight_input: int
-    logit_scale: float = 1.0
-
-
-@dataclass
-class MaskExport:
-    """A mask the graph returns, to publish for the graphs that receive it
-    (:mod:`graphopt.handoff`; :class:`graphopt.runtime.PublishedMasks` publishes it).
-
-    Attributes:
-        positions: where the mask stands in the graph's outputs.
-        kind: what the mask was proven to be, or ``MaskKind.RECEIVED`` for a mask the graph received and
-            returns unchanged (its published fact is passed on).
-        input_index: the placeholder index of the mask's source (attention_mask, position_ids or
-            the received mask), None for a causal mask of no input.
-        proof: for a symbolic-size mask, the ``proven_length`` guard that must hold at the call's
-            length for the mask to be what ``kind`` says.
-    """
-
-    positions: list[int]
-    kind: MaskKind
-    input_index: int | None
-    proof: Guard | None = None
 
 
 class Variant(enum.Enum):
@@ -111,11 +72,11 @@ class PassContext:
         report: where rewrites, declines and notes go.
         variant: which version of the graph is built (:class:`Variant`).
         guards: the runtime guards the rewrites registered.
-        exports: the masks the graph returns, to publish for later graphs.
-        received_rewritten: placeholder indices of the received masks that were rewritten.
+        adapters: the changes the rewrites made to the graph's calling convention, in the order
+            they were made (:class:`graphopt.runtime.Adapter`).
+        received_rewritten: placeholder indices of the received masks that were rewritten (the
+            backend then builds the :attr:`Variant.RECEIVED_PACKED` version too).
         right_padding: the right-padding guard of mask elision, when it registered one.
-        unpad: the ``UnpadPlan`` of :mod:`graphopt.passes.unpad`, when the graph can be unpadded.
-        detached_logits: logits whose gradient the backend attaches outside the graph.
         memo: probing results shared by the pipelines run on copies of one graph (the fast graph
             and the exact fallback), keyed by the probed subgraph's code.
     """
@@ -124,12 +85,10 @@ class PassContext:
     report: GraphReport
     variant: Variant = Variant.FAST
     guards: list[Guard] = field(default_factory=list)
-    detached_logits: list[DetachedLogits] = field(default_factory=list)
+    adapters: list[Adapter] = field(default_factory=list)
     memo: dict = field(default_factory=dict)
-    exports: list[MaskExport] = field(default_factory=list)
     received_rewritten: list[int] = field(default_factory=list)
     right_padding: RightPadding | None = None
-    unpad: object = None
     _masks: list | None = None
     _losses: tuple | None = None
 
@@ -172,6 +131,16 @@ class PassContext:
         """Position of placeholder ``node`` in the graph's argument list."""
         return [n for n in gm.graph.nodes if n.op == "placeholder"].index(node)
 
+    def adapt(self, adapter: Adapter) -> Adapter:
+        """Register ``adapter``, a change to the graph's calling convention; a pass that appends
+        placeholders registers its adapter when it appends them (see :class:`graphopt.runtime.Adapter`)."""
+        self.adapters.append(adapter)
+        return adapter
+
+    def adapters_of(self, kind: type) -> list:
+        """The registered adapters of class ``kind``."""
+        return [a for a in self.adapters if isinstance(a, kind)]
+
     def add_guard(self, guard: Guard) -> Guard:
         """Register ``guard``, or return the one already registered with the same identity (name,
         inputs and parameters: see :attr:`Guard.key`)."""
@@ -181,6 +150,20 @@ class PassContext:
                 return existing
         self.guards.append(guard)
         return guard
+
+
+def retire_mask(gm: fx.GraphModule, ctx: PassContext, cand, guards: Sequence[Guard] = ()) -> list[Guard]:
+    """The end of every rewrite that removed each use of mask ``cand`` (a
+    :class:`graphopt.masks.MaskCandidate`): register ``guards``, naming the mask as what they
+    protect; drop the mask from the checkpoint bodies it entered; erase its dead nodes. Returns
+    the registered guards, in order (an equal guard registered earlier stands for its copy)."""
+    registered = [ctx.add_guard(guard) for guard in guards]
+    for guard in registered:
+        guard.rewrites.append(cand.node.name)
+    for checkpoint in set(cand.checkpoints.values()):
+        analysis.drop_unused_checkpoint_operands(checkpoint)
+    analysis.erase_dead(gm.graph, cand.slice_nodes)
+    return registered
 
 
 def enabled_passes(options: GraphoptOptions) -> list:
@@ -235,24 +218,27 @@ def run_passes(
 def _apply_undoable(p, work: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, bool]:
     """Apply pass ``p`` to ``work`` in place; returns (the graph to continue with, changed).
 
-    If ``p`` raises, a copy of ``work`` taken before it runs replaces it (the analyses cached on
-    ``work`` are dropped with it) and everything ``p`` registered is removed: guards, detached
-    logits, exports, received masks it rewrote, the right-padding guard and the unpad plan.
+    ``p.apply`` may return a new graph, which replaces ``work``. If ``p`` raises, a copy of
+    ``work`` taken before it runs replaces it (the analyses cached on ``work`` are dropped with it)
+    and everything ``p`` registered is removed: guards, adapters, received masks it rewrote and
+    the right-padding guard.
     """
     snapshot = analysis.copy_graph_module(work)
     report = ctx.report
-    n_guards, n_detached, n_exports = len(ctx.guards), len(ctx.detached_logits), len(ctx.exports)
-    n_received, right_padding, unpad = len(ctx.received_rewritten), ctx.right_padding, ctx.unpad
+    n_guards, n_adapters, n_received = len(ctx.guards), len(ctx.adapters), len(ctx.received_rewritten)
+    right_padding = ctx.right_padding
     n_rewrites, n_notes = len(report.rewrites), len(report.notes)
     try:
-        p.apply(work, ctx)
+        replacement = p.apply(work, ctx)
+        if replacement is not None:  # a new graph stands for the copy: it keeps the copy's meta
+            replacement.meta = {**work.meta, **replacement.meta}
+            work = replacement
         analysis.recompile_all(work)
     except InvalidProgramError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure of an analysis must become a decline
-        del ctx.guards[n_guards:], ctx.detached_logits[n_detached:], ctx.exports[n_exports:]
-        del ctx.received_rewritten[n_received:]
-        ctx.right_padding, ctx.unpad = right_padding, unpad
+        del ctx.guards[n_guards:], ctx.adapters[n_adapters:], ctx.received_rewritten[n_received:]
+        ctx.right_padding = right_padding
         del report.rewrites[n_rewrites:], report.notes[n_notes:]
         ctx.invalidate()
         reason = f"the pass raised {type(e).__name__}: {e}; the graph is left as it was"

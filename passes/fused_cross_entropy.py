@@ -41,25 +41,54 @@ import torch.fx as fx
 
 from graphopt import analysis
 from graphopt.losses import LossInfo
-from graphopt.passes import DetachedLogits, InvalidProgramError, PassContext
+from graphopt.passes import InvalidProgramError, PassContext
+from graphopt.runtime import Adapter
+
+
+class AttachLogits(Adapter):
+    """The calling convention of a graph whose fused loss returns the logits detached: the graph
+    also returns the (N, H) hidden states the loss read, as its last output. At each call the
+    logits get ``d logits / d (hidden, weight)`` as an autograd node of their own
+    (:func:`~graphopt.ops.linear_cross_entropy.attach_logits_grad`), and the extra output goes.
+
+    Attributes:
+        positions: where the logits stand in the graph's outputs.
+        hidden_position: the output the pass appended, holding the hidden states.
+        weight_input: the graph input (placeholder index) holding the lm_head weight.
+        logit_scale: the constant the logits were multiplied by after the matmul (1.0: none).
+    """
+
+    def __init__(self, positions: list[int], hidden_position: int, weight_input: int, logit_scale: float = 1.0):
+        from graphopt.ops.linear_cross_entropy import attach_logits_grad  # the op module imports triton
+
+        self.positions = positions
+        self.hidden_position = hidden_position
+        self.weight_input = weight_input
+        self.logit_scale = logit_scale
+        self._attach = attach_logits_grad
+
+    def outputs(self, args, outputs: list) -> list:
+        scale = {} if self.logit_scale == 1.0 else {"logit_scale": self.logit_scale}
+        logits = self._attach(outputs[self.positions[0]], outputs[self.hidden_position], args[self.weight_input], **scale)
+        for position in self.positions:
+            outputs[position] = logits
+        del outputs[self.hidden_position]
+        return outputs
 
 
 class FusedCrossEntropy:
     name = "fused_cross_entropy"
 
-    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> int:
+    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         losses, reasons = ctx.losses(gm)
         for reason in reasons:
             ctx.report.decline(self.name, reason)
-        rewritten = 0
         for loss in losses:
             why = self._unsupported(loss)
             if why:
                 ctx.report.decline(self.name, why)
                 continue
             self._rewrite(gm, ctx, loss)
-            rewritten += 1
-        return rewritten
 
     @staticmethod
     def _unsupported(loss: LossInfo) -> str:
@@ -168,8 +197,8 @@ class FusedCrossEntropy:
         analysis.erase_dead(graph, chain | {loss.scaled, loss.linear})
         if detach:
             outputs = list(output.args[0])
-            ctx.detached_logits.append(
-                DetachedLogits(
+            ctx.adapt(
+                AttachLogits(
                     positions=[i for i, node in enumerate(outputs) if node is replacement],
                     hidden_position=len(outputs),
                     weight_input=ctx.placeholder_index(gm, loss.weight),

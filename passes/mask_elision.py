@@ -34,16 +34,53 @@ from graphopt.guards import Guard, right_padding_guard
 from graphopt.handoff import HandedOffMaskGuard
 from graphopt.losses import LossInfo, per_position_output
 from graphopt.masks import MaskCandidate, MaskKind, _canonical, prove_length
-from graphopt.passes import MaskExport, PassContext, RightPadding
+from graphopt.passes import PassContext, RightPadding, retire_mask
+from graphopt.runtime import Adapter
+
+
+class PublishMasks(Adapter):
+    """After each call, publish a proven mask the graph returns (:mod:`graphopt.handoff`), so the
+    graphs that receive it can drop it. A symbolic-size mask is published only at lengths its
+    proof covers; a mask the graph received and returns passes its fact on.
+
+    Attributes:
+        positions: where the mask stands in the graph's outputs.
+        kind: what the mask was proven to be, or ``MaskKind.RECEIVED`` for a mask the graph
+            received and returns unchanged (its published fact is passed on).
+        input_index: the placeholder index of the mask's source (attention_mask, position_ids or
+            the received mask), None for a causal mask of no input.
+        proof: for a symbolic-size mask, the ``proven_length`` guard that must hold at the call's
+            length for the mask to be what ``kind`` says.
+    """
+
+    def __init__(self, positions: list[int], kind: MaskKind, input_index: int | None, proof: Guard | None = None):
+        self.positions = positions
+        self.kind = kind
+        self.input_index = input_index
+        self.proof = proof
+
+    def after(self, args, outputs: list) -> None:
+        from graphopt import handoff
+
+        if self.proof is not None and not all(self.proof.conditions(args).values()):
+            return
+        source = None if self.input_index is None else args[self.input_index]
+        kind = self.kind
+        if kind == MaskKind.RECEIVED:
+            fact = handoff.lookup(source)
+            if fact is None:
+                return
+            kind, source = fact.kind, fact.source
+        for position in self.positions:
+            handoff.publish(outputs[position], kind, source)
 
 
 class MaskElision:
     name = "mask_elision"
 
-    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> int:
-        """Rewrite the provably causal masks in ``gm``. Returns the number of attention calls
-        rewritten."""
-        rewritten = 0
+    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        """Rewrite the users of the provably causal masks in ``gm``; publish the proven masks it
+        returns."""
         for cand in ctx.masks(gm):
             if cand.kind == MaskKind.UNKNOWN:
                 ctx.report.decline(self.name, cand.reason)
@@ -51,7 +88,7 @@ class MaskElision:
             if cand.exported:
                 self._export(gm, ctx, cand)
             if cand.kind == MaskKind.RECEIVED:
-                rewritten += self._received(gm, ctx, cand)
+                self._received(gm, ctx, cand)
                 continue
             if cand.kind == MaskKind.PACKED_CAUSAL or not cand.users:
                 continue  # the varlen_attention pass owns packed masks
@@ -65,20 +102,12 @@ class MaskElision:
                     continue
                 analysis.set_sdpa_arguments(user, attn_mask=None, is_causal=True)
                 ctx.report.rewrite(self.name, f"sdpa_{rule}", f"{user.name}: attn_mask={cand.node.name} -> is_causal=True")
-                rewritten += 1
             for user in cand.additive_users:
                 self._replace_additive(user, cand)
                 ctx.report.rewrite(self.name, f"eager_{rule}", f"{user.name}: + {cand.node.name} -> + constant causal mask")
-                rewritten += 1
-            for guard in guards:
-                registered = ctx.add_guard(guard)
-                registered.rewrites.append(cand.node.name)
+            for guard, registered in zip(guards, retire_mask(gm, ctx, cand, guards)):
                 if isinstance(guard.fn, _ScoredTargetsGuard):
                     ctx.right_padding = RightPadding(registered, scores_targets=guard.fn.targets is not None)
-            for checkpoint in set(cand.checkpoints.values()):  # the mask no longer enters the bodies
-                analysis.drop_unused_checkpoint_operands(checkpoint)
-            analysis.erase_dead(gm.graph, cand.slice_nodes)
-        return rewritten
 
     def _export(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> None:
         """Record ``cand``, a mask the graph returns, for publication to the graphs that receive it."""
@@ -86,7 +115,7 @@ class MaskElision:
         positions = [i for i, out in enumerate(outputs) if out is cand.node]
         source = None if cand.input is None else ctx.placeholder_index(gm, cand.input)
         proof = proven_length_guard(gm, cand) if cand.seq_symbols and cand.kind != MaskKind.RECEIVED else None
-        ctx.exports.append(MaskExport(positions, cand.kind, source, proof))
+        ctx.adapt(PublishMasks(positions, cand.kind, source, proof))
         what = "passed on" if cand.kind == MaskKind.RECEIVED else f"published as {cand.kind}"
         ctx.report.rewrite("mask_handoff", "export", f"{cand.node.name}: returned to later graphs, {what}")
 
@@ -123,12 +152,8 @@ class MaskElision:
             rewritten += 1
         if not rewritten:
             return 0
-        for guard in guards:
-            ctx.add_guard(guard).rewrites.append(cand.node.name)
+        retire_mask(gm, ctx, cand, guards)
         ctx.received_rewritten.append(ctx.placeholder_index(gm, cand.input))
-        for checkpoint in set(cand.checkpoints.values()):
-            analysis.drop_unused_checkpoint_operands(checkpoint)
-        analysis.erase_dead(gm.graph, cand.slice_nodes)
         return rewritten
 
     @staticmethod

@@ -39,8 +39,9 @@ import torch
 import torch.fx as fx
 
 import graphopt.ops.linear_cross_entropy  # noqa: F401 - registers torch.ops.graphopt.linear_cross_entropy
-from graphopt import analysis
-from graphopt.passes import PassContext
+from graphopt import analysis, inspection
+from graphopt.passes import PassContext, Variant
+from graphopt.runtime import Adapter
 
 # Elementwise (broadcasting) ops of Dynamo's torch-level IR. Casts and copies are elementwise too.
 _ELEMENTWISE_FUNCTIONS = frozenset({
@@ -79,42 +80,70 @@ class Decline(Exception):
 
 @dataclass
 class UnpadPlan:
-    """The unpadded graph and what its runtime wrapper needs.
+    """What :class:`_Builder` built: the unpadded graph and what its calling convention needs.
 
     The module takes the graph's own inputs followed by ``gather`` (T,) int64 flat indices into
     (B*S) of the packed tokens, ``positions`` (T,) int64, ``cu_seqlens`` (B+2,) int32 and
     ``scatter`` (T,) int64 (``gather`` with the bucket's extra tokens sent to row B*S, a row the
-    scatter drops).
+    scatter drops); ``input_names`` are those four placeholders' names.
     """
 
     module: fx.GraphModule
     mask_input: int  # index of the attention_mask argument
-    bucket: int
+    input_names: tuple[str, ...]
     rewritten: list[str] = field(default_factory=list)
+
+
+class PackTokens(Adapter):
+    """The calling convention of the unpadded graph: at each call, the packing indices of the
+    right-padded batch (:func:`packing_indices`) are built on the host from the row lengths, read
+    with the guards, and passed as the graph's four extra inputs. The packed length is marked
+    dynamic, so batches of other real-token counts reuse the compilation."""
+
+    def __init__(self, mask_input: int, input_names: tuple[str, ...], bucket: int = BUCKET):
+        self.mask_input = mask_input
+        self.input_names = input_names
+        self.bucket = bucket
+
+    def reads(self, args) -> torch.Tensor:
+        """The real-token count of each row, on the device."""
+        return (args[self.mask_input] != 0).sum(-1)
+
+    def inputs(self, args, host: list[int] | None) -> tuple:
+        mask = args[self.mask_input]
+        extra, n_real, packed = packing_indices(mask, host, self.bucket)
+        for name in ("gather", "positions", "scatter"):
+            torch._dynamo.maybe_mark_dynamic(extra[name], 0)
+        inspection.record_runtime("unpad")
+        inspection.record_runtime("unpad_tokens_saved", mask.numel() - packed)
+        inspection.record_runtime("unpad_bucket_waste", packed - n_real)
+        return extra["gather"], extra["positions"], extra["cu_seqlens"], extra["scatter"]
 
 
 class Unpad:
     name = "unpad"
 
-    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> int:
-        if not ctx.allow_guards:
-            return 0
-        if ctx.right_padding is None:
-            return 0  # nothing padded is rewritten
+    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule | None:
+        """The unpadded version of ``gm`` when it can be built (it replaces ``gm`` in the fast
+        version of the graph; the exact fallback runs the padded graph), else None."""
+        if ctx.variant is not Variant.FAST or ctx.right_padding is None:
+            return None  # only the fast graph is unpadded, and only a padded batch's
         guard = ctx.right_padding.guard
         if not ctx.right_padding.scores_targets and not ctx.options.padded_outputs_unused:
-            return 0  # no loss says which outputs matter (mask elision declined it too)
-        if ctx.exports:
+            return None  # no loss says which outputs matter (mask elision declined it too)
+        from graphopt.passes.mask_elision import PublishMasks
+
+        if ctx.adapters_of(PublishMasks):
             ctx.report.decline(self.name, "the graph returns its attention mask to later graphs; the padded layout is kept")
-            return 0
+            return None
         try:
             plan = _Builder.outer(gm, ctx, guard).build()
         except Decline as e:
             ctx.report.decline(self.name, str(e))
-            return 0
-        ctx.unpad = plan
+            return None
+        ctx.adapt(PackTokens(plan.mask_input, plan.input_names))
         ctx.report.rewrite(self.name, "tokens", f"the decoder runs on the real tokens only ({', '.join(plan.rewritten)})")
-        return 1
+        return plan.module
 
 
 def _tag_size(tag: str | None, original, t_node: fx.Node):
@@ -196,7 +225,8 @@ class _Builder:
         self._run(sources)
         if not self.attention_calls:
             raise Decline("no attention runs on the tokens")
-        return UnpadPlan(self._module(), self.mask_input, BUCKET, self.rewritten)
+        names = tuple(n.name for n in (self.gather, self.positions, self.cu, self.scatter))
+        return UnpadPlan(self._module(), self.mask_input, names, self.rewritten)
 
     def build_body(self, operand_tags: list, tables, mask: fx.Node) -> tuple[fx.GraphModule, list]:
         """The unpadded body of a checkpoint call whose operands have ``operand_tags``. The body

@@ -35,7 +35,8 @@ from graphopt.guards import Guard
 from graphopt.handoff import HandedOffPackedGuard
 from graphopt.masks import MaskCandidate, MaskKind, _canonical, document_starts
 from graphopt.ops.varlen_attention import apply_rotary
-from graphopt.passes import PassContext
+from graphopt.passes import PassContext, retire_mask
+from graphopt.runtime import Adapter
 
 _MAX_DOMINATOR_TRIES = 8
 
@@ -79,14 +80,32 @@ class AttentionMatch:
     region: list[fx.Node]  # nodes that become dead after the rewrite
 
 
+class ReceivedBoundaries(Adapter):
+    """The calling convention of the received-packed version of a graph (one that receives its mask
+    from an earlier graph and runs attention per document): one more input, the (B*S + 1,) int32
+    document boundaries of the received mask, computed once per mask on the device
+    (:meth:`graphopt.handoff.MaskFact.cu_seqlens`). The version's guards hold, so the mask is
+    known and packed."""
+
+    def __init__(self, mask_index: int, input_name: str):
+        self.mask_index = mask_index
+        self.input_names = (input_name,)
+
+    def inputs(self, args, host) -> tuple:
+        from graphopt import handoff, inspection
+
+        mask = args[self.mask_index]
+        inspection.record_runtime("received_packed")
+        return (handoff.lookup(mask).cu_seqlens(mask.shape[0]),)
+
+
 class VarlenAttention:
     name = "varlen_attention"
 
-    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> int:
-        rewritten = 0
+    def apply(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         for cand in ctx.masks(gm):
             if cand.kind == MaskKind.RECEIVED and ctx.received_as == "packed" and ctx.allow_guards:
-                rewritten += self._received(gm, ctx, cand)
+                self._received(gm, ctx, cand)
             if cand.kind != MaskKind.PACKED_CAUSAL:
                 continue
             if cand.additive_users:
@@ -101,11 +120,7 @@ class VarlenAttention:
                     positions = cand.input if checkpoint is None else analysis.add_checkpoint_operand(checkpoint, cand.input)
                     cus[match.sdpa.graph] = self._insert_cu_seqlens(positions, match)
                 self._rewrite(ctx, match, cus[match.sdpa.graph])
-                rewritten += 1
-            for checkpoint in set(cand.checkpoints.values()):
-                analysis.drop_unused_checkpoint_operands(checkpoint)
-            analysis.erase_dead(gm.graph, cand.slice_nodes)
-        return rewritten
+            retire_mask(gm, ctx, cand)
 
     def _matches(self, ctx: PassContext, cand: MaskCandidate, outer: "_TableAnalysis") -> list[tuple[AttentionMatch, fx.Node | None]]:
         """The SDPA users of ``cand`` proven rewritable, each with the checkpoint call whose body
@@ -152,12 +167,9 @@ class VarlenAttention:
             if match.sdpa.graph not in inside:
                 inside[match.sdpa.graph] = analysis.add_checkpoint_operand(checkpoint, cu)
             self._rewrite(ctx, match, inside[match.sdpa.graph])
-        for guard in guards:
-            ctx.add_guard(guard).rewrites.append(cand.node.name)
+        retire_mask(gm, ctx, cand, guards)
         ctx.received_rewritten.append(index)
-        for checkpoint in set(cand.checkpoints.values()):
-            analysis.drop_unused_checkpoint_operands(checkpoint)
-        analysis.erase_dead(gm.graph, cand.slice_nodes)
+        ctx.adapt(ReceivedBoundaries(index, cu.name))
         return len(matches)
 
     @staticmethod
