@@ -117,7 +117,9 @@ def _prove(gm: fx.GraphModule, ce: fx.Node, deps) -> LossInfo | str:
     if not isinstance(logits, fx.Node) or not isinstance(target, fx.Node):
         return "cross_entropy inputs are not graph values"
 
-    # 1. Walk back from cross_entropy's input to the lm_head linear.
+    # 1. Walk back from cross_entropy's input to the lm_head linear. Each op on the way reads one
+    # tensor, the previous one, and constants: it treats every position alike, so the probe below
+    # can decide its values on a few positions.
     node, chain = logits, []
     while not (node.op == "call_function" and node.target in LINEAR_TARGETS):
         passes = (node.op == "call_method" and node.target in _PASS_THROUGH_METHODS) or (
@@ -125,13 +127,14 @@ def _prove(gm: fx.GraphModule, ce: fx.Node, deps) -> LossInfo | str:
         )
         if not passes:
             return f"the logits reach cross_entropy through {node.name} ({analysis.describe(node)}), not an elementwise map of lm_head"
+        tensors = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node) and isinstance(analysis.example_value(a), torch.Tensor)]
+        if len(tensors) != 1:
+            what = "reads no tensor" if not tensors else "also reads " + ", ".join(a.name for a in tensors[1:])
+            return f"the logits reach cross_entropy through {node.name} ({analysis.describe(node)}), which {what}"
         chain.append(node)
-        node = node.args[0]
-        if not isinstance(node, fx.Node):
-            return "the logits path does not start at a linear layer"
+        node = tensors[0]
     linear = node
-    hidden, weight = linear.args[0], linear.args[1]
-    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    hidden, weight, bias = _linear_arguments(linear)
     if bias is not None:
         return "lm_head has a bias"
     h_val, w_val = analysis.example_value(hidden), analysis.example_value(weight)
@@ -175,6 +178,13 @@ def _prove(gm: fx.GraphModule, ce: fx.Node, deps) -> LossInfo | str:
     )
 
 
+def _linear_arguments(node: fx.Node) -> tuple:
+    """``(input, weight, bias)`` of a ``linear`` call, given by position or by keyword."""
+    names = ("input", "weight", "bias")
+    given = dict(zip(names, node.args)) | {k: v for k, v in node.kwargs.items() if k in names}
+    return given.get("input"), given.get("weight"), given.get("bias")
+
+
 def _is_div(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in (operator.truediv, torch.div)) or (
         node.op == "call_method" and node.target in ("div", "__truediv__")
@@ -196,9 +206,10 @@ def _reads_activations(node: fx.Node) -> bool:
 
 def _scalar_operand(node: fx.Node) -> float | None:
     """The constant of ``x * c``, ``c * x`` or ``x / c`` (as the factor: c or 1/c), else None."""
-    if len(node.args) != 2:
+    operands = [*node.args, *(node.kwargs[k] for k in ("input", "other") if k in node.kwargs)]
+    if len(operands) != 2 or set(node.kwargs) - {"input", "other"}:
         return None
-    a, b = node.args
+    a, b = operands
     if not isinstance(b, (int, float)) and isinstance(a, (int, float)) and not _is_div(node):
         a, b = b, a
     if not isinstance(b, (int, float)) or isinstance(b, bool) or b == 0:
