@@ -95,6 +95,10 @@ GUARD_ADVICE = {
         "torch._dynamo.config.optimize_ddp = False (graphopt then sees the whole graph); or pack the "
         "batch (DataCollatorWithFlattening) to get the fast path."
     ),
+    "causal_kind": (
+        "the mask this graph received was published as a kind it cannot drop as causal (a sliding "
+        "window?); the exact masked path runs."
+    ),
     "one_document_per_row": (
         "a row of the packed batch holds several documents, and this graph received the mask from an "
         "earlier one; the exact masked path runs."

@@ -83,8 +83,10 @@ class MaskFact:
         if self.kind == MaskKind.CAUSAL_PADDING:
             on_device = right_padding_guard(self.source, None, ignore_index=-100)
             on_device["no_padding"] = (self.source != 0).all()
-        else:
+        elif self.kind == MaskKind.PACKED_CAUSAL:
             on_device = {"one_document_per_row": ~document_starts(self.source).narrow(1, 1, self.source.shape[1] - 1).any()}
+        else:  # no other kind is published; one that were could not be dropped as causal
+            return {"causal_kind": False}
         return dict(zip(on_device, torch.stack(list(on_device.values())).tolist()))
 
 

@@ -57,13 +57,40 @@ class MaskKind(str, enum.Enum):
     CAUSAL = "causal"
     CAUSAL_PADDING = "causal_padding"
     PACKED_CAUSAL = "packed_causal"
+    # The same within a sliding window: a query sees its last ``MaskCandidate.window`` keys,
+    # itself included (``q - window < kv <= q``, transformers' ``sliding_window``).
+    SLIDING_CAUSAL = "sliding_causal"
+    SLIDING_CAUSAL_PADDING = "sliding_causal_padding"
+    SLIDING_PACKED_CAUSAL = "sliding_packed_causal"
     RECEIVED = "received"
     UNKNOWN = "unknown"
+
+    @property
+    def unwindowed(self) -> MaskKind:
+        """The kind without its sliding window (itself for a kind without one)."""
+        return _UNWINDOWED.get(self, self)
+
+    @property
+    def sliding(self) -> bool:
+        """Whether masks of this kind have a sliding window (:attr:`MaskCandidate.window`)."""
+        return self in _UNWINDOWED
+
+    @property
+    def windowed(self) -> MaskKind | None:
+        """The sliding-window form of this kind (None: there is none)."""
+        return {v: k for k, v in _UNWINDOWED.items()}.get(self)
 
     def __str__(self) -> str:
         return self.value
 
     __format__ = str.__format__  # f"{kind}" is the value, as str(kind)
+
+
+_UNWINDOWED = {
+    MaskKind.SLIDING_CAUSAL: MaskKind.CAUSAL,
+    MaskKind.SLIDING_CAUSAL_PADDING: MaskKind.CAUSAL_PADDING,
+    MaskKind.SLIDING_PACKED_CAUSAL: MaskKind.PACKED_CAUSAL,
+}
 
 
 @dataclass
@@ -85,6 +112,7 @@ class MaskCandidate:
         seq_len: the (hinted) query length; ``seq_symbols`` the symbols of the sizes that equal
             it (query and key lengths, the mask input's length) when shapes are dynamic.
         max_probed_len: the proof holds for sequence lengths up to this.
+        window: for the ``sliding_*`` kinds, how many keys a query sees, itself included.
         reason: why ``kind`` is ``MaskKind.UNKNOWN``.
         function: the mask's slice as a function, kept to prove it at more lengths later.
     """
@@ -101,6 +129,7 @@ class MaskCandidate:
     seq_len: int = 0
     seq_symbols: frozenset = frozenset()
     max_probed_len: int = 0
+    window: int | None = None
     reason: str = ""
     function: analysis.ExtractedFunction | None = None
 
@@ -302,6 +331,18 @@ def _classify(gm: fx.GraphModule, cand: MaskCandidate, inputs: frozenset[fx.Node
             cand.max_probed_len = max(_sizes(cand))
             return
         details.append(detail)
+    for kind in [k.windowed for k in hypotheses if k.windowed is not None]:
+        window = _window_of(fn, cand, input_node, kind)
+        if window is None:
+            continue
+        cand.window = window
+        ok, detail = _check(fn, cand, input_node, kind, _sizes(cand))
+        if ok:
+            cand.kind, cand.input = kind, input_node
+            cand.max_probed_len = max(_sizes(cand))
+            return
+        cand.window = None
+        details.append(detail)
     failures = [d for d in details if d.startswith("probing the mask failed")]
     if failures:  # nothing was learnt about what the mask is
         cand.reason = failures[0]
@@ -312,8 +353,37 @@ def _classify(gm: fx.GraphModule, cand: MaskCandidate, inputs: frozenset[fx.Node
     else:
         cand.reason = (
             f"the mask built from {input_node.name} is neither causal ∧ padding nor packed "
-            f"block-causal (sliding window, chunked or bidirectional attention?): {'; '.join(details)}"
+            f"block-causal, with or without a sliding window (chunked or bidirectional attention?): {'; '.join(details)}"
         )
+
+
+def _window_of(fn, cand: MaskCandidate, input_node, kind: MaskKind) -> int | None:
+    """The sliding window a mask would have if it were ``kind``: how many keys the last query of
+    one full row (no padding, one document) sees, at the longest probed length; None when that
+    row sees every key (no window shows at this length) or none."""
+    length = max(_sizes(cand))
+    assignment = {sym: sympy.Integer(length) for sym in cand.seq_symbols}
+    chosen: dict = {}
+    for inp in fn.inputs:
+        ev = analysis.example_value(inp)
+        if isinstance(ev, torch.Tensor):
+            shape = _shape_under(ev, assignment)
+            if inp is input_node:
+                row = torch.ones(shape[-1]) if kind.unwindowed == MaskKind.CAUSAL_PADDING else torch.arange(shape[-1])
+                chosen[inp] = row.expand(shape).to(ev.dtype)
+            else:
+                chosen[inp] = torch.zeros(shape, dtype=ev.dtype)
+        elif isinstance(ev, torch.SymInt):
+            chosen[inp] = _size_under(ev, assignment)
+    try:
+        out = analysis.run_function(fn, chosen)
+    except Exception:  # noqa: BLE001 - a slice that cannot run proves nothing (the caller's _check says why)
+        return None
+    if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[-1] != length:
+        return None
+    last = out[0, 0, -1]
+    seen = int(last.sum()) if last.dtype == torch.bool else int((last == 0).sum())
+    return seen if 0 < seen < length else None
 
 
 def _sizes(cand: MaskCandidate) -> list[int]:
@@ -361,7 +431,7 @@ def _check(fn, cand: MaskCandidate, input_node, kind: MaskKind, lengths) -> tupl
                 if kind == MaskKind.RECEIVED:
                     ok, detail = _compare_received(out, ref_input)
                 else:
-                    ok, detail = _compare(out, kind, ref_input, seq_len, masked_values)
+                    ok, detail = _compare(out, kind, ref_input, seq_len, masked_values, cand.window if kind.sliding else None)
             except Exception as e:  # a slice that cannot run on the probe proves nothing
                 return False, f"probing the mask failed: {type(e).__name__}: {e}"
             if not ok:
@@ -403,7 +473,7 @@ _POSITION_PATTERNS = ("restarts", "offsets", "arbitrary")
 def _n_probes(kind: MaskKind, batch: int) -> int:
     if kind == MaskKind.RECEIVED:
         return 2
-    patterns = _PADDING_PATTERNS if kind == MaskKind.CAUSAL_PADDING else _POSITION_PATTERNS
+    patterns = _PADDING_PATTERNS if kind.unwindowed == MaskKind.CAUSAL_PADDING else _POSITION_PATTERNS
     return -(-len(patterns) // max(batch, 1)) + 1
 
 
@@ -415,7 +485,7 @@ def _probe_value(kind: MaskKind, shape, dtype, probe: int, gen: torch.Generator)
             return torch.rand(shape, generator=gen) < 0.5
         return torch.randn(shape, generator=gen).to(dtype)
     batch, seq = shape
-    patterns = _PADDING_PATTERNS if kind == MaskKind.CAUSAL_PADDING else _POSITION_PATTERNS
+    patterns = _PADDING_PATTERNS if kind.unwindowed == MaskKind.CAUSAL_PADDING else _POSITION_PATTERNS
     rows = [_probe_row(patterns[(probe * batch + r) % len(patterns)], seq, gen) for r in range(batch)]
     return torch.stack(rows).to(dtype)
 
@@ -439,20 +509,30 @@ def _probe_row(pattern: str, seq: int, gen: torch.Generator) -> torch.Tensor:
     return torch.tensor(row[:seq])
 
 
-def _reference(kind: MaskKind, inp: torch.Tensor | None, seq_len: int, causal: torch.Tensor | None = None) -> torch.Tensor:
+def _reference(kind: MaskKind, inp: torch.Tensor | None, seq_len: int, causal: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """The hypothesis' mask for probe input ``inp`` (B, S), as (B|1, 1, S, S). ``causal`` may
-    pass the (S, S) causal matrix in, when the caller computes many references of one length."""
+    pass the (S, S) causal matrix (banded by ``window`` for the sliding kinds) in, when the caller
+    computes many references of one length."""
     if causal is None:
-        idx = torch.arange(seq_len)
-        causal = idx[None, :] <= idx[:, None]
+        causal = _causal(seq_len, window if kind.sliding else None)
     causal = causal[None, None]  # (1, 1, q, kv)
-    if kind == MaskKind.CAUSAL:
+    base = kind.unwindowed
+    if base == MaskKind.CAUSAL:
         return causal
-    if kind == MaskKind.CAUSAL_PADDING:
+    if base == MaskKind.CAUSAL_PADDING:
         return causal & (padding_to_length(inp, seq_len) != 0)[:, None, None, :]
     docs = document_ids(inp)
     same = docs[:, :, None] == docs[:, None, :]
     return causal & same[:, None]
+
+
+def _causal(seq_len: int, window: int | None) -> torch.Tensor:
+    """(S, S): ``kv <= q``, and ``q - window < kv`` when there is a window."""
+    idx = torch.arange(seq_len)
+    causal = idx[None, :] <= idx[:, None]
+    if window is not None:
+        causal &= idx[:, None] - idx[None, :] < window
+    return causal
 
 
 def padding_to_length(attention_mask: torch.Tensor, length: int) -> torch.Tensor:
@@ -488,7 +568,7 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return document_starts(position_ids).cumsum(-1) - 1
 
 
-def _compare(out, kind: MaskKind, inp: torch.Tensor | None, seq_len: int, masked_values: set) -> tuple[bool, str]:
+def _compare(out, kind: MaskKind, inp: torch.Tensor | None, seq_len: int, masked_values: set, window: int | None = None) -> tuple[bool, str]:
     """Compare the slice's output with the hypothesis, one batch row at a time (the reference of a
     whole (B, 1, S, S) batch would double the probe's memory)."""
     if not isinstance(out, torch.Tensor) or out.dim() != 4:
@@ -498,8 +578,7 @@ def _compare(out, kind: MaskKind, inp: torch.Tensor | None, seq_len: int, masked
     rows = out.shape[0] if inp is None else inp.shape[0]  # a mask of no input may be any batch
     if out.shape[0] not in (1, rows) or out.shape[1] < 1:
         return False, f"shape {tuple(out.shape)} does not broadcast to ({rows}, 1, {seq_len}, {seq_len})"
-    idx = torch.arange(seq_len)
-    causal = idx[None, :] <= idx[:, None]
+    causal = _causal(seq_len, window)
     for b in range(rows):
         ref = _reference(kind, None if inp is None else inp[b : b + 1], seq_len, causal)[0, 0]
         for h in range(out.shape[1]):

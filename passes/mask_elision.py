@@ -85,13 +85,20 @@ class MaskElision:
             if cand.kind == MaskKind.UNKNOWN:
                 ctx.report.decline(self.name, cand.reason)
                 continue
-            if cand.exported:
+            if cand.exported and not cand.kind.sliding:  # graphs that receive it keep a sliding mask
                 self._export(gm, ctx, cand)
             if cand.kind == MaskKind.RECEIVED:
                 self._received(gm, ctx, cand)
                 continue
-            if cand.kind == MaskKind.PACKED_CAUSAL or not cand.users:
+            if cand.kind.unwindowed == MaskKind.PACKED_CAUSAL or not cand.users:
                 continue  # the varlen_attention pass owns packed masks
+            if cand.kind.sliding:
+                ctx.report.decline(
+                    self.name,
+                    f"{cand.node.name}: a sliding window of {cand.window} tokens ({cand.kind}); SDPA has no "
+                    "window argument, so the mask is kept",
+                )
+                continue
             guards = self._guards(gm, ctx, cand)
             if guards is None:
                 continue

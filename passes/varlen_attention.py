@@ -106,6 +106,9 @@ class VarlenAttention:
         for cand in ctx.masks(gm):
             if cand.kind == MaskKind.RECEIVED and ctx.received_as == "packed" and ctx.allow_guards:
                 self._received(gm, ctx, cand)
+            if cand.kind == MaskKind.SLIDING_PACKED_CAUSAL:
+                ctx.report.decline(self.name, f"{cand.node.name}: packed documents with a sliding window of {cand.window} tokens are not rewritten yet; the mask is kept")
+                continue
             if cand.kind != MaskKind.PACKED_CAUSAL:
                 continue
             if cand.additive_users:

@@ -182,3 +182,34 @@ def test_mask_passed_on_by_a_graph_stays_known():
         out2 = steps[2](q, k, v, passed)
     torch.testing.assert_close(out2, attend(q, k, v, build(am)))
     assert report.runtime["fast_path"] == 3 and not report.runtime.get("fallback"), report  # all three graphs
+
+
+@pytest.mark.parametrize("kind", [MaskKind.SLIDING_CAUSAL, MaskKind.SLIDING_CAUSAL_PADDING, MaskKind.SLIDING_PACKED_CAUSAL])
+def test_a_sliding_mask_is_never_dropped_as_causal_by_a_graph_that_receives_it(kind):
+    """Mask elision does not publish sliding masks; one published anyway (a future pass) must not
+    pass the receiving graph's guard, whatever its source holds."""
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    source = torch.arange(4)[None] if kind == MaskKind.SLIDING_PACKED_CAUSAL else torch.ones(1, 4, dtype=torch.int64)
+    handoff.publish(mask, kind, source)
+    conditions = handoff.HandedOffMaskGuard(padded_outputs_unused=True)(mask)
+    assert conditions["mask_known"] and not all(conditions.values()), conditions
+    assert not all(handoff.HandedOffPackedGuard()(mask).values())
+
+
+def test_a_returned_sliding_mask_is_not_published():
+    def fn(q, k, v, am):
+        idx = torch.arange(am.shape[1])
+        band = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - 3)
+        mask = band[None, None] & am.bool()[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), mask
+
+    from graphopt.inspection import GraphReport
+    from graphopt.options import GraphoptOptions
+    from graphopt.passes import run_passes
+    from graphopt.passes.mask_elision import PublishMasks
+
+    gm = capture(fn, *qkv(), torch.ones(B, S, dtype=torch.int64))
+    report = GraphReport(graph_id=0, before="", quiet=True)
+    _, ctx = run_passes(gm, GraphoptOptions(padded_outputs_unused=True), report)
+    assert ctx.adapters_of(PublishMasks) == [] and "mask_handoff" not in report.counts
+    assert any("sliding window of 3 tokens" in d.reason for d in report.declines)

@@ -51,12 +51,75 @@ def test_causal_padding_is_recognized_in_any_spelling(spelling):
     assert cand.input.name.endswith("am_") and len(cand.sdpa_users) == 1
 
 
-@pytest.mark.parametrize("spelling", [sliding_window, bidirectional])
+def chunked(am):  # attention within chunks of 3 (Llama 4's chunked attention): no sliding window
+    idx = torch.arange(am.shape[1])
+    same_chunk = idx[None, :] // 3 == idx[:, None] // 3
+    return ((idx[None, :] <= idx[:, None]) & same_chunk)[None, None] & am.bool()[:, None, None, :]
+
+
+def widened(am):  # a sliding window of 3 that also always sees the first token (a "sink" token)
+    return sliding_window(am) | ((torch.arange(am.shape[1]) == 0)[None, None, None, :] & am.bool()[:, None, None, :])
+
+
+@pytest.mark.parametrize("spelling", [bidirectional, chunked, widened])
 def test_other_masks_are_not_recognized(spelling):
     gm = capture(sdpa_with(spelling), *qkv(), am_right())
     (cand,) = find_masks(gm)
-    assert cand.kind == MaskKind.UNKNOWN
+    assert cand.kind == MaskKind.UNKNOWN and cand.window is None
     assert "neither causal" in cand.reason
+
+
+def test_a_sliding_window_is_recognized_with_its_window():
+    gm = capture(sdpa_with(sliding_window), *qkv(), am_right())
+    (cand,) = find_masks(gm)
+    assert cand.kind == MaskKind.SLIDING_CAUSAL_PADDING and cand.window == 3, cand.reason
+    assert cand.kind.unwindowed == MaskKind.CAUSAL_PADDING
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, S - 1])
+def test_sliding_windows_of_any_width_shorter_than_the_sequence_are_proven(window):
+    def spelling(am):  # transformers' sliding_window_overlay: kv > q - window
+        idx = torch.arange(am.shape[1])
+        band = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - window)
+        return torch.where(band[None, None] & am.bool()[:, None, None, :], 0.0, torch.finfo(torch.float32).min)
+
+    gm = capture(sdpa_with(spelling), *qkv(), am_right())
+    (cand,) = find_masks(gm)
+    assert cand.kind == MaskKind.SLIDING_CAUSAL_PADDING and cand.window == window, cand.reason
+    assert cand.masked_value == torch.finfo(torch.float32).min
+
+
+def test_a_window_as_long_as_the_sequence_is_plain_causal():
+    """At this length the window hides nothing: the mask is causal ∧ padding (a longer length is
+    proven when it arrives, and a window then shows)."""
+
+    def spelling(am):
+        idx = torch.arange(am.shape[1])
+        return ((idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - S))[None, None] & am.bool()[:, None, None, :]
+
+    (cand,) = find_masks(capture(sdpa_with(spelling), *qkv(), am_right()))
+    assert cand.kind == MaskKind.CAUSAL_PADDING and cand.window is None
+
+
+def test_a_sliding_window_of_no_input_and_of_packed_documents_is_recognized():
+    def no_input(q, k, v):
+        idx = torch.arange(q.shape[2])
+        band = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - 2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=band[None, None])
+
+    (cand,) = find_masks(capture(no_input, *qkv()))
+    assert cand.kind == MaskKind.SLIDING_CAUSAL and cand.window == 2, cand.reason
+
+    def packed(q, k, v, position_ids):
+        docs = document_ids(position_ids)
+        idx = torch.arange(position_ids.shape[1])
+        band = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - 3)
+        mask = band[None, None] & (docs[:, None, :, None] == docs[:, None, None, :])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5]])
+    (cand,) = find_masks(capture(packed, *qkv(), positions))
+    assert cand.kind == MaskKind.SLIDING_PACKED_CAUSAL and cand.window == 3, cand.reason
 
 
 def test_additive_mask_into_softmax_is_recognized_with_its_masked_value():

@@ -124,7 +124,22 @@ def test_sliding_window_is_declined():
     eager, compiled, report = cm.step(batch)
     assert_steps_equal(eager, compiled)
     assert report.counts["mask_elision"] == 0, report
-    assert any("sliding window" in reason for _, reason in report.declines), report
+    assert any("a sliding window of 4 tokens (sliding_causal_padding)" in reason for _, reason in report.declines), report
+
+
+def test_only_the_full_attention_layers_of_a_model_with_sliding_layers_are_rewritten():
+    """Qwen2 with ``use_sliding_window``: layer 0 attends fully, layer 1 within 4 tokens. The full
+    layer's mask is dropped behind the guard; the sliding layer keeps its mask. (With a cache, the
+    sliding layer's cache returns a token count, an output the guard cannot vouch for.)"""
+    torch.manual_seed(0)
+    cm = CompiledModel(build_tiny_model("qwen2", sliding_window=4), options={"unpad": False})
+    batch = make_batch("right", batch=2, seq=SEQ, seed=6) | {"use_cache": False}
+    eager, compiled, report = cm.step(batch)
+    assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
+    assert report.counts["mask_elision"] == 1, report
+    assert report.rule_counts[("mask_elision", "sdpa_causal_padding")] == 1, report
+    assert any("a sliding window of 4 tokens" in reason for _, reason in report.declines), report
+    assert report.runtime["fast_path"] == 1
 
 
 def test_dynamic_sequence_lengths_keep_the_rewrite_with_bounded_compiles():

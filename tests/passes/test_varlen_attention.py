@@ -54,6 +54,17 @@ def test_packed_equals_padded_documents(family_model):
     assert_steps_equal(eager_padded, compiled_packed)
 
 
+def test_packed_documents_with_a_sliding_window_keep_their_mask_and_are_exact():
+    """Mistral with a window of 4 tokens, documents longer and shorter than it: the mask is proven
+    a sliding packed mask and declined with its window (no windowed op yet), never made plain
+    per-document attention."""
+    cm = CompiledModel(build_tiny_model("mistral", sliding_window=4))
+    eager, compiled, report = cm.step(packed(seed=1))
+    assert_steps_equal(eager, compiled)
+    assert report.counts["varlen_attention"] == 0, report
+    assert any("sliding window of 4 tokens" in reason for name, reason in report.declines if name == "varlen_attention"), report
+
+
 def test_gemma2_eager_attention_is_declined_and_exact():
     cm = CompiledModel(build_tiny_model("gemma2"))
     eager, compiled, report = cm.step(packed(seed=2))
