@@ -565,13 +565,13 @@ def _compile_counts(counters) -> tuple[int, int]:
 
 
 class GuardTimer:
-    """Times every call of :func:`graphopt.guards.evaluate_guards` made by the backend's guarded
-    graphs while the block runs (the backend calls it through ``graphopt.backend``)."""
+    """Times every call of :func:`graphopt.guards.evaluate_guards` made by the guarded dispatch
+    while the block runs (it calls it through :mod:`graphopt.runtime`)."""
 
     def __enter__(self) -> list[float]:
-        import graphopt.backend as backend
+        import graphopt.runtime as runtime
 
-        self.backend, self.original, self.times = backend, backend.evaluate_guards, []
+        self.module, self.original, self.times = runtime, runtime.evaluate_guards, []
 
         def timed(guards, args, **kwargs):
             start = time.perf_counter()
@@ -579,11 +579,11 @@ class GuardTimer:
             self.times.append(time.perf_counter() - start)
             return result
 
-        backend.evaluate_guards = timed
+        runtime.evaluate_guards = timed
         return self.times
 
     def __exit__(self, *exc):
-        self.backend.evaluate_guards = self.original
+        self.module.evaluate_guards = self.original
 
 
 def _guard_overhead(args, trainer: Trainer, batches: list[dict], report, guard_times: list[float]) -> dict:

@@ -83,3 +83,25 @@ def test_uneven_rows_keep_the_real_token_count_and_flatten_to_the_same_loss():
         loss_padded = model(**padded, use_cache=False).loss
         loss_flat = model(**flat, use_cache=False).loss
     torch.testing.assert_close(loss_flat, loss_padded, rtol=1e-5, atol=1e-5)
+
+
+def test_the_guard_timer_times_the_guards_the_dispatch_evaluates():
+    """The in-step guard timing wraps what the runtime really calls (it once patched a name the
+    backend no longer had, and every graphopt bench run failed)."""
+    import torch.fx as fx
+
+    from graphopt import runtime
+    from graphopt.bench import GuardTimer
+    from graphopt.guards import Guard
+
+    graph = fx.Graph()
+    graph.output(graph.placeholder("x"))
+    module = fx.GraphModule({}, graph)
+    fast = runtime.AdaptedGraph(lambda *args: ["fast"], [], module, 1)
+    fallback = runtime.AdaptedGraph(lambda *args: ["fallback"], [], module, 1)
+    guard = Guard(name="g", fn=lambda x: {"right_padded": torch.tensor(True)}, input_indices=(0,), description="")
+    dispatch = runtime.GuardedDispatch([runtime.Version([guard], fast)], fallback, 0, shapes_only=fast)
+    with GuardTimer() as times:
+        assert dispatch(torch.ones(2)) == ["fast"]
+    assert len(times) == 1 and times[0] > 0
+    assert runtime.evaluate_guards.__name__ == "evaluate_guards"  # restored
