@@ -1,4 +1,5 @@
-"""Triton kernels: causal varlen (packed-document) flash attention with RoPE fused into the tile loads.
+"""Triton kernels: causal varlen (packed-document) flash attention with RoPE fused into the tile loads,
+and optionally a sliding window, logit softcapping and attention sinks.
 
 The kernels of the ``"triton"`` implementation of ``graphopt::varlen_attention``. Their launchers
 (``graphopt::varlen_attention_triton_fwd`` / ``_bwd``, ``triton_op`` + ``wrap_triton``), the
@@ -12,17 +13,30 @@ R = rotary dim, N documents)::
     v           (T, Hkv, Dv)   same dtype
     cos, sin    (T, R)         fp32 or q's dtype, per-token HF rotary tables, R even, R <= D
     cu_seqlens  (N+1,)         int32, 0 = cu[0] <= cu[1] <= ... <= cu[N] = T (repeated T = empty docs)
+    sinks       (Hq,)          fp32 or q's dtype, one logit per query head (forward only)
     out         (T, Hq, Dv)    q's dtype
-    lse         (Hq, T)        fp32, natural-log logsumexp of the scaled scores of each query row
+    lse         (Hq, T)        fp32, natural-log logsumexp of each query row's (capped) scores and
+                               its sink
 
 Grids tile the token stream, never the document list: the forward and the dQ kernel run one program
 per (BLOCK_M query tokens, query head), the dK/dV kernel one per (BLOCK_N key tokens, kv head). A
 tile may span documents; each row finds its document start in ``seq_start`` (T,) and each key its
 document end in ``seq_end`` (T,), both computed on the device by ``searchsorted`` on ``cu_seqlens``.
 So the padded tail of ``cu_seqlens`` (empty documents) costs nothing, and no host sync happens.
-Query row ``t`` attends key ``s`` iff ``seq_start[t] <= s <= t`` (same document and causal). A
-query tile iterates keys from its first row's document start to its last row; a key tile iterates
-queries from its first key to its last key's document end: work scales with sum(len_j^2).
+Query row ``t`` attends key ``s`` iff ``seq_start[t] <= s <= t`` (same document and causal) and,
+with ``HAS_WINDOW``, ``t - window < s``. A query tile iterates keys from its first row's document
+start (or ``first row - window + 1``, whichever is later) to its last row; a key tile iterates
+queries from its first key to its last key's document end (or ``last key + window``, whichever is
+earlier): work scales with sum(len_j * min(len_j, window)); key blocks wholly outside the band are
+never visited.
+
+Options, each a constexpr flag so that plain causal attention compiles to the kernels it always had:
+``HAS_SOFTCAP`` caps the scores, ``z = c * tanh(z / c)``, in log2 units (both z and
+``c = softcap * log2(e)`` are scaled by log2(e), which leaves the function unchanged), with the
+derivative ``1 - (z / c)^2`` applied to dS in the backward. ``HAS_SINKS`` starts each row's
+running max at its head's sink and its running sum at 1, so the sink joins the denominator and lse
+and nothing else; the backward kernels need no flag, since lse carries the sink, and the sinks'
+gradient ``-sum_t exp(sink - lse) * delta`` is a small torch reduction in the launcher.
 
 RoPE in the tiles. Channels are handled as three column groups, so that rotation is elementwise and
 un-rotation needs no register shuffle::
@@ -50,7 +64,7 @@ GPU (provisional until measured); 16x16 under ``TRITON_INTERPRET=1``, so that sm
 exercise multi-tile paths.
 fp32 inputs use IEEE fp32 matmuls (no TF32), so fp32 results match the reference tightly.
 
-Float scalar arguments (``scale``, ``qk_scale_log2``) are cast to fp32 on entry. Triton's launcher
+Float scalar arguments (``scale``, ``qk_scale_log2``, ``softcap_log2``) are cast to fp32 on entry. Triton's launcher
 passes a Python float as fp32, but under ``torch.compile`` Inductor re-emits a ``wrap_triton``
 kernel with its own signature, where a Python float is an fp64 scalar: without the cast, fp32
 blocks multiplied by it become fp64, the forward's loop-carried ``m_i`` changes type and the
@@ -60,6 +74,10 @@ kernel fails to compile (``CompilationError``), and the backward silently comput
 
 import triton
 import triton.language as tl
+
+from graphopt.ops.triton_cross_entropy import _softcap
+
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -124,16 +142,37 @@ def _store_unrotated(out_ptr, stride_t, rows, row_mask, cos_ptr, sin_ptr, stride
 
 
 @triton.jit
+def _scores_log2(s, qk_scale_log2, softcap_log2, HAS_SOFTCAP: tl.constexpr):
+    """Raw dot products -> scaled (and capped) scores in log2 units."""
+    if HAS_SOFTCAP:
+        return _softcap(s * qk_scale_log2, softcap_log2)
+    else:
+        return s * qk_scale_log2
+
+
+@triton.jit
+def _visible(query, query_start, key, window, HAS_WINDOW: tl.constexpr):
+    """Whether ``query`` (its document starting at ``query_start``) sees ``key``; the arguments are
+    broadcast against each other ((rows, 1) against (1, keys), or transposed)."""
+    attend = (key >= query_start) & (key <= query)
+    if HAS_WINDOW:
+        attend = attend & (key > query - window)
+    return attend
+
+
+@triton.jit
 def varlen_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, seq_start_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, seq_start_ptr, sinks_ptr, out_ptr, lse_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cos, stride_sin, stride_ot, stride_oh,
-    n_tokens, head_dim, rotary_dim, value_dim, group_size, qk_scale_log2,
+    n_tokens, head_dim, rotary_dim, value_dim, group_size, qk_scale_log2, window, softcap_log2,
     INTERLEAVED: tl.constexpr, HAS_PASS: tl.constexpr, IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
     qk_scale_log2 = tl.cast(qk_scale_log2, tl.float32)  # fp64 under Inductor: see the module docstring
+    softcap_log2 = tl.cast(softcap_log2, tl.float32)
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // group_size
@@ -143,6 +182,8 @@ def varlen_attention_fwd_kernel(
     m_mask = offs_m < n_tokens
     row_start = tl.load(seq_start_ptr + offs_m, mask=m_mask, other=0)
     lo = tl.load(seq_start_ptr + pid_m * BLOCK_M)  # seq_start is non-decreasing: the tile's minimum
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, pid_m * BLOCK_M - window + 1)  # the first row's oldest visible key
     hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_tokens)
 
     half = rotary_dim // 2
@@ -165,9 +206,15 @@ def varlen_attention_fwd_kernel(
         q_p = _load_cols(q_head, stride_qt, offs_m, m_mask, cols_p, pass_mask).to(dtype)
 
     # A finite initial max keeps exp2(m_old - m_new) at 1, not NaN, for rows whose first key
-    # blocks are all masked (they belong to a later document of the tile).
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    # blocks are all masked (they belong to a later document of the tile). A sink is such a
+    # start: max = sink (kept finite for a sink of -inf), sum = exp2(sink - max), 1 or 0.
+    if HAS_SINKS:
+        sink = tl.zeros([BLOCK_M], tl.float32) + tl.load(sinks_ptr + head).to(tl.float32) * LOG2E
+        m_i = tl.maximum(sink, -1.0e30)
+        l_i = tl.exp2(sink - m_i)
+    else:
+        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -180,8 +227,8 @@ def varlen_attention_fwd_kernel(
         if HAS_PASS:
             k_p = _load_cols(k_head, stride_kt, offs_n, n_mask, cols_p, pass_mask).to(dtype)
             s = _dot(q_p, tl.trans(k_p), s, IEEE_FP32, UPCAST)
-        attend = (offs_n[None, :] >= row_start[:, None]) & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(attend, s * qk_scale_log2, float("-inf"))
+        attend = _visible(offs_m[:, None], row_start[:, None], offs_n[None, :], window, HAS_WINDOW)
+        s = tl.where(attend, _scores_log2(s, qk_scale_log2, softcap_log2, HAS_SOFTCAP), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -194,7 +241,7 @@ def varlen_attention_fwd_kernel(
     out = acc / l_safe[:, None]
     out_offsets = offs_m.to(tl.int64)[:, None] * stride_ot + head * stride_oh + offs_dv[None, :]
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
-    lse = (m_i + tl.log2(l_safe)) / 1.4426950408889634
+    lse = (m_i + tl.log2(l_safe)) / LOG2E
     tl.store(lse_ptr + head * n_tokens + offs_m, lse, mask=m_mask)
 
 
@@ -221,13 +268,15 @@ def varlen_attention_bwd_dkdv_kernel(
     dk_ptr, dv_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    n_tokens, head_dim, rotary_dim, value_dim, group_size, scale, qk_scale_log2,
+    n_tokens, head_dim, rotary_dim, value_dim, group_size, scale, qk_scale_log2, window, softcap_log2,
     INTERLEAVED: tl.constexpr, HAS_PASS: tl.constexpr, IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
     scale = tl.cast(scale, tl.float32)  # fp64 under Inductor: see the module docstring
     qk_scale_log2 = tl.cast(qk_scale_log2, tl.float32)
+    softcap_log2 = tl.cast(softcap_log2, tl.float32)
     pid_n = tl.program_id(0)
     kv_head = tl.program_id(1)
     dtype = q_ptr.dtype.element_ty
@@ -237,6 +286,8 @@ def varlen_attention_bwd_dkdv_kernel(
     n_mask = offs_n < n_tokens
     n_last = tl.minimum(n_first + BLOCK_N, n_tokens) - 1
     q_hi = tl.load(seq_end_ptr + n_last)  # seq_end is non-decreasing: the tile's maximum
+    if HAS_WINDOW:
+        q_hi = tl.minimum(q_hi, n_last + window)  # past the last key's newest viewer
 
     half = rotary_dim // 2
     offs_j = tl.arange(0, BLOCK_HALF)
@@ -278,13 +329,17 @@ def varlen_attention_bwd_dkdv_kernel(
             row_start = tl.load(seq_start_ptr + offs_m, mask=m_mask, other=n_tokens)
             lse = tl.load(lse_ptr + head * n_tokens + offs_m, mask=m_mask, other=0.0)
             delta = tl.load(delta_ptr + head * n_tokens + offs_m, mask=m_mask, other=0.0)
-            attend = (offs_m[None, :] >= offs_n[:, None]) & (row_start[None, :] <= offs_n[:, None])
-            s_t = tl.where(attend, s_t * qk_scale_log2 - lse[None, :] * 1.4426950408889634, float("-inf"))
-            p_t = tl.exp2(s_t)
+            attend = _visible(offs_m[None, :], row_start[None, :], offs_n[:, None], window, HAS_WINDOW)
+            z_t = _scores_log2(s_t, qk_scale_log2, softcap_log2, HAS_SOFTCAP)
+            p_t = tl.exp2(tl.where(attend, z_t - lse[None, :] * LOG2E, float("-inf")))
             dout = _load_cols(dout_ptr + head * stride_doh, stride_dot, offs_m, m_mask, offs_dv, dv_mask).to(dtype)
             dv = _dot(p_t.to(dtype), dout, dv, IEEE_FP32, UPCAST)
             dp_t = _dot(v, tl.trans(dout), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), IEEE_FP32, UPCAST)
-            ds_t = (p_t * (dp_t - delta[None, :])).to(dtype)
+            ds_t = p_t * (dp_t - delta[None, :])
+            if HAS_SOFTCAP:
+                capped = z_t / softcap_log2
+                ds_t = ds_t * (1.0 - capped * capped)
+            ds_t = ds_t.to(dtype)
             dk_a = _dot(ds_t, q_a, dk_a, IEEE_FP32, UPCAST)
             dk_b = _dot(ds_t, q_b, dk_b, IEEE_FP32, UPCAST)
             if HAS_PASS:
@@ -304,13 +359,15 @@ def varlen_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, seq_start_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
     stride_dot, stride_doh, stride_dqt, stride_dqh,
-    n_tokens, head_dim, rotary_dim, value_dim, group_size, scale, qk_scale_log2,
+    n_tokens, head_dim, rotary_dim, value_dim, group_size, scale, qk_scale_log2, window, softcap_log2,
     INTERLEAVED: tl.constexpr, HAS_PASS: tl.constexpr, IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
     scale = tl.cast(scale, tl.float32)  # fp64 under Inductor: see the module docstring
     qk_scale_log2 = tl.cast(qk_scale_log2, tl.float32)
+    softcap_log2 = tl.cast(softcap_log2, tl.float32)
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // group_size
@@ -320,6 +377,8 @@ def varlen_attention_bwd_dq_kernel(
     m_mask = offs_m < n_tokens
     row_start = tl.load(seq_start_ptr + offs_m, mask=m_mask, other=0)
     lo = tl.load(seq_start_ptr + pid_m * BLOCK_M)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, pid_m * BLOCK_M - window + 1)
     hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_tokens)
 
     half = rotary_dim // 2
@@ -342,7 +401,7 @@ def varlen_attention_bwd_dq_kernel(
         q_p = _load_cols(q_head, stride_qt, offs_m, m_mask, cols_p, pass_mask).to(dtype)
         dq_p = tl.zeros([BLOCK_M, BLOCK_PASS], tl.float32)
     dout = _load_cols(dout_ptr + head * stride_doh, stride_dot, offs_m, m_mask, offs_dv, dv_mask).to(dtype)
-    lse_log2 = tl.load(lse_ptr + head * n_tokens + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    lse_log2 = tl.load(lse_ptr + head * n_tokens + offs_m, mask=m_mask, other=0.0) * LOG2E
     delta = tl.load(delta_ptr + head * n_tokens + offs_m, mask=m_mask, other=0.0)
 
     dq_a = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
@@ -360,11 +419,16 @@ def varlen_attention_bwd_dq_kernel(
         if HAS_PASS:
             k_p = _load_cols(k_head, stride_kt, offs_n, n_mask, cols_p, pass_mask).to(dtype)
             s = _dot(q_p, tl.trans(k_p), s, IEEE_FP32, UPCAST)
-        attend = (offs_n[None, :] >= row_start[:, None]) & (offs_n[None, :] <= offs_m[:, None])
-        p = tl.exp2(tl.where(attend, s * qk_scale_log2 - lse_log2[:, None], float("-inf")))
+        attend = _visible(offs_m[:, None], row_start[:, None], offs_n[None, :], window, HAS_WINDOW)
+        z = _scores_log2(s, qk_scale_log2, softcap_log2, HAS_SOFTCAP)
+        p = tl.exp2(tl.where(attend, z - lse_log2[:, None], float("-inf")))
         v = _load_cols(v_head, stride_vt, offs_n, n_mask, offs_dv, dv_mask).to(dtype)
         dp = _dot(dout, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), IEEE_FP32, UPCAST)
-        ds = (p * (dp - delta[:, None])).to(dtype)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            capped = z / softcap_log2
+            ds = ds * (1.0 - capped * capped)
+        ds = ds.to(dtype)
         dq_a = _dot(ds, k_a, dq_a, IEEE_FP32, UPCAST)
         dq_b = _dot(ds, k_b, dq_b, IEEE_FP32, UPCAST)
         if HAS_PASS:

@@ -1,8 +1,10 @@
 """Causal attention inside each document of a packed token stream, with RoPE applied inside the op.
 
 ``torch.ops.graphopt.varlen_attention(q, k, v, cos, sin, cu_seqlens, max_seqlen, scale,
-interleaved, impl) -> out`` is what the packed-sequence rewrite calls in place of HF's rotary +
-``repeat_kv`` + SDPA with a materialized (T, T) block-causal mask.
+interleaved, impl, window=-1, softcap=0.0, sinks=None) -> out`` is what the packed-sequence
+rewrite calls in place of HF's rotary + ``repeat_kv`` + SDPA with a materialized (T, T)
+block-causal mask. ``window`` (Mistral, Gemma-2/3, gpt-oss sliding layers), ``softcap`` (Gemma-2)
+and ``sinks`` (gpt-oss) are optional; their defaults are plain causal attention.
 
 Shapes and dtypes (T packed tokens, Hq query heads, Hkv kv heads, D = qk head dim, Dv = value head
 dim, R = rotary dim, N documents)::
@@ -20,6 +22,12 @@ dim, R = rotary dim, N documents)::
     max_seqlen  int           upper bound on a document's length (may be loose, e.g. T); only the
                               flash_attn / torch_varlen impls read it.
     scale       float         softmax scale.
+    window      int           -1 (unlimited) or >= 1: each query sees the last ``window`` keys of
+                              its document, itself included (transformers' ``sliding_window``;
+                              flash-attn's ``window_size=(window - 1, 0)``).
+    softcap     float         >= 0; > 0 caps the scaled scores Gemma-2 style, 0 disables.
+    sinks       (Hq,) | None  fp32 or q's dtype: one learned logit per query head (gpt-oss), in
+                              every row's softmax denominator only. Differentiated.
     out         (T, Hq, Dv)   q's dtype.
 
 Math, per token t of document j and query head h (g = h // (Hq // Hkv))::
@@ -27,34 +35,62 @@ Math, per token t of document j and query head h (g = h // (Hq // Hkv))::
     x_rot = x[..., :R] * cos + rot(x[..., :R]) * sin,   x[..., R:] unchanged (partial rotary)
         rot = rotate_half, cat(-x2, x1) of the two halves         (interleaved=False)
         rot = (x0, x1) -> (-x1, x0) for each adjacent pair         (interleaved=True)
-    out[t, h] = softmax_s(scale * q_rot[t, h] . k_rot[s, g]) @ v[s, g],  cu[j] <= s <= t
+    keys(t)   = { s : cu[j] <= s <= t  and  (window == -1  or  t - window < s) }
+    z[t,h,s]  = scale * q_rot[t, h] . k_rot[s, g]
+    z[t,h,s]  = softcap * tanh(z[t,h,s] / softcap)                        (only if softcap > 0)
+    lse[h, t] = log( exp(sinks[h]) + sum_{s in keys(t)} exp(z[t,h,s]) )   (no exp(sinks[h]) term
+                                                                            without sinks)
+    p[t,h,s]  = exp(z[t,h,s] - lse[h, t]),   s in keys(t)
+    out[t, h] = sum_{s in keys(t)} p[t,h,s] v[s, g]
 
-Nothing crosses documents. Gradients flow to the unrotated q, k, v (the backward applies the
-transpose of the rotation to dq_rot and dk_rot); cos, sin and cu_seqlens get none.
+keys(t) always holds t itself, so every row is finite. A sink takes probability
+``p_sink[t, h] = exp(sinks[h] - lse[h, t])`` and carries no value row, so a row's weights sum
+to ``1 - p_sink``. Nothing crosses documents. Gradients flow to the unrotated q, k, v (the
+backward applies the transpose of the rotation to dq_rot and dk_rot) and to sinks::
+
+    D[t, h]   = sum_e dout[t,h,e] * out[t,h,e]
+    dz[t,h,s] = p[t,h,s] * (dout[t, h] . v[s, g] - D[t, h])    (times 1 - (z / softcap)^2, the
+                                                               tanh derivative, with softcap)
+    dsinks[h] = -sum_t p_sink[t, h] * D[t, h]
+
+cos, sin and cu_seqlens get none.
 
 Implementations (``impl``):
     ``"torch"``         CPU. Documents are bucketed by length into right-padded batches; each
                         bucket is one causal call of aten's CPU flash attention (GQA native), whose
                         backward op is used with the saved lse. No (T, T) work or memory; cost
-                        follows sum(len_j^2). Reads cu_seqlens on the host once per call.
+                        follows sum(len_j^2). Reads cu_seqlens on the host once per call. A bucket
+                        that needs softcap, sinks or a window shorter than its length runs the
+                        blocked attention of this file instead: query blocks against only the key
+                        range the causal window reaches, fp32 scores (fp64 for fp64), the
+                        backward recomputing each block from the saved lse; cost follows
+                        sum(len_j * min(len_j, window)).
     ``"triton"``        CUDA (CPU tensors under TRITON_INTERPRET=1, for tests). Flash attention
                         over token tiles with RoPE fused into the Q/K tile loads and dQ/dK
-                        un-rotated in registers; see ``triton_varlen_attention.py``.
+                        un-rotated in registers; window (loop bounds), softcap and sinks in the
+                        kernels; see ``triton_varlen_attention.py``.
     ``"flash_attn"``    CUDA, needs the ``flash-attn`` package: ``apply_rotary`` then
-                        ``flash_attn_varlen_func(causal=True)``; autograd through both.
-    ``"torch_varlen"``  CUDA, needs ``torch.nn.attention.varlen.varlen_attn``: same RoPE handling.
+                        ``flash_attn_varlen_func(causal=True, window_size=(window - 1, 0),
+                        softcap=softcap)``; autograd through both.
+    ``"torch_varlen"``  CUDA, needs ``torch.nn.attention.varlen.varlen_attn``: same RoPE handling,
+                        ``window_size=(window - 1, 0)`` (versions that take ``window_size``).
     ``"auto"``          ``"triton"`` on CUDA, ``"torch"`` elsewhere. The CUDA default is
                         provisional until the impls are measured against each other on a GPU.
+
+Neither library takes sinks, and ``varlen_attn`` takes no softcap (nor a window before it grew
+``window_size``): asked for arguments it cannot take, ``"flash_attn"`` / ``"torch_varlen"``
+resolve to ``"triton"`` (``resolve_impl``), which takes all three.
 
 Ops:
     ``graphopt::varlen_attention``             the public op, ``CompositeImplicitAutograd``: picks
                                                the impl and decomposes into one of
     ``graphopt::varlen_attention_torch_fwd``   (out, lse), opaque custom op, with autograd through
-    ``graphopt::varlen_attention_torch_bwd``   (dq, dk, dv)
+    ``graphopt::varlen_attention_torch_bwd``   (dq, dk, dv, dsinks)
     ``graphopt::varlen_attention_triton_fwd``  (out, lse), ``triton_op``, with autograd through
-    ``graphopt::varlen_attention_triton_bwd``  (dq, dk, dv), ``triton_op``
+    ``graphopt::varlen_attention_triton_bwd``  (dq, dk, dv, dsinks), ``triton_op``
 The fwd/bwd split keeps the backward traceable by AOTAutograd, and Inductor sees through the
-``triton_op`` s to their kernels. ``lse`` is (Hq, T), fp32 (fp64 for fp64 inputs).
+``triton_op`` s to their kernels. ``lse`` is (Hq, T), fp32 (fp64 for fp64 inputs), the sink term
+included. ``dsinks`` is (Hq,) in sinks' dtype, or (0,) fp32 without sinks.
 
 ``varlen_attention_reference`` (explicit (T, T) mask, fp64) is the definition of correct.
 """
@@ -63,6 +99,7 @@ import bisect
 import functools
 import importlib.util
 import inspect
+import itertools
 import math
 import os
 
@@ -135,12 +172,17 @@ def varlen_attention_reference(
     cu_seqlens: torch.Tensor,
     scale: float,
     interleaved: bool,
+    window: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The definition of correct: rotary, then attention under an explicit (T, T) block-causal mask.
+    """The definition of correct: rotary, then attention under an explicit (T, T) mask.
 
-    Shapes as in the module docstring. Computed in fp64 (repeats K/V per query head and builds
-    (Hq, T, T) scores: small shapes only); returns (T, Hq, Dv) in q's dtype, differentiable
-    w.r.t. q, k and v.
+    Shapes and math as in the module docstring: the mask is same document, causal and (if
+    ``window != -1``) ``t - window < s``; the scaled scores are soft-capped if ``softcap > 0``;
+    ``sinks`` (Hq,) join the softmax as one extra column per row whose probability is dropped.
+    Computed in fp64 (repeats K/V per query head and builds (Hq, T, T) scores: small shapes only);
+    returns (T, Hq, Dv) in q's dtype, differentiable w.r.t. q, k, v and sinks.
     """
     work = torch.float64
     q_rot = apply_rotary(q.to(work), cos.to(work), sin.to(work), interleaved)
@@ -149,10 +191,19 @@ def varlen_attention_reference(
     positions = torch.arange(n_tokens, device=q.device)
     doc = torch.searchsorted(cu_seqlens.to(torch.int64), positions, right=True)
     allowed = (doc[:, None] == doc[None, :]) & (positions[None, :] <= positions[:, None])
+    if window != -1:
+        allowed &= positions[:, None] - window < positions[None, :]
     k_rot = k_rot.repeat_interleave(group, dim=1)
     v_rep = v.to(work).repeat_interleave(group, dim=1)
     scores = torch.einsum("thd,shd->hts", q_rot, k_rot) * scale
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    if softcap > 0.0:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is None:
+        probs = scores.softmax(dim=-1)
+    else:
+        sink_column = sinks.to(work)[:, None, None].expand(-1, n_tokens, 1)
+        probs = torch.cat((scores, sink_column), dim=-1).softmax(dim=-1)[..., :-1]
     return torch.einsum("hts,she->the", probs, v_rep).to(q.dtype)
 
 
@@ -202,6 +253,29 @@ def check_inputs(q, k, v, cos, sin, cu_seqlens) -> None:
     )
 
 
+def check_options(q: torch.Tensor, window: int, softcap: float, sinks: torch.Tensor | None) -> None:
+    """Checks of ``window``, ``softcap`` (ValueError) and ``sinks`` (shape, dtype, device)."""
+    if window != -1 and window < 1:
+        raise ValueError(f"graphopt::varlen_attention: window must be -1 (unlimited) or >= 1, got {window}")
+    if not softcap >= 0.0:
+        raise ValueError(f"graphopt::varlen_attention: softcap must be >= 0 (0 disables), got {softcap}")
+    if sinks is None:
+        return
+    torch._check(
+        sinks.dim() == 1 and sinks.shape[0] == q.shape[1],
+        lambda: f"sinks must be (Hq,) = ({q.shape[1]},), got shape {tuple(sinks.shape)}",
+    )
+    torch._check(
+        sinks.dtype in (torch.float32, q.dtype), lambda: f"sinks must be fp32 or q's dtype {q.dtype}, got {sinks.dtype}"
+    )
+    torch._check(sinks.device == q.device, lambda: f"sinks are on {sinks.device}, q on {q.device}")
+
+
+def _is_plain(window: int, softcap: float, sinks: torch.Tensor | None) -> bool:
+    """No window, no softcap, no sinks: plain causal attention."""
+    return window == -1 and softcap == 0.0 and sinks is None
+
+
 def _require_frozen_tables(cos: torch.Tensor, sin: torch.Tensor) -> None:
     if cos.requires_grad or sin.requires_grad:
         raise RuntimeError(
@@ -214,35 +288,43 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fake_fwd(q, k, v, cos, sin, cu_seqlens, scale, interleaved):
+def _new_dsinks(q: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """The backward's ``dsinks`` buffer: (Hq,) like sinks, or (0,) fp32 without sinks."""
+    return q.new_empty((0,), dtype=torch.float32) if sinks is None else torch.empty_like(sinks)
+
+
+def _fake_fwd(q, k, v, cos, sin, cu_seqlens, scale, interleaved, window=-1, softcap=0.0, sinks=None):
     check_inputs(q, k, v, cos, sin, cu_seqlens)
+    check_options(q, window, softcap, sinks)
     n_tokens, n_heads, _ = q.shape
     out = q.new_empty((n_tokens, n_heads, v.shape[2]))
     lse = q.new_empty((n_heads, n_tokens), dtype=_lse_dtype(q.dtype))
     return out, lse
 
 
-def _fake_bwd(dout, q, k, v, cos, sin, cu_seqlens, out, lse, scale, interleaved):
+def _fake_bwd(dout, q, k, v, cos, sin, cu_seqlens, out, lse, scale, interleaved, window=-1, softcap=0.0,
+              sinks=None):
     check_inputs(q, k, v, cos, sin, cu_seqlens)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    check_options(q, window, softcap, sinks)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), _new_dsinks(q, sinks)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cos, sin, cu_seqlens, scale, interleaved = inputs
+    q, k, v, cos, sin, cu_seqlens, scale, interleaved, window, softcap, sinks = inputs
     _require_frozen_tables(cos, sin)
     out, lse = output
-    ctx.save_for_backward(q, k, v, cos, sin, cu_seqlens, out, lse)
-    ctx.scale = scale
-    ctx.interleaved = interleaved
+    ctx.save_for_backward(q, k, v, cos, sin, cu_seqlens, out, lse, sinks)
+    ctx.options = (scale, interleaved, window, softcap)
 
 
 def _autograd_through(bwd_op):
     """The ``register_autograd`` backward of a fwd op whose backward is the custom op ``bwd_op``."""
 
     def backward(ctx, dout, _dlse):
-        q, k, v, cos, sin, cu_seqlens, out, lse = ctx.saved_tensors
-        dq, dk, dv = bwd_op(dout, q, k, v, cos, sin, cu_seqlens, out, lse, ctx.scale, ctx.interleaved)
-        return dq, dk, dv, None, None, None, None, None
+        q, k, v, cos, sin, cu_seqlens, out, lse, sinks = ctx.saved_tensors
+        dq, dk, dv, dsinks = bwd_op(dout, q, k, v, cos, sin, cu_seqlens, out, lse, *ctx.options, sinks)
+        # cos, sin, cu_seqlens, scale, interleaved, window, softcap: no gradient
+        return dq, dk, dv, None, None, None, None, None, None, None, None if sinks is None else dsinks
 
     return backward
 
@@ -361,6 +443,131 @@ def _from_buckets(chunks, token_slot: torch.Tensor, channels: int) -> torch.Tens
     return torch.cat(flat)[token_slot][..., :channels]
 
 
+# Query rows per block of the blocked attention. One block's scores are (documents, Hq, rows,
+# min(L, rows + window - 1)): a few MB at training shapes with a window; (documents, Hq, rows, L)
+# without one.
+_BLOCK_ROWS = 128
+
+
+def _aten_is_exact(length: int, window: int, softcap: float, sinks: torch.Tensor | None) -> bool:
+    """Whether aten's causal CPU flash attention is exact for a bucket of padded length ``length``:
+    no softcap, no sinks, and no window shorter than the bucket's documents can be."""
+    return softcap == 0.0 and sinks is None and (window == -1 or window >= length)
+
+
+def _key_start(row_start: int, window: int) -> int:
+    """The first key that query rows ``row_start`` and later can see."""
+    return 0 if window == -1 else max(0, row_start - window + 1)
+
+
+def _band(rows: int, row_start: int, key_start: int, key_stop: int, window: int, group: int) -> torch.Tensor:
+    """(group * rows, keys) bool: whether query row ``row_start + i`` sees key ``key_start + j``
+    (causal, within ``window``); repeated for the ``group`` query heads stacked along the rows."""
+    t = torch.arange(row_start, row_start + rows)[:, None]
+    s = torch.arange(key_start, key_stop)[None, :]
+    visible = s <= t
+    if window != -1:
+        visible &= t - window < s
+    return visible.repeat(group, 1)
+
+
+def _grouped_rows(x: torch.Tensor, n_kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """(docs, Hq, m, C) -> (docs, Hkv, G * m, C) in ``dtype``: the G query heads of each kv head
+    stacked along the rows, so one matmul against that head's keys serves the group (no K/V copy)."""
+    docs, n_heads, rows, channels = x.shape
+    return x.to(dtype).reshape(docs, n_kv_heads, n_heads // n_kv_heads * rows, channels)
+
+
+def _block_scores(q_rows: torch.Tensor, k_keys: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    """``scale * q . k``, soft-capped if ``softcap > 0``: (docs, Hkv, G * m, n), no mask."""
+    z = torch.matmul(q_rows, k_keys.transpose(-1, -2)).mul_(scale)
+    if softcap > 0.0:
+        z = z.div_(softcap).tanh_().mul_(softcap)
+    return z
+
+
+def _blocked_attention_fwd(q_b, k_b, v_b, scale, window, softcap, sinks):
+    """One bucket's attention with any window / softcap / sinks: ``(out_b, lse_b)`` as aten's CPU
+    flash attention returns them.
+
+    q_b (docs, Hq, L, C) and k_b, v_b (docs, Hkv, L, C): right-padded documents, q/k rotated;
+    sinks (Hq,) or None. Returns out_b (docs, Hq, L, C) in q's dtype and lse_b (docs, Hq, L) in
+    the work dtype (fp32; fp64 for fp64), the sink term included. Query rows go ``_BLOCK_ROWS`` at
+    a time against keys ``[_key_start(first row), last row]`` only, so work and memory follow
+    ``L * min(L, window)``. A block holds every key its rows can see: one exact softmax, no online
+    rescaling. Padded rows see real and padded keys (finite scores); their output is dropped.
+    """
+    docs, n_heads, length, channels = q_b.shape
+    n_kv_heads = k_b.shape[1]
+    group = n_heads // n_kv_heads
+    work = _lse_dtype(q_b.dtype)
+    out_b = q_b.new_empty(q_b.shape)
+    lse_b = q_b.new_empty((docs, n_heads, length), dtype=work)
+    for row_start in range(0, length, _BLOCK_ROWS):
+        row_stop = min(row_start + _BLOCK_ROWS, length)
+        rows, key_start = row_stop - row_start, _key_start(row_start, window)
+        q_rows = _grouped_rows(q_b[:, :, row_start:row_stop], n_kv_heads, work)
+        z = _block_scores(q_rows, k_b[:, :, key_start:row_stop].to(work), scale, softcap)
+        z.masked_fill_(~_band(rows, row_start, key_start, row_stop, window, group), float("-inf"))
+        row_max = z.amax(dim=-1)  # (docs, Hkv, G * m); finite: every row sees its own key
+        if sinks is not None:
+            sink = sinks.to(work).view(1, n_kv_heads, group, 1).expand(-1, -1, -1, rows).reshape(1, n_kv_heads, -1)
+            row_max = torch.maximum(row_max, sink)
+        p = z.sub_(row_max[..., None]).exp_()
+        row_sum = p.sum(dim=-1)
+        if sinks is not None:
+            row_sum += torch.exp(sink - row_max)
+        out_rows = torch.matmul(p, v_b[:, :, key_start:row_stop].to(work)).div_(row_sum[..., None])
+        out_b[:, :, row_start:row_stop] = out_rows.view(docs, n_heads, rows, channels)
+        lse_b[:, :, row_start:row_stop] = (row_max + row_sum.log()).view(docs, n_heads, rows)
+    return out_b, lse_b
+
+
+def _blocked_attention_bwd(dout_b, q_b, k_b, v_b, lse_b, delta_b, scale, window, softcap):
+    """Backward of ``_blocked_attention_fwd`` for one bucket: ``(dq_b, dk_b, dv_b)`` in q's dtype,
+    w.r.t. the rotated q/k.
+
+    dout_b (docs, Hq, L, C); lse_b and delta_b (docs, Hq, L, 1) in the work dtype, delta =
+    rowsum(dout * out). Each block recomputes its probabilities from the saved lse (whose sink
+    term gives the sink its share implicitly). Padded rows have dout = delta = lse = 0: finite
+    probabilities, zero dz, so they add nothing to dk/dv.
+    """
+    docs, n_heads, length, channels = q_b.shape
+    n_kv_heads = k_b.shape[1]
+    group = n_heads // n_kv_heads
+    work = lse_b.dtype
+    dq_b = q_b.new_empty(q_b.shape, dtype=work)
+    dk_b = k_b.new_zeros(k_b.shape, dtype=work)
+    dv_b = v_b.new_zeros(v_b.shape, dtype=work)
+    for row_start in range(0, length, _BLOCK_ROWS):
+        row_stop = min(row_start + _BLOCK_ROWS, length)
+        rows, key_start = row_stop - row_start, _key_start(row_start, window)
+        q_rows, dout_rows, lse_rows, delta_rows = (
+            _grouped_rows(x[:, :, row_start:row_stop], n_kv_heads, work) for x in (q_b, dout_b, lse_b, delta_b)
+        )
+        k_keys, v_keys = (x[:, :, key_start:row_stop].to(work) for x in (k_b, v_b))
+        z = _block_scores(q_rows, k_keys, scale, softcap)
+        visible = _band(rows, row_start, key_start, row_stop, window, group)
+        p = z.masked_fill(~visible, float("-inf")).sub_(lse_rows).exp_()
+        dv_b[:, :, key_start:row_stop] += torch.matmul(p.transpose(-1, -2), dout_rows)
+        dz = torch.matmul(dout_rows, v_keys.transpose(-1, -2)).sub_(delta_rows).mul_(p)
+        if softcap > 0.0:
+            dz.mul_(1.0 - (z / softcap).square_())  # d(softcap * tanh(x / softcap)) / dx
+        dq_b[:, :, row_start:row_stop] = torch.matmul(dz, k_keys).mul_(scale).view(docs, n_heads, rows, channels)
+        dk_b[:, :, key_start:row_stop] += torch.matmul(dz.transpose(-1, -2), q_rows).mul_(scale)
+    return dq_b.to(q_b.dtype), dk_b.to(q_b.dtype), dv_b.to(q_b.dtype)
+
+
+def _sink_gradient(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``dsinks[h] = -sum_t exp(sinks[h] - lse[h, t]) * delta[h, t]`` in sinks' dtype.
+
+    lse and delta (Hq, T) fp32 (fp64 for fp64), lse with the sink term (so the exponent is the
+    sink's probability, at most 1).
+    """
+    p_sink = torch.exp(sinks.to(lse.dtype)[:, None] - lse)
+    return -(p_sink * delta).sum(dim=1).to(sinks.dtype)
+
+
 def _check_cpu(q: torch.Tensor) -> None:
     if q.device.type != "cpu":
         raise RuntimeError(
@@ -379,18 +586,25 @@ def varlen_attention_torch_fwd(
     cu_seqlens: torch.Tensor,
     scale: float,
     interleaved: bool,
+    window: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of the ``"torch"`` (CPU) implementation: ``(out, lse)``.
 
     Args as in the module docstring (q (T, Hq, D), k (T, Hkv, D), v (T, Hkv, Dv), cos/sin (T, R),
-    cu_seqlens (N+1,) int32). Returns out (T, Hq, Dv) in q's dtype and lse (Hq, T), fp32 (fp64
-    for fp64 inputs).
+    cu_seqlens (N+1,) int32, window, softcap, sinks (Hq,) or None). Returns out (T, Hq, Dv) in
+    q's dtype and lse (Hq, T), fp32 (fp64 for fp64 inputs), the sink term included.
 
     Right-padded buckets are exact under causal masking: a real query only sees keys at or
     before it, which are real. Padded query rows are dropped. When Dv != D the narrower of
-    q/k and v is zero-padded to max(D, Dv) channels (aten's kernel wants one head dim).
+    q/k and v is zero-padded to max(D, Dv) channels (aten's kernel wants one head dim). Each
+    bucket is one call of aten's causal CPU flash attention where that is exact
+    (``_aten_is_exact``: always with the default window/softcap/sinks), else
+    ``_blocked_attention_fwd``.
     """
     check_inputs(q, k, v, cos, sin, cu_seqlens)
+    check_options(q, window, softcap, sinks)
     _check_cpu(q)
     n_tokens, n_heads, head_dim = q.shape
     value_dim = v.shape[2]
@@ -404,9 +618,12 @@ def varlen_attention_torch_fwd(
     v_slots = _to_slots(v, token_slot, pad_slots, slot_token.shape[0], width)
     outs, lses = [], []
     for q_b, k_b, v_b in zip(*(_buckets(x, shapes) for x in (q_slots, k_slots, v_slots))):
-        out_b, lse_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q_b, k_b, v_b, 0.0, True, scale=scale
-        )
+        if _aten_is_exact(q_b.shape[2], window, softcap, sinks):
+            out_b, lse_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q_b, k_b, v_b, 0.0, True, scale=scale
+            )
+        else:
+            out_b, lse_b = _blocked_attention_fwd(q_b, k_b, v_b, scale, window, softcap, sinks)
         outs.append(out_b)
         lses.append(lse_b.unsqueeze(-1))  # (docs, H, L, 1)
     del q_slots, k_slots, v_slots
@@ -428,23 +645,32 @@ def varlen_attention_torch_bwd(
     lse: torch.Tensor,
     scale: float,
     interleaved: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of the ``"torch"`` implementation: ``(dq, dk, dv)`` w.r.t. the unrotated inputs.
+    window: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of the ``"torch"`` implementation: ``(dq, dk, dv, dsinks)``, dq/dk w.r.t. the
+    unrotated inputs.
 
     Args: dout (T, Hq, Dv); the forward's inputs; its out (T, Hq, Dv) and lse (Hq, T).
-    Returns dq (T, Hq, D), dk (T, Hkv, D), dv (T, Hkv, Dv) in q's dtype.
+    Returns dq (T, Hq, D), dk (T, Hkv, D), dv (T, Hkv, Dv) in q's dtype, and dsinks (Hq,) in
+    sinks' dtype ((0,) fp32 without sinks).
 
-    Bucket by bucket, aten's CPU flash-attention backward with the saved out and lse. Padded
-    slots carry q = out = dout = 0 and lse = 0: their probabilities stay finite and their dS is
-    exactly 0, so they add nothing to dK/dV.
+    Bucket by bucket, as the forward chose: aten's CPU flash-attention backward with the saved
+    out and lse, or ``_blocked_attention_bwd``. Padded slots carry q = out = dout = 0 and lse = 0:
+    their probabilities stay finite and their dS is exactly 0, so they add nothing to dK/dV.
     """
     check_inputs(q, k, v, cos, sin, cu_seqlens)
+    check_options(q, window, softcap, sinks)
     _check_cpu(q)
     n_tokens, _, head_dim = q.shape
     value_dim = v.shape[2]
     shapes, slot_token, token_slot, pad_slots = _plan_buckets(cu_seqlens, n_tokens)
+    # delta = rowsum(dout * out), (T, Hq): for the blocked buckets and the sinks' gradient
+    delta = None if _is_plain(window, softcap, sinks) else (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+    dsinks = _new_dsinks(q, sinks) if sinks is None else _sink_gradient(sinks, lse, delta.t())
     if not shapes:
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
     width = max(head_dim, value_dim)
     n_slots = slot_token.shape[0]
     plan = (slot_token, token_slot, pad_slots, width)
@@ -456,20 +682,27 @@ def varlen_attention_torch_bwd(
         _to_slots(out, token_slot, pad_slots, n_slots, width),
         _to_slots(lse.t().unsqueeze(-1), token_slot, pad_slots, n_slots, 1),  # (P, Hq, 1)
     )
+    if delta is None:
+        delta_buckets = itertools.repeat(None)
+    else:
+        delta_buckets = _buckets(_to_slots(delta.unsqueeze(-1), token_slot, pad_slots, n_slots, 1), shapes)
     dqs, dks, dvs = [], [], []
-    for dout_b, q_b, k_b, v_b, out_b, lse_b in zip(*(_buckets(x, shapes) for x in slots)):
-        dq_b, dk_b, dv_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout_b, q_b, k_b, v_b, out_b, lse_b.squeeze(-1), 0.0, True, scale=scale
-        )
+    for dout_b, q_b, k_b, v_b, out_b, lse_b, delta_b in zip(*(_buckets(x, shapes) for x in slots), delta_buckets):
+        if _aten_is_exact(q_b.shape[2], window, softcap, sinks):
+            dq_b, dk_b, dv_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                dout_b, q_b, k_b, v_b, out_b, lse_b.squeeze(-1), 0.0, True, scale=scale
+            )
+        else:
+            dq_b, dk_b, dv_b = _blocked_attention_bwd(dout_b, q_b, k_b, v_b, lse_b, delta_b, scale, window, softcap)
         dqs.append(dq_b)
         dks.append(dk_b)
         dvs.append(dv_b)
-    del slots
+    del slots, delta_buckets
     dq = _from_buckets(dqs, token_slot, head_dim)
     dk = _from_buckets(dks, token_slot, head_dim)
     _rotate_(dq, cos, sin, interleaved, transpose=True)
     _rotate_(dk, cos, sin, interleaved, transpose=True)
-    return dq.contiguous(), dk.contiguous(), _from_buckets(dvs, token_slot, value_dim).contiguous()
+    return dq.contiguous(), dk.contiguous(), _from_buckets(dvs, token_slot, value_dim).contiguous(), dsinks
 
 
 varlen_attention_torch_fwd.register_fake(_fake_fwd)
@@ -550,6 +783,11 @@ def _triton_meta(q: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, interleave
     )
 
 
+def _triton_options(window: int, softcap: float) -> tuple[tuple, dict]:
+    """``(window, softcap_log2)`` scalar arguments and the ``HAS_WINDOW`` / ``HAS_SOFTCAP`` flags."""
+    return (window, softcap * LOG2E), dict(HAS_WINDOW=window != -1, HAS_SOFTCAP=softcap > 0.0)
+
+
 def _triton_blocks(q: torch.Tensor, kernel: str) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N). Fixed, provisional GPU sizes; 16 under the interpreter, so that small
     test shapes cross tiles and documents."""
@@ -568,6 +806,9 @@ def varlen_attention_triton_fwd(
     cu_seqlens: torch.Tensor,
     scale: float,
     interleaved: bool,
+    window: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of the ``"triton"`` implementation: ``(out, lse)``.
 
@@ -580,14 +821,19 @@ def varlen_attention_triton_fwd(
         cu_seqlens: (N+1,) int32 document boundaries (may end in repeated T).
         scale: softmax scale.
         interleaved: pairwise rotary layout instead of rotate_half.
+        window: -1, or the number of keys (the diagonal included) each query sees.
+        softcap: > 0 caps the scaled scores, ``softcap * tanh(z / softcap)``; 0 disables.
+        sinks: None, or (Hq,) fp32 / q's dtype logits joining each row's softmax denominator.
 
     Returns:
         out: (T, Hq, Dv) in q's dtype.
-        lse: (Hq, T) fp32, logsumexp of ``scale * q_rot . k_rot`` over each row's visible keys.
+        lse: (Hq, T) fp32, logsumexp of the (capped) scaled scores over each row's visible keys
+            and its head's sink.
 
     Grid: (cdiv(T, BLOCK_M), Hq). CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
     """
     check_inputs(q, k, v, cos, sin, cu_seqlens)
+    check_options(q, window, softcap, sinks)
     _check_triton(q, v)
     q, k, v, cos, sin = (_unit_last_stride(x) for x in (q, k, v, cos, sin))
     n_tokens, n_heads, head_dim = q.shape
@@ -598,12 +844,14 @@ def varlen_attention_triton_fwd(
     if _shapes_only(q):
         return out, lse
     block_m, block_n = _triton_blocks(q, "fwd")
+    options, flags = _triton_options(window, softcap)
     wrap_triton(varlen_attention_fwd_kernel)[(triton.cdiv(n_tokens, block_m), n_heads)](
-        q, k, v, cos, sin, seq_start, out, lse,
+        q, k, v, cos, sin, seq_start, q if sinks is None else sinks, out, lse,  # q: an unread stand-in
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
-        n_tokens, head_dim, cos.shape[1], value_dim, n_heads // k.shape[1], scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, **_triton_meta(q, v, cos, interleaved),
+        n_tokens, head_dim, cos.shape[1], value_dim, n_heads // k.shape[1], scale * LOG2E, *options,
+        HAS_SINKS=sinks is not None, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
+        **_triton_meta(q, v, cos, interleaved),
     )
     return out, lse
 
@@ -621,21 +869,29 @@ def varlen_attention_triton_bwd(
     lse: torch.Tensor,
     scale: float,
     interleaved: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of the ``"triton"`` implementation: ``(dq, dk, dv)`` w.r.t. the unrotated q, k, v.
+    window: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of the ``"triton"`` implementation: ``(dq, dk, dv, dsinks)``, dq/dk w.r.t. the
+    unrotated q, k.
 
     Args:
         dout: (T, Hq, Dv), gradient of ``out``.
-        q, k, v, cos, sin, cu_seqlens, scale, interleaved: as for the forward.
+        q, k, v, cos, sin, cu_seqlens, scale, interleaved, window, softcap, sinks: as for the
+            forward.
         out: (T, Hq, Dv) and lse: (Hq, T) fp32, the forward's outputs.
 
     Returns:
-        dq (T, Hq, D), dk (T, Hkv, D), dv (T, Hkv, Dv), in q's dtype.
+        dq (T, Hq, D), dk (T, Hkv, D), dv (T, Hkv, Dv), in q's dtype; dsinks (Hq,) in sinks'
+        dtype, or (0,) fp32 without sinks.
 
     Three launches: delta = rowsum(dO * O) (Hq, T) fp32, grid (cdiv(T, BLOCK_M), Hq); dK/dV, grid
-    (cdiv(T, BLOCK_N), Hkv); dQ, grid (cdiv(T, BLOCK_M), Hq).
+    (cdiv(T, BLOCK_N), Hkv); dQ, grid (cdiv(T, BLOCK_M), Hq). The kernels take the sinks only
+    through lse; dsinks = -sum_t exp(sink - lse) * delta is a torch reduction over (Hq, T).
     """
     check_inputs(q, k, v, cos, sin, cu_seqlens)
+    check_options(q, window, softcap, sinks)
     _check_triton(q, v)
     q, k, v, cos, sin, dout, out = (_unit_last_stride(x) for x in (q, k, v, cos, sin, dout, out))
     lse = lse.contiguous()
@@ -645,14 +901,16 @@ def varlen_attention_triton_bwd(
     delta = torch.empty((n_heads, n_tokens), dtype=torch.float32, device=q.device)
     seq_start, seq_end = _token_bounds(cu_seqlens, n_tokens)
     if _shapes_only(q):
-        return dq, dk, dv
+        return dq, dk, dv, _new_dsinks(q, sinks)
     meta = _triton_meta(q, v, cos, interleaved)
     block_m, _ = _triton_blocks(q, "fwd")
     wrap_triton(varlen_attention_bwd_preprocess_kernel)[(triton.cdiv(n_tokens, block_m), n_heads)](
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), n_tokens, value_dim,
         BLOCK_M=block_m, BLOCK_DV=meta["BLOCK_DV"],
     )
-    sizes = (n_tokens, head_dim, cos.shape[1], value_dim, n_heads // n_kv_heads, scale, scale * LOG2E)
+    options, flags = _triton_options(window, softcap)
+    sizes = (n_tokens, head_dim, cos.shape[1], value_dim, n_heads // n_kv_heads, scale, scale * LOG2E, *options)
+    meta |= flags
     block_m, block_n = _triton_blocks(q, "dkdv")
     wrap_triton(varlen_attention_bwd_dkdv_kernel)[(triton.cdiv(n_tokens, block_n), n_kv_heads)](
         q, k, v, cos, sin, seq_start, seq_end, dout, lse, delta, dk, dv,
@@ -668,7 +926,7 @@ def varlen_attention_triton_bwd(
         cos.stride(0), sin.stride(0), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
         *sizes, BLOCK_M=block_m, BLOCK_N=block_n, **meta,
     )
-    return dq, dk, dv
+    return dq, dk, dv, _new_dsinks(q, sinks) if sinks is None else _sink_gradient(sinks, lse, delta)
 
 
 varlen_attention_triton_fwd.register_autograd(
@@ -682,15 +940,19 @@ varlen_attention_triton_fwd.register_autograd(
 
 
 @functools.cache
-def _varlen_attn_options() -> tuple[dict, bool, bool]:
-    """(causal kwargs, has ``enable_gqa``, has ``scale``) for this torch's ``varlen_attn``."""
+def _varlen_attn_params() -> frozenset[str]:
+    """The parameter names of this torch's ``varlen_attn`` (its signature changed across versions)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
-    # torch <= 2.10 takes is_causal; later versions take window_size=(-1, 0) for causal.
-    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    return causal, "enable_gqa" in params, "scale" in params
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
+
+@functools.cache
+def _flash_attn_params() -> frozenset[str]:
+    """The parameter names of the installed ``flash_attn_varlen_func`` (softcap since 2.6)."""
+    from flash_attn import flash_attn_varlen_func
+
+    return frozenset(inspect.signature(flash_attn_varlen_func).parameters)
 
 
 def _has_torch_varlen() -> bool:
@@ -701,7 +963,28 @@ def _has_torch_varlen() -> bool:
     return True
 
 
-def _library_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, scale, interleaved, impl):
+def _library_takes(impl: str, window: int, softcap: float, sinks: torch.Tensor | None) -> bool:
+    """Whether the library behind ``impl`` ("flash_attn" / "torch_varlen") can compute these
+    options: neither takes sinks; ``varlen_attn`` takes no softcap, and a window only through
+    ``window_size``. A library that is not installed "takes" them: its availability check raises."""
+    if sinks is not None:
+        return False
+    if impl == "flash_attn":
+        if importlib.util.find_spec("flash_attn") is None:
+            return True
+        params = _flash_attn_params()
+        return (window == -1 or "window_size" in params) and (softcap == 0.0 or "softcap" in params)
+    if softcap != 0.0:
+        return False
+    return window == -1 or not _has_torch_varlen() or "window_size" in _varlen_attn_params()
+
+
+def _library_window(window: int) -> tuple[int, int]:
+    """flash-attn's ``window_size=(left, right)`` for causal attention over ``window`` keys."""
+    return (-1, 0) if window == -1 else (window - 1, 0)
+
+
+def _library_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, scale, interleaved, impl, window, softcap):
     check_inputs(q, k, v, cos, sin, cu_seqlens)
     _require_frozen_tables(cos, sin)
     # Per-token tables: positions restart per document because the caller built them that way,
@@ -711,17 +994,24 @@ def _library_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, scale, interleave
     if impl == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
+        options = {}  # only what is set, so that older flash-attn versions get their own call
+        if window != -1:
+            options["window_size"] = _library_window(window)
+        if softcap > 0.0:
+            options["softcap"] = softcap
         return flash_attn_varlen_func(
             q_rot, k_rot, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-            dropout_p=0.0, softmax_scale=scale, causal=True,
+            dropout_p=0.0, softmax_scale=scale, causal=True, **options,
         )
     from torch.nn.attention.varlen import varlen_attn
 
-    causal, has_gqa, has_scale = _varlen_attn_options()
-    kwargs = dict(causal)
-    if has_gqa:
+    params = _varlen_attn_params()
+    # torch <= 2.10 takes is_causal (resolve_impl sends windows elsewhere there); later versions
+    # take window_size=(-1, 0) for causal.
+    kwargs = {"window_size": _library_window(window)} if "window_size" in params else {"is_causal": True}
+    if "enable_gqa" in params:
         kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
-    if has_scale:
+    if "scale" in params:
         kwargs["scale"] = scale
     else:  # its fixed scale is 1/sqrt(D): fold ours into q
         q_rot = q_rot * (scale * math.sqrt(q.shape[2]))
@@ -733,12 +1023,22 @@ def _library_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, scale, interleave
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The concrete implementation ``impl`` means on ``device``; raises if it cannot run there."""
+def resolve_impl(
+    impl: str, device: torch.device, window: int = -1, softcap: float = 0.0, sinks: torch.Tensor | None = None
+) -> str:
+    """The concrete implementation ``impl`` means on ``device`` for these options; raises if it
+    cannot run there.
+
+    ``"flash_attn"`` / ``"torch_varlen"`` asked for options their library cannot take
+    (``_library_takes``: sinks; softcap with ``varlen_attn``) resolve to ``"triton"``.
+    """
     if impl not in IMPLS:
         raise ValueError(f"graphopt::varlen_attention: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         return "triton" if device.type == "cuda" else "torch"
+    library = impl in ("flash_attn", "torch_varlen")
+    if library and device.type == "cuda" and not _library_takes(impl, window, softcap, sinks):
+        return "triton"  # it takes every option
     if impl == "flash_attn":
         if importlib.util.find_spec("flash_attn") is None:
             raise RuntimeError(
@@ -773,6 +1073,9 @@ def varlen_attention(
     scale: float,
     interleaved: bool,
     impl: str,
+    window: int = -1,
+    softcap: float = 0.0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``graphopt::varlen_attention``: causal attention within each packed document, RoPE inside.
 
@@ -788,16 +1091,28 @@ def varlen_attention(
         impl: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"flash_attn"`` | ``"torch_varlen"``.
             ``"auto"`` is ``"torch"`` on the CPU and ``"triton"`` on CUDA; the CUDA choice is
             provisional until the impls are measured against each other on a GPU.
+            ``"flash_attn"`` / ``"torch_varlen"`` become ``"triton"`` for options their
+            library cannot take (sinks; softcap with ``varlen_attn``).
+        window: -1 (unlimited), or >= 1: query t sees keys t - window < s <= t of its document
+            (transformers' ``sliding_window``, flash-attn's ``window_size=(window - 1, 0)``).
+        softcap: > 0 caps the scaled scores Gemma-2 style, ``softcap * tanh(z / softcap)``.
+        sinks: None, or (Hq,) fp32 / q's dtype: gpt-oss attention sinks, one logit per query head
+            in every row's softmax denominator.
 
     Returns:
-        (T, Hq, Dv) in q's dtype. Differentiable w.r.t. q, k, v (the unrotated inputs).
+        (T, Hq, Dv) in q's dtype. Differentiable w.r.t. q, k, v (the unrotated inputs) and sinks.
+
+    Raises:
+        ValueError: ``window`` not -1 and < 1, ``softcap`` < 0, or an unknown ``impl``.
     """
-    impl = resolve_impl(impl, q.device)
+    check_options(q, window, softcap, sinks)
+    impl = resolve_impl(impl, q.device, window, softcap, sinks)
+    args = (q, k, v, cos, sin, cu_seqlens, scale, interleaved, window, softcap, sinks)
     if impl == "torch":
-        return torch.ops.graphopt.varlen_attention_torch_fwd(q, k, v, cos, sin, cu_seqlens, scale, interleaved)[0]
+        return torch.ops.graphopt.varlen_attention_torch_fwd(*args)[0]
     if impl == "triton":
-        return torch.ops.graphopt.varlen_attention_triton_fwd(q, k, v, cos, sin, cu_seqlens, scale, interleaved)[0]
-    return _library_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, scale, interleaved, impl)
+        return torch.ops.graphopt.varlen_attention_triton_fwd(*args)[0]
+    return _library_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, scale, interleaved, impl, window, softcap)
 
 
 torch.library.define(

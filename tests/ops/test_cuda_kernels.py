@@ -23,7 +23,7 @@ import torch
 from graphopt.ops.linear_cross_entropy import default_chunk_size
 from graphopt.ops.triton_cross_entropy import MAX_BLOCK_V
 from graphopt.ops.varlen_attention import varlen_attention_reference
-from tests.support.varlen_cases import make_case
+from tests.support.varlen_cases import leaves, make_case, options
 from tests.support.tolerances import tol
 
 IGNORE = -100
@@ -50,34 +50,44 @@ def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor, dtype: torc
 
 
 def varlen_reference_by_document(case: dict) -> tuple[torch.Tensor, ...]:
-    """(out, dq, dk, dv) in fp64 for ``case`` (as ``make_case`` builds it), one document at a time."""
+    """(out, dq, dk, dv[, dsinks]) in fp64 for ``case`` (as ``make_case`` builds it), one document
+    at a time; the sinks' gradient is the sum of the documents'."""
     q, k, v = (case[name].detach().double() for name in ("q", "k", "v"))
+    window, softcap, sinks = options(case)
+    sinks = None if sinks is None else sinks.detach().double()
     results = [q.new_zeros(q.shape[0], q.shape[1], v.shape[2]), torch.zeros_like(q), torch.zeros_like(k),
                torch.zeros_like(v)]
+    dsinks = None if sinks is None else torch.zeros_like(sinks)
     bounds = case["cu_seqlens"].tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
         inputs = [x[start:end].clone().requires_grad_() for x in (q, k, v)]
+        document_sinks = None if sinks is None else sinks.clone().requires_grad_()
         one_document = torch.tensor([0, end - start], dtype=torch.int32, device=q.device)
         out = varlen_attention_reference(
-            *inputs, case["cos"][start:end], case["sin"][start:end], one_document, case["scale"], case["interleaved"]
+            *inputs, case["cos"][start:end], case["sin"][start:end], one_document, case["scale"], case["interleaved"],
+            window, softcap, document_sinks,
         )
-        grads = torch.autograd.grad(out, inputs, case["grad_out"][start:end].double())
-        for result, value in zip(results, (out.detach(), *grads)):
+        differentiable = inputs + ([] if sinks is None else [document_sinks])
+        grads = torch.autograd.grad(out, differentiable, case["grad_out"][start:end].double())
+        for result, value in zip(results, (out.detach(), *grads[:3])):
             result[start:end] = value
-    return tuple(results)
+        if sinks is not None:
+            dsinks += grads[3]
+    return tuple(results) + (() if sinks is None else (dsinks,))
 
 
 def assert_varlen_matches_reference(case: dict) -> None:
     dtype = case["q"].dtype
     out = varlen_attention(
         case["q"], case["k"], case["v"], case["cos"], case["sin"], case["cu_seqlens"], case["q"].shape[0],
-        case["scale"], case["interleaved"], "triton",
+        case["scale"], case["interleaved"], "triton", *options(case),
     )
-    got = (out, *torch.autograd.grad(out, (case["q"], case["k"], case["v"]), case["grad_out"]))
+    got = (out, *torch.autograd.grad(out, leaves(case), case["grad_out"]))
     want = varlen_reference_by_document(case)
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    assert len(got) == len(want)
+    for name, g, w in zip(("out", "dq", "dk", "dv", "dsinks"), got, want):
         assert g.dtype == dtype
         assert_close_to_reference(g, w, dtype, "fwd" if name == "out" else "grad", name)
 
@@ -88,6 +98,13 @@ TILE_CROSSING = {
     "gqa_d128_half": dict(lengths=[1, 63, 64, 65, 127, 129, 5, 33, 200], pad=3, hq=8, hkv=2, d=128, r=128),
     "mqa_partial_interleaved_dv64": dict(lengths=[31, 97, 1, 190, 66], hq=4, hkv=1, d=96, r=32, dv=64,
                                          interleaved=True),
+    # windows shorter than, equal to and longer than the 64-row tiles; Gemma-2's softcap of 50
+    # would barely bend these scores, so a tighter one; gpt-oss style sinks
+    "gqa_window63_softcap_sinks": dict(lengths=[1, 63, 64, 65, 127, 129, 5, 33, 200], pad=3, hq=8, hkv=2, d=128,
+                                       r=128, window=63, softcap=5.0, sinks=True),
+    "mqa_window64_sinks": dict(lengths=[31, 97, 1, 190, 66], hq=4, hkv=1, d=96, r=32, dv=64, interleaved=True,
+                               window=64, sinks=True),
+    "gqa_window100_softcap": dict(lengths=[300, 17, 129], hq=8, hkv=2, d=64, r=64, window=100, softcap=5.0),
 }
 
 
@@ -106,6 +123,14 @@ REALISTIC_LENGTHS = [516, 3890, 1203, 2950, 3301, 777, 2048, 1999, 3600, 1500, 2
 def test_varlen_attention_realistic_bf16():
     assert sum(REALISTIC_LENGTHS) == 32768
     case = make_case(REALISTIC_LENGTHS, hq=16, hkv=4, d=128, r=128, dtype=torch.bfloat16, device=CUDA)
+    assert_varlen_matches_reference(case)
+
+
+@pytest.mark.cuda
+def test_varlen_attention_realistic_sliding_window_with_sinks_bf16():
+    # gpt-oss's sliding layers: a 128-token window and one sink per query head.
+    case = make_case(REALISTIC_LENGTHS, hq=16, hkv=4, d=128, r=128, dtype=torch.bfloat16, device=CUDA, window=128,
+                     sinks=True)
     assert_varlen_matches_reference(case)
 
 
@@ -222,13 +247,17 @@ def test_loss_ops_compiled_match_eager_with_dynamic_tokens(dtype):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_references_in_pieces_equal_the_dense_ones():
-    case = make_case([5, 1, 17, 9, 30], pad=2, hq=4, hkv=2, d=24, r=16, dtype=torch.float64)
+@pytest.mark.parametrize("option_kwargs", [{}, dict(window=6, softcap=3.0, sinks=True)], ids=["plain", "options"])
+def test_references_in_pieces_equal_the_dense_ones(option_kwargs):
+    case = make_case([5, 1, 17, 9, 30], pad=2, hq=4, hkv=2, d=24, r=16, dtype=torch.float64, **option_kwargs)
     dense = varlen_attention_reference(
-        case["q"], case["k"], case["v"], case["cos"], case["sin"], case["cu_seqlens"], case["scale"], False
+        case["q"], case["k"], case["v"], case["cos"], case["sin"], case["cu_seqlens"], case["scale"], False,
+        *options(case),
     )
-    dense = (dense, *torch.autograd.grad(dense, (case["q"], case["k"], case["v"]), case["grad_out"]))
-    for name, piece, whole in zip(("out", "dq", "dk", "dv"), varlen_reference_by_document(case), dense):
+    dense = (dense, *torch.autograd.grad(dense, leaves(case), case["grad_out"]))
+    pieces = varlen_reference_by_document(case)
+    assert len(pieces) == len(dense)
+    for name, piece, whole in zip(("out", "dq", "dk", "dv", "dsinks"), pieces, dense):
         torch.testing.assert_close(piece, whole, **tol(torch.float64, "grad"), msg=lambda m, name=name: f"{name}: {m}")
 
     gen = torch.Generator().manual_seed(0)

@@ -119,6 +119,8 @@ VARLEN_CASES = {
     "gqa_d128_half": dict(hq=16, hkv=4, d=128, r=128, interleaved=False),
     "mha_partial_interleaved": dict(hq=4, hkv=4, d=96, r=32, interleaved=True),
     "mqa_dv_differs": dict(hq=8, hkv=1, d=64, r=64, dv=32, interleaved=False),
+    "gqa_window_softcap_sinks": dict(hq=16, hkv=4, d=128, r=128, interleaved=False, window=128, softcap=50.0,
+                                     sinks=True),
 }
 
 
@@ -141,9 +143,11 @@ def record_varlen_attention(monkeypatch, case: dict, dtype: torch.dtype) -> list
     cos = sin = meta_randn(n_tokens, r, dtype=torch.float32)
     cu_seqlens = torch.empty(5, dtype=torch.int32, device="meta")
     args = (q, k, v, cos, sin, cu_seqlens, d**-0.5, case["interleaved"])
+    sinks = meta_randn(hq, dtype=torch.float32) if case.get("sinks") else None
+    options = (case.get("window", -1), case.get("softcap", 0.0), sinks)
     with recorded_launches(monkeypatch, varlen_module) as launches:
-        out, lse = varlen_module.varlen_attention_triton_fwd(*args)
-        varlen_module.varlen_attention_triton_bwd(torch.empty_like(out), *args[:6], out, lse, *args[6:])
+        out, lse = varlen_module.varlen_attention_triton_fwd(*args, *options)
+        varlen_module.varlen_attention_triton_bwd(torch.empty_like(out), *args[:6], out, lse, *args[6:], *options)
     return launches
 
 

@@ -1,4 +1,5 @@
-"""graphopt::varlen_attention against its fp64 reference: every impl, forward and backward.
+"""graphopt::varlen_attention against its fp64 reference: every impl, forward and backward, with
+and without a sliding window, softcapping and attention sinks.
 
 The Triton path runs on the ``triton_device`` fixture's device: CUDA, or the CPU in Triton's
 interpreter (tests/conftest.py), so shapes stay small: T <= 64, D <= 32, 16-token tiles (on the
@@ -10,13 +11,15 @@ import importlib.util
 import pytest
 import torch
 
+import graphopt.ops.varlen_attention as varlen_module
 from graphopt.ops.varlen_attention import (
     _has_torch_varlen,
     _plan_buckets,
     apply_rotary,
+    resolve_impl,
     varlen_attention_reference,
 )
-from tests.support.varlen_cases import make_case
+from tests.support.varlen_cases import LONG_OPTION_CASES, OPTION_CASES, leaves, make_case, options
 from tests.support.tolerances import tol
 
 needs_flash_attn = pytest.mark.skipif(
@@ -41,27 +44,27 @@ CASES = {
 
 
 def run_op(case: dict, impl: str):
-    """(out, dq, dk, dv) of the public op."""
+    """(out, dq, dk, dv[, dsinks]) of the public op."""
     out = torch.ops.graphopt.varlen_attention(
         case["q"], case["k"], case["v"], case["cos"], case["sin"], case["cu_seqlens"],
-        case["q"].shape[0], case["scale"], case["interleaved"], impl,
+        case["q"].shape[0], case["scale"], case["interleaved"], impl, *options(case),
     )
-    return (out, *torch.autograd.grad(out, (case["q"], case["k"], case["v"]), case["grad_out"]))
+    return (out, *torch.autograd.grad(out, leaves(case), case["grad_out"]))
 
 
 def run_reference(case: dict):
     out = varlen_attention_reference(
         case["q"], case["k"], case["v"], case["cos"], case["sin"], case["cu_seqlens"],
-        case["scale"], case["interleaved"],
+        case["scale"], case["interleaved"], *options(case),
     )
-    return (out, *torch.autograd.grad(out, (case["q"], case["k"], case["v"]), case["grad_out"]))
+    return (out, *torch.autograd.grad(out, leaves(case), case["grad_out"]))
 
 
 def assert_matches_reference(case: dict, impl: str) -> None:
     dtype = case["q"].dtype
     got, want = run_op(case, impl), run_reference(case)
     torch.testing.assert_close(got[0], want[0], **tol(dtype))
-    for name, g, w in zip(("dq", "dk", "dv"), got[1:], want[1:]):
+    for name, g, w in zip(("dq", "dk", "dv", "dsinks"), got[1:], want[1:]):
         torch.testing.assert_close(g, w, **tol(dtype, "grad"), msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -79,6 +82,50 @@ def test_torch_impl_matches_reference(case_name, dtype):
 @pytest.mark.parametrize("case_name", ["gqa_partial_rotary", "mqa_interleaved", "empty_documents_padded"])
 def test_torch_impl_matches_reference_bf16(case_name):
     assert_matches_reference(make_case(**CASES[case_name], dtype=torch.bfloat16), "torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case_name", list(OPTION_CASES) + list(LONG_OPTION_CASES))
+def test_torch_impl_with_window_softcap_sinks_matches_reference(case_name, dtype):
+    assert_matches_reference(make_case(**(OPTION_CASES | LONG_OPTION_CASES)[case_name], dtype=dtype), "torch")
+
+
+@pytest.mark.parametrize("case_name", ["window_softcap_sinks", "long_window_softcap_sinks"])
+def test_torch_impl_with_window_softcap_sinks_matches_reference_bf16(case_name):
+    case = make_case(**(OPTION_CASES | LONG_OPTION_CASES)[case_name], dtype=torch.bfloat16)
+    assert_matches_reference(case, "torch")
+
+
+def test_torch_impl_takes_fp32_sinks_for_low_precision_inputs():
+    case = make_case(**OPTION_CASES["sinks"], dtype=torch.bfloat16)
+    case["sinks"] = case["sinks"].detach().float().requires_grad_()
+    got = run_op(case, "torch")
+    assert got[-1].dtype == torch.float32
+    assert_matches_reference(case, "torch")
+
+
+def test_torch_window_wider_than_every_document_is_the_causal_path():
+    # aten's causal kernel is exact there, so the op stays on it: bitwise the call without a window.
+    case = make_case(**OPTION_CASES["window_wider_than_documents"])
+    plain = dict(case, window=-1)
+    for got, want in zip(run_op(case, "torch"), run_op(plain, "torch")):
+        assert torch.equal(got, want)
+
+
+def test_torch_blocked_attention_reads_only_the_window_band(monkeypatch):
+    # Every block's scores span at most rows + window - 1 keys: memory and work follow
+    # len * min(len, window), never len^2.
+    key_counts = []
+    block_scores = varlen_module._block_scores
+
+    def recording(q_rows, k_keys, scale, softcap):
+        key_counts.append(k_keys.shape[2])
+        return block_scores(q_rows, k_keys, scale, softcap)
+
+    monkeypatch.setattr(varlen_module, "_block_scores", recording)
+    case = make_case([1000, 700], hq=2, hkv=1, d=16, r=16, window=40, softcap=2.0)
+    run_op(case, "torch")
+    assert key_counts and max(key_counts) <= varlen_module._BLOCK_ROWS + 40 - 1
 
 
 def test_auto_is_torch_on_cpu():
@@ -119,6 +166,48 @@ def test_triton_impl_matches_reference_bf16(case_name, triton_device):
     # Under the interpreter the kernels widen bf16 matmul operands to fp32 after rounding (its
     # tl.dot mishandles bf16), which leaves the products unchanged.
     assert_matches_reference(make_case(**CASES[case_name], dtype=torch.bfloat16, device=triton_device), "triton")
+
+
+@pytest.mark.parametrize("case_name", list(OPTION_CASES))
+def test_triton_impl_with_window_softcap_sinks_matches_reference(case_name, triton_device):
+    assert_matches_reference(make_case(**OPTION_CASES[case_name], device=triton_device), "triton")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_a_sink_of_minus_infinity_is_no_sink(impl, triton_device):
+    case = make_case(**OPTION_CASES["sinks"], device=triton_device if impl == "triton" else "cpu")
+    with torch.no_grad():
+        case["sinks"][1] = float("-inf")
+    got, want = run_op(case, impl), run_reference(case)
+    for g, w in zip(got[:4], want[:4]):
+        torch.testing.assert_close(g, w, **tol(torch.float32, "grad"))
+    assert got[4][1] == 0 and bool(got[4].isfinite().all())
+
+
+def test_triton_impl_with_window_softcap_sinks_matches_reference_bf16(triton_device):
+    case = make_case(**OPTION_CASES["window_softcap_sinks"], dtype=torch.bfloat16, device=triton_device)
+    assert_matches_reference(case, "triton")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_window_skips_keys_and_queries_outside_the_band(impl, triton_device):
+    # NaN in the first token's value and the last token's output gradient. Rows (and keys) whose
+    # blocks' windows reach neither stay finite only if the loops never load them: a mask alone
+    # would multiply the NaN by a zero probability. With query blocks of 16 rows (interpreter) or
+    # 128 (torch impl), tokens [block, T - block - window) are that far away.
+    device = triton_device if impl == "triton" else "cpu"
+    block, window = (16 if impl == "triton" else varlen_module._BLOCK_ROWS), 4
+    n_tokens = 4 * block
+    case = make_case([n_tokens], hq=2, hkv=1, d=16, r=16, device=device, window=window)
+    with torch.no_grad():
+        case["v"][0] = float("nan")
+    case["grad_out"][-1] = float("nan")
+    out, dq, dk, dv = run_op(case, impl)
+    middle = slice(block, n_tokens - block - window)
+    for name, x in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert bool(x[middle].isfinite().all()), f"{impl}: {name} read a token outside the window band"
+    plain = run_op(dict(case, window=-1), impl)
+    assert not bool(plain[0][middle].isfinite().all())  # without the window, every row sees token 0
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -173,33 +262,43 @@ OPCHECK_CASES = [
     pytest.param("gqa_partial_rotary", torch.float32, True, id="gqa-partial-fp32-grad"),
     pytest.param("empty_documents_padded", torch.float32, False, id="padded-dv16-fp32-nograd"),
     pytest.param("mqa_interleaved", torch.bfloat16, True, id="mqa-interleaved-bf16-grad"),
+    # each new argument on its own
+    pytest.param("window_crossing_tiles", torch.float32, True, id="window-fp32-grad"),
+    pytest.param("softcap", torch.float32, False, id="softcap-fp32-nograd"),
+    pytest.param("sinks", torch.bfloat16, True, id="sinks-bf16-grad"),
 ]
+
+
+def _opcheck_case(case_name: str, dtype: torch.dtype, requires_grad: bool, device="cpu") -> dict:
+    case = make_case(**(CASES | OPTION_CASES)[case_name], dtype=dtype, device=device)
+    for leaf in leaves(case):
+        leaf.requires_grad_(requires_grad)
+    return case
 
 
 def _opcheck_forward_and_backward(fwd, bwd, case: dict, **kwargs) -> None:
     """``opcheck`` a forward op on ``case``, then its backward op on the forward's outputs."""
-    args = (*_op_inputs(case), case["scale"], case["interleaved"])
+    args = (*_op_inputs(case), case["scale"], case["interleaved"], *options(case))
     torch.library.opcheck(fwd, args, **kwargs)
     with torch.no_grad():
         out, lse = fwd(*args)
     q, k, v, cos, sin, cu_seqlens = _op_inputs(case)
+    window, softcap, sinks = options(case)
     torch.library.opcheck(
         bwd,
         (case["grad_out"], q.detach(), k.detach(), v.detach(), cos, sin, cu_seqlens, out, lse,
-         case["scale"], case["interleaved"]),
+         case["scale"], case["interleaved"], window, softcap, None if sinks is None else sinks.detach()),
         **kwargs,
     )
 
 
 @pytest.mark.parametrize("case_name, dtype, requires_grad", OPCHECK_CASES)
 def test_opcheck_torch_ops(case_name, dtype, requires_grad):
-    case = make_case(**CASES[case_name], dtype=dtype)
-    for name in ("q", "k", "v"):
-        case[name].requires_grad_(requires_grad)
+    case = _opcheck_case(case_name, dtype, requires_grad)
     _opcheck_forward_and_backward(torch.ops.graphopt.varlen_attention_torch_fwd, torch.ops.graphopt.varlen_attention_torch_bwd, case)
     torch.library.opcheck(
         torch.ops.graphopt.varlen_attention,
-        (*_op_inputs(case), case["q"].shape[0], case["scale"], case["interleaved"], "torch"),
+        (*_op_inputs(case), case["q"].shape[0], case["scale"], case["interleaved"], "torch", *options(case)),
     )
 
 
@@ -209,9 +308,7 @@ def test_opcheck_triton_ops(case_name, dtype, requires_grad, triton_device):
     # kernel), so on the CPU opcheck skips its compile test; on CUDA it runs all of them.
     on_cuda = triton_device.type == "cuda"
     test_utils = None if on_cuda else ("test_schema", "test_autograd_registration", "test_faketensor")
-    case = make_case(**CASES[case_name], dtype=dtype, device=triton_device)
-    for name in ("q", "k", "v"):
-        case[name].requires_grad_(requires_grad)
+    case = _opcheck_case(case_name, dtype, requires_grad, triton_device)
     kwargs = {} if test_utils is None else {"test_utils": test_utils}
     _opcheck_forward_and_backward(torch.ops.graphopt.varlen_attention_triton_fwd, torch.ops.graphopt.varlen_attention_triton_bwd, case, **kwargs)
 
@@ -226,19 +323,28 @@ def _attention_loss(q, k, v, cos, sin, cu_seqlens, max_seqlen: int, impl: str):
     return (out * out).sum()
 
 
+def _sliding_capped_sink_attention_loss(q, k, v, cos, sin, cu_seqlens, max_seqlen: int, impl: str, sinks):
+    out = torch.ops.graphopt.varlen_attention(
+        q, k, v, cos, sin, cu_seqlens, max_seqlen, 0.25, False, impl, window=5, softcap=2.0, sinks=sinks
+    )
+    return (out * out).sum()
+
+
+@pytest.mark.parametrize("with_options", [False, True], ids=["plain", "window_softcap_sinks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.cuda)])
-def test_compiled_matches_eager_with_dynamic_tokens(impl, dtype):
+def test_compiled_matches_eager_with_dynamic_tokens(impl, dtype, with_options):
     device = "cuda" if impl == "triton" else "cpu"
+    loss_fn = _sliding_capped_sink_attention_loss if with_options else _attention_loss
     torch._dynamo.reset()
-    compiled = torch.compile(_attention_loss, fullgraph=True, backend="inductor", dynamic=True)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="inductor", dynamic=True)
     for lengths in ([5, 1, 17, 9], [3, 11, 6, 2, 8]):  # two T's: one dynamic graph
-        case = make_case(lengths, hq=4, hkv=2, d=16, r=16, dtype=dtype, device=device)
-        args = (*_op_inputs(case), sum(lengths), impl)
+        case = make_case(lengths, hq=4, hkv=2, d=16, r=16, dtype=dtype, device=device, sinks=with_options)
+        args = (*_op_inputs(case), sum(lengths), impl) + ((case["sinks"],) if with_options else ())
         loss = compiled(*args)
-        grads = torch.autograd.grad(loss, (case["q"], case["k"], case["v"]))
-        eager_loss = _attention_loss(*args)
-        eager_grads = torch.autograd.grad(eager_loss, (case["q"], case["k"], case["v"]))
+        grads = torch.autograd.grad(loss, leaves(case))
+        eager_loss = loss_fn(*args)
+        eager_grads = torch.autograd.grad(eager_loss, leaves(case))
         torch.testing.assert_close(loss, eager_loss, **tol(dtype))
         for g, e in zip(grads, eager_grads):
             torch.testing.assert_close(g, e, **tol(dtype, "grad"))
@@ -286,6 +392,46 @@ def test_unavailable_impls_raise_clear_errors():
         run_op(case, "torch_varlen")
     with pytest.raises(ValueError, match="impl must be one of"):
         run_op(case, "cudnn")
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [(dict(window=0), "window must be -1"), (dict(window=-2), "window must be -1"),
+     (dict(softcap=-1.0), "softcap must be >= 0"), (dict(softcap=float("nan")), "softcap must be >= 0")],
+)
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_bad_window_or_softcap_raise_value_errors(impl, overrides, match, triton_device):
+    case = make_case([5, 11], hq=2, hkv=1, d=16, r=16, device=triton_device if impl == "triton" else "cpu")
+    with pytest.raises(ValueError, match=match):
+        run_op(case | overrides, impl)
+
+
+def test_sinks_of_the_wrong_shape_raise():
+    case = make_case([5, 11], hq=4, hkv=2, d=16, r=16)
+    with pytest.raises(RuntimeError, match=r"sinks must be \(Hq,\)"):
+        run_op(case | dict(sinks=torch.zeros(2, requires_grad=True)), "torch")
+
+
+CUDA_DEVICE = torch.device("cuda")  # resolve_impl only reads the device type: no GPU needed
+
+
+@pytest.mark.parametrize("impl", ["flash_attn", "torch_varlen"])
+def test_library_impls_resolve_to_triton_for_sinks(impl):
+    assert resolve_impl(impl, CUDA_DEVICE, sinks=torch.zeros(4)) == "triton"
+
+
+@needs_torch_varlen
+def test_torch_varlen_resolves_to_triton_for_softcap_and_keeps_windows():
+    assert resolve_impl("torch_varlen", CUDA_DEVICE, softcap=30.0) == "triton"
+    want = "torch_varlen" if "window_size" in varlen_module._varlen_attn_params() else "triton"
+    assert resolve_impl("torch_varlen", CUDA_DEVICE, window=4096) == want
+
+
+def test_library_window_is_flash_attn_window_size():
+    # transformers' sliding_window counts the diagonal; flash-attn's left window does not.
+    assert varlen_module._library_window(-1) == (-1, 0)
+    assert varlen_module._library_window(1) == (0, 0)
+    assert varlen_module._library_window(4096) == (4095, 0)
 
 
 def test_rotary_tables_requiring_grad_raise():
