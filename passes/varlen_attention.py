@@ -106,10 +106,7 @@ class VarlenAttention:
         for cand in ctx.masks(gm):
             if cand.kind == MaskKind.RECEIVED and ctx.received_as == "packed" and ctx.allow_guards:
                 self._received(gm, ctx, cand)
-            if cand.kind == MaskKind.SLIDING_PACKED_CAUSAL:
-                ctx.report.decline(self.name, f"{cand.node.name}: packed documents with a sliding window of {cand.window} tokens are not rewritten yet; the mask is kept")
-                continue
-            if cand.kind != MaskKind.PACKED_CAUSAL:
+            if cand.kind.unwindowed != MaskKind.PACKED_CAUSAL:
                 continue
             if cand.additive_users:
                 ctx.report.decline(self.name, "packed eager attention (softmax of scores + mask) is not rewritten; the mask is kept")
@@ -122,7 +119,7 @@ class VarlenAttention:
                 if match.sdpa.graph not in cus:
                     positions = cand.input if checkpoint is None else analysis.add_checkpoint_operand(checkpoint, cand.input)
                     cus[match.sdpa.graph] = self._insert_cu_seqlens(positions, match)
-                self._rewrite(ctx, match, cus[match.sdpa.graph])
+                self._rewrite(ctx, match, cus[match.sdpa.graph], window=cand.window)
             retire_mask(gm, ctx, cand)
 
     def _matches(self, ctx: PassContext, cand: MaskCandidate, outer: "_TableAnalysis") -> list[tuple[AttentionMatch, fx.Node | None]]:
@@ -197,7 +194,9 @@ class VarlenAttention:
             analysis.annotate(node)
         return cu
 
-    def _rewrite(self, ctx: PassContext, match: AttentionMatch, cu: fx.Node, report: bool = True) -> None:
+    def _rewrite(self, ctx: PassContext, match: AttentionMatch, cu: fx.Node, report: bool = True, window: int | None = None) -> None:
+        """Replace ``match``'s SDPA by per-document attention over the boundaries ``cu``; with a
+        ``window``, each query sees its last ``window`` keys of its document (a sliding mask)."""
         graph = match.sdpa.graph
         new: list[fx.Node] = []
 
@@ -221,9 +220,10 @@ class VarlenAttention:
                     table = call("call_method", "float", table)
                 expanded = call("call_method", "expand", table, batch, 1, seq, -1)
                 tables.append(call("call_method", "flatten", call("call_method", "select", expanded, 1, 0), 0, 1))
+            options = () if window is None else (window,)  # the op's window argument (default -1: none)
             out = call(
                 "call_function", torch.ops.graphopt.varlen_attention.default,
-                *flat, *tables, cu, seq, match.scale, match.interleaved, ctx.options.attention_impl,
+                *flat, *tables, cu, seq, match.scale, match.interleaved, ctx.options.attention_impl, *options,
             )
             shaped = call("call_method", "view", out, batch, seq, heads, value_dim)
             result = call("call_method", "transpose", shaped, 1, 2)
@@ -234,7 +234,13 @@ class VarlenAttention:
         analysis.erase_dead(graph, match.region)
         if not report:  # the caller (graphopt.passes.unpad) reports the rewrite as its own
             return
-        ctx.report.rewrite(self.name, "sdpa_packed", f"{match.sdpa.name}: block-causal mask -> per-document attention")
+        if window is None:
+            ctx.report.rewrite(self.name, "sdpa_packed", f"{match.sdpa.name}: block-causal mask -> per-document attention")
+        else:
+            ctx.report.rewrite(
+                self.name, "sdpa_packed_sliding",
+                f"{match.sdpa.name}: block-causal mask with a sliding window of {window} -> per-document attention, window {window}",
+            )
         layout = "interleaved" if match.interleaved else "half"
         ctx.report.rewrite("rope_fusion", layout, f"{match.sdpa.name}: RoPE applied inside varlen_attention")
 

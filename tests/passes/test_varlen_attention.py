@@ -54,15 +54,22 @@ def test_packed_equals_padded_documents(family_model):
     assert_steps_equal(eager_padded, compiled_packed)
 
 
-def test_packed_documents_with_a_sliding_window_keep_their_mask_and_are_exact():
-    """Mistral with a window of 4 tokens, documents longer and shorter than it: the mask is proven
-    a sliding packed mask and declined with its window (no windowed op yet), never made plain
-    per-document attention."""
-    cm = CompiledModel(build_tiny_model("mistral", sliding_window=4))
-    eager, compiled, report = cm.step(packed(seed=1))
+@pytest.mark.parametrize("family, full_layers", [("mistral", 0), ("qwen2", 1)])
+def test_packed_documents_with_a_sliding_window_run_windowed_per_document_attention(family, full_layers):
+    """A window of 4 tokens, documents longer and shorter than it (Mistral: every layer; Qwen2
+    with use_sliding_window: layer 0 full, layer 1 sliding). Each layer's mask is proven with its
+    window and its attention runs per document with that window, RoPE fused; no mask is left."""
+    cm = CompiledModel(build_tiny_model(family, sliding_window=4))
+    batch = packed(seed=1)
+    lengths = torch.diff(torch.nonzero(batch["position_ids"][0] == 0).flatten(), append=torch.tensor([SEQ]))
+    assert lengths.max() > 4 and lengths.min() <= 4, lengths  # the window cuts some documents only
+    eager, compiled, report = cm.step(batch)
     assert_steps_equal(eager, compiled)
-    assert report.counts["varlen_attention"] == 0, report
-    assert any("sliding window of 4 tokens" in reason for name, reason in report.declines if name == "varlen_attention"), report
+    torch.testing.assert_close(compiled.logits, eager.logits, **tol(torch.float32))
+    assert report.rule_counts[("varlen_attention", "sdpa_packed_sliding")] == N_LAYERS - full_layers, report
+    assert report.rule_counts[("varlen_attention", "sdpa_packed")] == full_layers, report
+    code = "\n".join(report.graph_code("after"))
+    assert "scaled_dot_product_attention" not in code
 
 
 def test_gemma2_eager_attention_is_declined_and_exact():
