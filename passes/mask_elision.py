@@ -92,7 +92,7 @@ class MaskElision:
                 continue
             if cand.kind.unwindowed == MaskKind.PACKED_CAUSAL or not cand.users:
                 continue  # the varlen_attention pass owns packed masks
-            if cand.kind.sliding:
+            if cand.kind.sliding and cand.sdpa_users:
                 ctx.report.decline(
                     self.name,
                     f"{cand.node.name}: a sliding window of {cand.window} tokens ({cand.kind}); SDPA has no "
@@ -111,7 +111,8 @@ class MaskElision:
                 ctx.report.rewrite(self.name, f"sdpa_{rule}", f"{user.name}: attn_mask={cand.node.name} -> is_causal=True")
             for user in cand.additive_users:
                 self._replace_additive(user, cand)
-                ctx.report.rewrite(self.name, f"eager_{rule}", f"{user.name}: + {cand.node.name} -> + constant causal mask")
+                what = "causal mask" if cand.window is None else f"causal mask of window {cand.window}"
+                ctx.report.rewrite(self.name, f"eager_{rule}", f"{user.name}: + {cand.node.name} -> + constant {what}")
             for guard, registered in zip(guards, retire_mask(gm, ctx, cand, guards)):
                 if isinstance(guard.fn, _ScoredTargetsGuard):
                     ctx.right_padding = RightPadding(registered, scores_targets=guard.fn.targets is not None)
@@ -174,7 +175,7 @@ class MaskElision:
         guards = []
         if cand.seq_symbols:
             guards.append(proven_length_guard(gm, cand))
-        if cand.kind == MaskKind.CAUSAL_PADDING:
+        if cand.kind.unwindowed == MaskKind.CAUSAL_PADDING:
             why = self._padding_decline(gm, ctx, cand)
             if why is not None:
                 if why:
@@ -230,14 +231,24 @@ class MaskElision:
         scores = add.args[1] if add.args[0] is mask else add.args[0]
         masked = cand.masked_value if cand.masked_value is not None else torch.finfo(mask_val.dtype).min
         graph = add.graph
+        new = []
+
+        def call(kind: str, target, args, kwargs=None) -> fx.Node:
+            new.append(getattr(graph, kind)(target, args, kwargs or {}))
+            return new[-1]
+
         with graph.inserting_before(add):
-            size = graph.call_method("size", (scores, -1))
-            full = graph.call_function(
-                torch.full, ((size, size), masked), {"dtype": mask_val.dtype, "device": mask_val.device}
-            )
-            causal = graph.call_method("triu", (full, 1))
-        add.replace_input_with(mask, causal)
-        for node in (size, full, causal):
+            size = call("call_method", "size", (scores, -1))
+            if cand.window is None:  # masked above the diagonal
+                full = call("call_function", torch.full, ((size, size), masked), {"dtype": mask_val.dtype, "device": mask_val.device})
+                constant = call("call_method", "triu", (full, 1))
+            else:  # masked above the diagonal and at or below the window's lower edge
+                ones = call("call_function", torch.ones, ((size, size),), {"dtype": torch.bool, "device": mask_val.device})
+                blocked = call("call_function", torch.logical_or, (call("call_method", "triu", (ones, 1)), call("call_method", "tril", (ones, -cand.window))))
+                zeros = call("call_function", torch.zeros, ((size, size),), {"dtype": mask_val.dtype, "device": mask_val.device})
+                constant = call("call_method", "masked_fill", (zeros, blocked, masked))
+        add.replace_input_with(mask, constant)
+        for node in new:
             analysis.annotate(node)
 
 

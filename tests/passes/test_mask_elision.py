@@ -142,6 +142,24 @@ def test_only_the_full_attention_layers_of_a_model_with_sliding_layers_are_rewri
     assert report.runtime["fast_path"] == 1
 
 
+def test_eager_sliding_layers_add_a_constant_banded_mask():
+    """Gemma2 (eager, softcapped attention; layers sliding, full) with a window of 4 tokens: both
+    masks are dropped behind the right-padding guard, the sliding layer's replaced by a constant
+    (S, S) band holding the mask's own masked value; left padding still falls back."""
+    torch.manual_seed(0)
+    cm = CompiledModel(build_tiny_model("gemma2", sliding_window=4))
+    batch = make_batch("right", batch=2, seq=SEQ, seed=6) | {"use_cache": False}
+    eager, compiled, report = cm.step(batch)
+    assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
+    assert report.rule_counts[("mask_elision", "eager_sliding_causal_padding")] == 1, report
+    assert report.rule_counts[("mask_elision", "eager_causal_padding")] == 1, report
+    assert report.runtime["fast_path"] == 1
+    left = make_batch("left", batch=2, seq=SEQ, seed=7) | {"use_cache": False}
+    eager, compiled, report = cm.step(left)
+    assert_steps_equal(eager, compiled)
+    assert report.runtime["fallback"] == 1 and report.runtime["failed:right_padded"] == 1
+
+
 def test_dynamic_sequence_lengths_keep_the_rewrite_with_bounded_compiles():
     torch.manual_seed(0)
     cm = CompiledModel(build_tiny_model("llama"))
