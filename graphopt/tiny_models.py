@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "cohere", "glm4", "smollm3")
+# Families whose point is their sliding-window layers, built only with ``sliding_window=W``
+# (tests of windowed attention); layer 0 slides, layer 1 attends fully.
+WINDOWED_FAMILIES = ("gemma3_text", "cohere2", "exaone4")
 
 # How each family rotates q/k, read in transformers 5.23 ``models/<family>/modeling_<family>.py``.
 #   "half":        rotate_half pairs dim i with dim i + d/2 (slice, neg, cat) and cos/sin are cat((f, f)).
@@ -31,6 +34,9 @@ ROTARY_LAYOUT = {
     "cohere": {"layout": "interleaved", "partial": 1.0},
     "glm4": {"layout": "interleaved", "partial": 0.5},  # partial_rotary_factor 0.5 by default
     "smollm3": {"layout": "half", "partial": 1.0},
+    "gemma3_text": {"layout": "half", "partial": 1.0},
+    "cohere2": {"layout": "interleaved", "partial": 1.0},
+    "exaone4": {"layout": "half", "partial": 1.0},
 }
 
 TINY_DIMS = dict(
@@ -65,6 +71,10 @@ def _window_fields(family: str, window: int | None, fields: dict) -> dict:
             "sliding_window": fields["max_position_embeddings"],
             "layer_types": ["full_attention"] * fields["num_hidden_layers"],
         }
+    if family in WINDOWED_FAMILIES:
+        if window is None:
+            raise ValueError(f"tiny {family} is built with sliding_window=W only")
+        return {"sliding_window": window, "layer_types": ["sliding_attention", "full_attention"]}
     if window is not None:
         raise ValueError(f"tiny {family} has no sliding-window variant here")
     return {}
@@ -77,13 +87,13 @@ def tiny_config(family: str, **overrides):
     num_attention_heads`` (16) unless ``head_dim`` is overridden, pad/bos/eos ids are 0/1/2 (inside
     the vocabulary, which Phi3, SmolLM3 and GLM4 need to build), dropout is 0, tie_word_embeddings
     keeps the family's default, and no layer uses a sliding window. ``sliding_window=W`` builds the
-    family's windowed variant instead (mistral, phi3: every layer; qwen2: layers >= 1; gemma2:
-    alternate layers). Other ``overrides`` are passed to the config as they are.
+    family's windowed variant instead (mistral, phi3: every layer; qwen2: layers >= 1; gemma2 and
+    the ``WINDOWED_FAMILIES``: alternate layers, layer 0 sliding). Other ``overrides`` are passed to the config as they are.
     """
     from transformers import AutoConfig
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    if family not in FAMILIES + WINDOWED_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES + WINDOWED_FAMILIES}")
     window = overrides.pop("sliding_window", None)
     fields = dict(TINY_DIMS, pad_token_id=PAD_TOKEN_ID, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID)
     fields["attention_dropout"] = 0.0
