@@ -83,8 +83,18 @@ PRESETS = {
         layout="none", batch=4, seq=512, hidden=256, layers=2, vocab=128256,
         target=dict(speedup=0.95, memory=0.6),
     ),
+    # Gemma-3-like: 6 layers, 5 of 6 with a sliding window of 512 tokens, 4096-token rows.
+    "sliding-packed": dict(
+        family="gemma3", window=512, layout="packed", tokens=4096, rows=1, doc_len="256-4096",
+        hidden=256, layers=6, vocab=8000, target=dict(speedup=2.0),
+    ),
+    "sliding-padded": dict(
+        family="gemma3", window=512, layout="right", batch=2, seq=4096, pad_fraction=0.25,
+        hidden=256, layers=6, vocab=8000, target=dict(speedup=1.5),
+    ),
 }
 DEFAULTS = dict(
+    family="llama", window=0,
     layout="right", batch=2, seq=256, pad_fraction=0.25, tokens=8192, rows=1, doc_len="512-2048",
     hidden=128, layers=2, heads=0, kv_heads=0, intermediate=0, vocab=2000, steps=5, warmup=1,
 )
@@ -132,6 +142,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int)
     p.add_argument("--steps", type=int, help="timed steps")
     p.add_argument("--warmup", type=int, help="untimed steps after the first (compile) step")
+    p.add_argument("--family", choices=("llama", "gemma3"),
+                   help="llama (default), or gemma3: Gemma 3's text model, layers sliding except every 6th")
+    p.add_argument("--window", type=int, help="gemma3's sliding window (default: none, every layer full)")
     p.add_argument("--split-layers", action="store_true",
                    help="break the compiled step around every decoder layer, as FSDP2's hooks do (a "
                         "torch._dynamo.disable-d no-op hook per layer), for every backend")
@@ -204,9 +217,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(args):
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
@@ -219,6 +232,16 @@ def build_model(args):
         eos_token_id=EOS_ID,
         use_cache=False,
     )
+    if args.family == "gemma3":
+        head_dim = args.hidden // args.heads
+        sliding = [args.window and (i + 1) % 6 != 0 for i in range(args.layers)]
+        config = Gemma3TextConfig(
+            **fields, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+            sliding_window=args.window or fields["max_position_embeddings"],
+            layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
+        )
+    else:
+        config = LlamaConfig(**fields)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     if args.split_layers:
@@ -806,7 +829,8 @@ def describe(args) -> str:
     if not args.vary_length:
         steps = f"{args.steps} timed steps after {args.warmup} warm-up"
     return (
-        f"{args.config or 'custom'}{' --vary-length' if args.vary_length else ''}: {shape}; Llama hidden {args.hidden}, "
+        f"{args.config or 'custom'}{' --vary-length' if args.vary_length else ''}: {shape}; "
+        f"{'Llama' if args.family == 'llama' else 'Gemma 3' + (f' (window {args.window}, 5 of 6 layers)' if args.window else '')} hidden {args.hidden}, "
         f"{args.layers} layers, {args.heads}/{args.kv_heads} heads, MLP {args.intermediate}, vocab {args.vocab}; "
         f"{args.device} {args.dtype}; {args.optimizer}; {steps}"
     )
