@@ -37,6 +37,7 @@ reported as ``unknown`` with the reason.
 from __future__ import annotations
 
 import enum
+import operator
 from dataclasses import dataclass, field
 
 import sympy
@@ -188,6 +189,61 @@ def _is_softmax(node: fx.Node) -> bool:
     )
 
 
+def _along_keys(node: fx.Node, dim) -> bool:
+    """Whether ``dim`` is the last dimension of ``node``'s (4-D) value: the keys of scores."""
+    value = analysis.example_value(node)
+    return isinstance(dim, int) and isinstance(value, torch.Tensor) and dim in (-1, value.dim() - 1)
+
+
+def _dim_argument(node: fx.Node, position: int):
+    return node.kwargs["dim"] if "dim" in node.kwargs else (node.args[position] if len(node.args) > position else None)
+
+
+def _feeds_softmax_by_rows(add: fx.Node) -> bool:
+    """Whether every use of ``scores + mask`` ends in a softmax over the keys, through ops that
+    treat each query row on its own: concatenation along the keys (gpt-oss's sink logit),
+    subtracting the row's max. Then the sum matters only at the query rows it is read at, and a
+    mask equal to another at those rows can take its place."""
+    chain, frontier, reached = {add}, [add], False
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in chain:
+                continue
+            if _is_softmax(user) and _along_keys(node, _dim_argument(user, 1)) and user.args[0] is node:
+                reached = True
+                continue
+            if not _row_wise(user, chain):
+                return False
+            chain.add(user)
+            frontier.append(user)
+    return reached
+
+
+def _row_wise(node: fx.Node, chain: set[fx.Node]) -> bool:
+    """``node`` computes each query row of the scores from that row alone."""
+    if node.op == "call_function" and node.target is torch.cat:
+        return _along_keys(node, _dim_argument(node, 1))
+    if node.op in ("call_function", "call_method") and node.target in (torch.max, torch.amax, "max", "amax"):
+        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        return keepdim is True and _along_keys(node.args[0], _dim_argument(node, 1))
+    if node.op == "call_function" and node.target is getattr and node.args[1] == "values":
+        return True
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+        return True  # max's values
+    if node.op == "call_function" and node.target in (operator.sub, torch.sub) and len(node.args) == 2:
+        x, m = node.args
+        return x in chain and isinstance(m, fx.Node) and (m in chain or _is_row_max(m, chain))
+    return False
+
+
+def _is_row_max(node: fx.Node, chain: set[fx.Node]) -> bool:
+    """``node`` is the max over the keys (kept as a dimension) of a value of ``chain``."""
+    if node.op == "call_function" and (node.target is getattr and node.args[1] == "values" or node.target is operator.getitem and node.args[1] == 0):
+        node = node.args[0]
+    return _row_wise(node, chain) and node.target in (torch.max, torch.amax, "max", "amax") and node.args[0] in chain
+
+
 def find_masks(gm: fx.GraphModule, memo: dict | None = None) -> list[MaskCandidate]:
     """Every attention mask in ``gm``, classified by probing. Users that are not attention make
     a candidate ``unknown`` (the mask is then left alone).
@@ -262,7 +318,7 @@ def _add_attention_user(cand: MaskCandidate, user: fx.Node, mask: fx.Node) -> bo
     softmax); False when it is another kind of use."""
     if analysis.is_sdpa(user) and analysis.sdpa_arguments(user)["attn_mask"] is mask:
         cand.sdpa_users.append(user)
-    elif analysis.is_add(user) and len(user.users) == 1 and _is_softmax(next(iter(user.users))):
+    elif analysis.is_add(user) and _feeds_softmax_by_rows(user):
         cand.additive_users.append(user)
     else:
         return False

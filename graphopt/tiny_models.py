@@ -14,7 +14,7 @@ import torch
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "cohere", "glm4", "smollm3")
 # Families whose point is their sliding-window layers, built only with ``sliding_window=W``
 # (tests of windowed attention); layer 0 slides, layer 1 attends fully.
-WINDOWED_FAMILIES = ("gemma3_text", "cohere2", "exaone4")
+WINDOWED_FAMILIES = ("gemma3_text", "cohere2", "exaone4", "gpt_oss")
 
 # How each family rotates q/k, read in transformers 5.23 ``models/<family>/modeling_<family>.py``.
 #   "half":        rotate_half pairs dim i with dim i + d/2 (slice, neg, cat) and cos/sin are cat((f, f)).
@@ -37,6 +37,7 @@ ROTARY_LAYOUT = {
     "gemma3_text": {"layout": "half", "partial": 1.0},
     "cohere2": {"layout": "interleaved", "partial": 1.0},
     "exaone4": {"layout": "half", "partial": 1.0},
+    "gpt_oss": {"layout": "half", "partial": 1.0},
 }
 
 TINY_DIMS = dict(
@@ -51,7 +52,7 @@ TINY_DIMS = dict(
 PAD_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID = 0, 1, 2
 
 # Gemma2's reference attention is eager (matmul, softcap, additive mask, softmax, matmul).
-_DEFAULT_ATTENTION = {"gemma2": "eager"}
+_DEFAULT_ATTENTION = {"gemma2": "eager", "gpt_oss": "eager"}  # gpt-oss: eager with sink logits
 
 
 def _window_fields(family: str, window: int | None, fields: dict) -> dict:
@@ -74,7 +75,8 @@ def _window_fields(family: str, window: int | None, fields: dict) -> dict:
     if family in WINDOWED_FAMILIES:
         if window is None:
             raise ValueError(f"tiny {family} is built with sliding_window=W only")
-        return {"sliding_window": window, "layer_types": ["sliding_attention", "full_attention"]}
+        experts = {"num_local_experts": 4, "num_experts_per_tok": 2} if family == "gpt_oss" else {}
+        return {"sliding_window": window, "layer_types": ["sliding_attention", "full_attention"], **experts}
     if window is not None:
         raise ValueError(f"tiny {family} has no sliding-window variant here")
     return {}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from graphopt.masks import MaskKind, document_ids, find_masks
-from tests.support.mask_graphs import B, S, capture, qkv, sdpa_with
+from tests.support.mask_graphs import B, H, S, capture, qkv, sdpa_with
 
 def broadcast_spelling(am):  # transformers' non-vmap sdpa_mask
     idx = torch.arange(am.shape[1])
@@ -168,3 +168,42 @@ def test_packed_block_causal_mask_is_recognized():
 def test_document_ids_split_where_positions_do_not_step_by_one():
     pos = torch.tensor([[0, 1, 2, 0, 1, 5, 6, 0]])
     assert document_ids(pos).tolist() == [[0, 0, 0, 1, 1, 2, 2, 3]]
+
+
+def _additive(am):
+    return torch.where(broadcast_spelling(am), 0.0, torch.finfo(torch.float32).min)
+
+
+def _eager_with_sinks(cat_dim: int = -1, softmax_dim: int = -1):
+    """gpt-oss's eager attention: a learned sink logit per head joins each row before the softmax."""
+
+    def fn(q, k, v, am, sink):
+        scores = q @ k.transpose(-1, -2) + _additive(am)
+        if cat_dim == -1:
+            combined = torch.cat([scores, sink.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], -1)], dim=-1)
+        else:
+            combined = torch.cat([scores, sink.reshape(1, -1, 1, 1).expand(q.shape[0], -1, -1, q.shape[2])], dim=-2)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(combined, dim=softmax_dim)
+        return (probs[..., :S] if cat_dim == -1 else probs[:, :, :S]) @ v
+
+    return fn
+
+
+def _sink() -> torch.Tensor:
+    return torch.zeros(H, requires_grad=True)
+
+
+def test_scores_with_a_sink_logit_concatenated_along_the_keys_are_attention():
+    (cand,) = find_masks(capture(_eager_with_sinks(), *qkv(), am_right(), _sink()))
+    assert cand.kind == MaskKind.CAUSAL_PADDING and len(cand.additive_users) == 1, cand.reason
+
+
+@pytest.mark.parametrize("cat_dim, softmax_dim", [(-1, -2), (-2, -1)], ids=["softmax_over_queries", "cat_along_queries"])
+def test_scores_that_mix_query_rows_are_not_attention(cat_dim, softmax_dim):
+    """A softmax over the queries reads several query rows of the sum, so a mask equal to another
+    only at real rows could not take its place; a concatenation along the queries is not a form
+    attention takes. Both are declined."""
+    (cand,) = find_masks(capture(_eager_with_sinks(cat_dim, softmax_dim), *qkv(), am_right(), _sink()))
+    assert cand.kind == MaskKind.UNKNOWN and not cand.additive_users
+    assert "not attention" in cand.reason

@@ -72,3 +72,21 @@ def test_padded_batches_of_sliding_models_are_exact(family_model):
     assert_steps_equal(eager, compiled)
     if rewritten:
         assert report.runtime["fallback"] == 1 and report.runtime["failed:right_padded"] == 1, report
+
+
+def test_gpt_oss_eager_attention_with_sink_logits_drops_both_masks_behind_the_guard():
+    """gpt-oss's eager attention concatenates a sink logit to each row of ``scores + mask`` and
+    subtracts the row max before the softmax: still one query row at a time, so both layers'
+    masks (sliding and full) become constants behind the right-padding guard."""
+    torch.manual_seed(0)
+    cm = CompiledModel(build_tiny_model("gpt_oss", sliding_window=WINDOW))
+    right = make_batch("right", batch=2, seq=SEQ, seed=5) | {"use_cache": False}
+    eager, compiled, report = cm.step(right)
+    assert_steps_equal(eager, compiled, real_positions=real_positions(right))
+    assert report.rule_counts[("mask_elision", "eager_sliding_causal_padding")] == 1, report
+    assert report.rule_counts[("mask_elision", "eager_causal_padding")] == 1, report
+    assert report.runtime["fast_path"] == 1
+    left = make_batch("left", batch=2, seq=SEQ, seed=4) | {"use_cache": False}
+    eager, compiled, report = cm.step(left)
+    assert_steps_equal(eager, compiled)
+    assert report.runtime["fallback"] == 1
