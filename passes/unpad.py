@@ -26,8 +26,9 @@ on each (b, s) position independently: elementwise ops and broadcasts that never
 untracked dimension of sequence length, linears and norms over feature dimensions, views that
 keep the token dimensions whole, slices that keep them full. SDPA (causal, no mask) and the loss
 are the only places positions meet; anything else that mixes positions is a decline that names
-the op. The gather and scatter indices, the positions and the document boundaries are computed
-on the host from the row lengths the guard already read.
+the op (the ops accepted: ``_METHOD_RULES`` and ``_FUNCTION_RULES``; the tags of their outputs:
+:mod:`graphopt.passes.dimension_tags`). The gather and scatter indices, the positions and the
+document boundaries are computed on the host from the row lengths the guard already read.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ import torch.fx as fx
 
 import graphopt.ops.linear_cross_entropy  # noqa: F401 - registers torch.ops.graphopt.linear_cross_entropy
 from graphopt import analysis, inspection
-from graphopt.passes import PassContext, Variant
+from graphopt.passes import PassContext, Variant, dimension_tags
+from graphopt.passes.varlen_attention import TableAnalysis, body_tables, match_attention, rewrite_attention
 from graphopt.runtime import Adapter
 
 # Elementwise (broadcasting) ops of Dynamo's torch-level IR. Casts and copies are elementwise too.
@@ -67,11 +69,6 @@ _NORM_FUNCTIONS = frozenset({torch.nn.functional.layer_norm, torch.nn.functional
 # The packed length is the real-token count rounded up to this (a multiple of the usual kernel
 # tile). It is marked dynamic, so the bucket only bounds alignment waste, not compiles.
 BUCKET = 16
-
-
-# Tag of the fused loss's logits output in the unpadded graph: already at padded positions, plus
-# one extra row (the bucket's extra tokens) that the getitem reading it cuts off.
-_PADDED_ROWS = "padded+1"
 
 
 class Decline(Exception):
@@ -146,14 +143,6 @@ class Unpad:
         return plan.module
 
 
-def _tag_size(tag: str | None, original, t_node: fx.Node):
-    if tag == "B":
-        return 1
-    if tag in ("S", "BS"):
-        return t_node
-    return original
-
-
 def _hints(value: torch.Tensor) -> list[int]:
     return [analysis.hint(s) for s in value.shape]
 
@@ -207,7 +196,7 @@ class _Builder:
         ``positions``, ``cu_seqlens`` and ``scatter`` (see :class:`UnpadPlan`)."""
         sources = self._position_sources()
         position_inputs = {p for p in self.placeholders if self._is_token_input(p) and not _is_float(p)}
-        self.tables = _PositionTables(self.gm, sources | position_inputs)
+        self.tables = TableAnalysis(self.gm, sources | position_inputs, by_edges=True)
         for node in self.placeholders:
             self.env[node] = self.graph.node_copy(node)
             self.tags[node] = None
@@ -283,12 +272,10 @@ class _Builder:
 
     def _checkpoint(self, hop: fx.Node) -> None:
         """A checkpointed layer: its body is unpadded too, and gets the packing operands."""
-        from graphopt.passes.varlen_attention import _body_tables
-
         body = analysis.checkpoint_body(hop)
         inner = _Builder(body, self.ctx, self.B, self.S)
         new_body, out_tags = inner.build_body(
-            [self._t(a) for a in hop.args[1:]], _body_tables(hop, self.tables), self.mask
+            [self._t(a) for a in hop.args[1:]], body_tables(hop, self.tables), self.mask
         )
         name = f"{hop.args[0].target}_unpadded"
         self.attrs[name] = new_body
@@ -382,7 +369,7 @@ class _Builder:
             return
         if node.op == "call_function" and node.target is operator.getitem and self._t(node.args[0]) and isinstance(
             self._t(node.args[0]), list
-        ) and self._t(node.args[0])[node.args[1]] == _PADDED_ROWS:
+        ) and self._t(node.args[0])[node.args[1]] == dimension_tags.PADDED_ROWS:
             item = self.graph.call_function(operator.getitem, (self.env[node.args[0]], node.args[1]))
             total = self.graph.call_function(operator.mul, (self.rows, self.width))
             self.env[node] = self.graph.call_method("narrow", (item, 0, 0, total))
@@ -425,93 +412,39 @@ class _Builder:
         raise Decline(f"{node.name} ({analysis.describe(node)}) {why}")
 
     def _rule(self, node: fx.Node):
-        """(output tags, args, kwargs) of ``node`` in the unpadded graph; raises Decline when the
-        op may mix positions."""
-        target, args, kwargs = node.target, node.args, node.kwargs
-        method = target if node.op == "call_method" else None
-        if method == "dim":
-            return None, args, kwargs
-        if method in ("new_empty", "new_zeros", "new_ones", "new_full"):
-            # a new tensor of explicit sizes (the padded ones, see _padded_size): not a token value;
-            # if it meets the tokens later, the broadcast rule sees its shape
-            return None, args, kwargs
-        if node.op == "call_function" and target is operator.getitem and isinstance(analysis.example_value(args[0]), torch.Tensor):
-            return self._getitem(node), args, kwargs
-        if node.op == "call_function" and target is operator.getitem:
-            return self._tuple_item(node), args, kwargs
-        if (node.op == "call_function" and target in _ELEMENTWISE_FUNCTIONS) or method in _ELEMENTWISE_METHODS:
-            return self._broadcast(node, [a for a in (*args, *kwargs.values()) if isinstance(a, fx.Node)]), args, kwargs
-        if method in ("view", "reshape") or (node.op == "call_function" and target is torch.reshape):
-            return self._view(node)
-        if method == "expand":
-            return self._expand(node)
-        if method == "unflatten":
-            tags = self._dims(node)
-            d = node.args[1] % len(self._t(node.args[0]))
-            sizes = tuple(_tag_size(t, s, self.t_node) for t, s in zip(tags[d : d + len(node.args[2])], node.args[2]))
-            return tags, (node.args[0], node.args[1], sizes), node.kwargs
-        if method in ("transpose", "permute", "unsqueeze", "squeeze", "flatten") or (
-            node.op == "call_function" and target in (torch.transpose, torch.unsqueeze, torch.flatten, torch.permute)
-        ):
-            return self._dims(node), args, kwargs
-        if method in _REDUCTION_METHODS or (node.op == "call_function" and target in _REDUCTION_FUNCTIONS):
-            return self._reduction(node), args, kwargs
-        if node.op == "call_function" and target in (torch._C._nn.linear, torch.nn.functional.linear):
-            x = self._t(args[0])
-            if any(self._t(a) for a in (*args[1:], *kwargs.values())):
-                self._decline(node, "multiplies two token tensors")
-            return x[:-1] + (None,), args, kwargs
-        if node.op == "call_function" and target is torch.nn.functional.embedding:
-            if self._t(args[1]):
-                self._decline(node, "indexes a token tensor")
-            return self._t(args[0]) + (None,), args, kwargs
-        if node.op == "call_function" and target in _NORM_FUNCTIONS:
-            shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
-            x = self._t(args[0])
-            if any(x[-len(shape):]) or any(self._t(a) for a in (*args[2:], *kwargs.values())):
-                self._decline(node, "normalizes over token dimensions")
-            return x, args, kwargs
-        if method in ("chunk", "split", "repeat_interleave") or (
-            node.op == "call_function" and target in (torch.chunk, torch.split, torch.repeat_interleave)
-        ):
-            return self._along(node), args, kwargs
-        if node.op == "call_function" and target in (torch.cat, torch.stack):
-            return self._cat(node), args, kwargs
-        if analysis.is_sdpa(node):
-            return self._sdpa(node), args, kwargs
-        if node.op == "call_function" and target is torch.nn.functional.cross_entropy:
-            return self._cross_entropy(node)
-        if node.op == "call_function" and target is torch.ops.graphopt.linear_cross_entropy.default:
-            return self._fused_loss(node)
-        self._decline(node, "is not known to act on each token independently" + _custom_op_hint(node))
-        return None  # unreachable
+        """(output tags, args, kwargs) of ``node`` in the unpadded graph, by its op's rule
+        (:data:`_METHOD_RULES`, :data:`_FUNCTION_RULES`); raises Decline when the op may mix
+        positions, or has no rule."""
+        rule = _RULES.get(node.op, {}).get(node.target)
+        if rule is None:
+            self._decline(node, "is not known to act on each token independently" + _custom_op_hint(node))
+        try:
+            return rule(self, node)
+        except dimension_tags.MixesPositions as e:
+            why = str(e)
+        self._decline(node, why)
 
-    def _broadcast(self, node: fx.Node, inputs: list[fx.Node]) -> tuple:
+    def _untracked(self, node: fx.Node):
+        """``x.dim()``, ``x.new_zeros(sizes)``: not a token value (the sizes are the padded ones,
+        see :meth:`_padded_size`); if it meets the tokens later, the broadcast rule sees its shape."""
+        return None, node.args, node.kwargs
+
+    def _item(self, node: fx.Node) -> tuple | None:
+        """``x[index]`` of a tensor, or an item of a node returning several values."""
+        if isinstance(analysis.example_value(node.args[0]), torch.Tensor):
+            return self._getitem(node)
+        return self._tuple_item(node)
+
+    def _elementwise(self, node: fx.Node) -> tuple:
+        """Elementwise ops, casts and copies: the operands' tags broadcast."""
         out = analysis.example_value(node)
         rank = out.dim() if isinstance(out, torch.Tensor) else 0
-        result: list = [None] * rank
-        for a in inputs:
-            av = analysis.example_value(a)
-            if not isinstance(av, torch.Tensor):
-                continue
-            at = self._t(a) or (None,) * av.dim()
-            for k, (tag, size) in enumerate(zip(reversed(at), reversed(_hints(av)))):
-                pos = rank - 1 - k
-                if tag is not None:
-                    if result[pos] not in (None, tag):
-                        self._decline(node, "combines different token dimensions")
-                    result[pos] = tag
-        for a in inputs:  # an untracked operand of sequence length meets the tokens: mixing
-            av = analysis.example_value(a)
-            if not isinstance(av, torch.Tensor) or self._t(a):
-                continue
-            for k, size in enumerate(reversed(_hints(av))):
-                if result[rank - 1 - k] is not None and size != 1:
-                    self._decline(node, f"combines the tokens with {a.name}, a constant of their shape")
-        named = [t for t in result if t is not None]
-        if len(named) != len(set(named)):
-            self._decline(node, "would carry one token dimension twice")
-        return tuple(result)
+        operands = []
+        for a in (*node.args, *node.kwargs.values()):
+            av = analysis.example_value(a) if isinstance(a, fx.Node) else None
+            if isinstance(av, torch.Tensor):
+                operands.append((a.name, self._t(a), _hints(av)))
+        return dimension_tags.broadcast_tags(operands, rank)
 
     def _view(self, node: fx.Node):
         src = node.args[0]
@@ -521,10 +454,10 @@ class _Builder:
         in_tags = self._t(src)
         in_shape = _hints(analysis.example_value(src))
         out_shape = _hints(analysis.example_value(node))
-        out_tags = _view_tags(in_shape, in_tags, out_shape, self.B, self.S)
+        out_tags = dimension_tags.view_tags(in_shape, in_tags, out_shape, self.B, self.S)
         if out_tags is None:
             self._decline(node, f"reshapes {tuple(in_shape)} to {tuple(out_shape)} across the token dimensions")
-        new_shape = tuple(_tag_size(t, s, self.t_node) for t, s in zip(out_tags, shape))
+        new_shape = tuple(dimension_tags.tag_size(t, s, self.t_node) for t, s in zip(out_tags, shape))
         if node.op == "call_function":
             return out_tags, (src, new_shape), node.kwargs
         return out_tags, (src, *new_shape), node.kwargs
@@ -532,83 +465,42 @@ class _Builder:
     def _expand(self, node: fx.Node):
         src = node.args[0]
         sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-        in_tags = self._t(src)
-        out_tags = (None,) * (len(sizes) - len(in_tags)) + tuple(in_tags)
-        return out_tags, (src, *(_tag_size(t, s, self.t_node) for t, s in zip(out_tags, sizes))), node.kwargs
+        out_tags = dimension_tags.expand_tags(self._t(src), len(sizes))
+        return out_tags, (src, *(dimension_tags.tag_size(t, s, self.t_node) for t, s in zip(out_tags, sizes))), node.kwargs
+
+    def _unflatten(self, node: fx.Node):
+        tags = self._dims(node)
+        d = node.args[1] % len(self._t(node.args[0]))
+        sizes = tuple(dimension_tags.tag_size(t, s, self.t_node) for t, s in zip(tags[d : d + len(node.args[2])], node.args[2]))
+        return tags, (node.args[0], node.args[1], sizes), node.kwargs
 
     def _dims(self, node: fx.Node) -> tuple:
         """transpose / permute / unsqueeze / squeeze / flatten / unflatten: move the tags along."""
         name = node.target if node.op == "call_method" else node.target.__name__
         x = list(self._t(node.args[0]))
         rest = node.args[1:]
-        rank = len(x)
         if name == "transpose":
-            a, b = (d % rank for d in rest[:2])
-            x[a], x[b] = x[b], x[a]
-            return tuple(x)
+            dim0, dim1 = rest[:2]
+            return dimension_tags.transpose_tags(x, dim0, dim1)
         if name == "permute":
-            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-            return tuple(x[d % rank] for d in dims)
+            return dimension_tags.permute_tags(x, rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest)
         if name == "unsqueeze":
-            d = rest[0] % (rank + 1)
-            return tuple(x[:d] + [None] + x[d:])
+            return dimension_tags.unsqueeze_tags(x, rest[0])
         if name == "squeeze":
-            shape = _hints(analysis.example_value(node.args[0]))
-            dims = [d % rank for d in (rest if rest else range(rank)) if isinstance(d, int)]
-            if not rest:
-                dims = [d for d in range(rank) if shape[d] == 1]
-            return tuple(t for i, t in enumerate(x) if not (i in dims and shape[i] == 1))
+            return dimension_tags.squeeze_tags(x, _hints(analysis.example_value(node.args[0])), rest)
         if name == "flatten":
-            start = (rest[0] if rest else 0) % rank
-            end = (rest[1] if len(rest) > 1 else -1) % rank
-            group = x[start : end + 1]
-            shape = _hints(analysis.example_value(node.args[0]))[start : end + 1]
-            merged = _merge(group, shape)
-            if merged is False:
-                self._decline(node, "flattens token and feature dimensions together")
-            return tuple(x[:start] + [merged] + x[end + 1 :])
+            start, end = (rest[0] if rest else 0), (rest[1] if len(rest) > 1 else -1)
+            return dimension_tags.flatten_tags(x, _hints(analysis.example_value(node.args[0])), start, end)
         if name == "unflatten":
-            d = rest[0] % rank
-            n_new = len(rest[1])
-            if x[d] is None:
-                return tuple(x[:d] + [None] * n_new + x[d + 1 :])
-            out_shape = _hints(analysis.example_value(node))[d : d + n_new]
-            if x[d] != "BS" or out_shape != [self.B, self.S]:
-                self._decline(node, "splits a token dimension")
-            return tuple(x[:d] + ["B", "S"] + x[d + 1 :])
+            d = rest[0] % len(x)
+            sizes = _hints(analysis.example_value(node))[d : d + len(rest[1])]
+            return dimension_tags.unflatten_tags(x, d, sizes, self.B, self.S)
         self._decline(node, "moves dimensions in a way not tracked")
         return ()
 
     def _getitem(self, node: fx.Node) -> tuple:
-        x = self._t(node.args[0])
         shape = _hints(analysis.example_value(node.args[0]))
-        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-        n_real = sum(1 for i in index if i is not None and i is not Ellipsis)
-        out, dim = [], 0
-        for item in index:
-            if item is Ellipsis:
-                for _ in range(len(shape) - n_real):
-                    out.append(x[dim])
-                    dim += 1
-            elif item is None:
-                out.append(None)
-            elif isinstance(item, slice):
-                if x[dim] is not None:
-                    full = all(not isinstance(v, fx.Node) for v in (item.start, item.stop, item.step)) and range(
-                        *item.indices(shape[dim])
-                    ) == range(shape[dim])
-                    if not full:
-                        self._decline(node, "slices a token dimension")
-                out.append(x[dim])
-                dim += 1
-            elif isinstance(item, int) and not isinstance(item, bool):
-                if x[dim] is not None:
-                    self._decline(node, "indexes a token dimension")
-                dim += 1
-            else:
-                self._decline(node, "indexes with a tensor or a symbolic value")
-        out.extend(x[dim:])
-        return tuple(out)
+        return dimension_tags.getitem_tags(self._t(node.args[0]), shape, node.args[1])
 
     def _tuple_item(self, node: fx.Node) -> tuple | None:
         owner, i = node.args
@@ -619,17 +511,28 @@ class _Builder:
         return None
 
     def _reduction(self, node: fx.Node) -> tuple:
-        x = self._t(node.args[0])
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if dims is None:
-            self._decline(node, "reduces over all positions")
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        rank = len(x)
-        dims = [d % rank for d in dims]
-        if any(x[d] is not None for d in dims):
-            self._decline(node, "reduces over a token dimension")
         keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-        return tuple(None if (i in dims) else t for i, t in enumerate(x)) if keep else tuple(t for i, t in enumerate(x) if i not in dims)
+        return dimension_tags.reduction_tags(self._t(node.args[0]), dims, keep)
+
+    def _linear(self, node: fx.Node) -> tuple:
+        x = self._t(node.args[0])
+        if any(self._t(a) for a in (*node.args[1:], *node.kwargs.values())):
+            self._decline(node, "multiplies two token tensors")
+        return x[:-1] + (None,)
+
+    def _embedding(self, node: fx.Node) -> tuple:
+        if self._t(node.args[1]):
+            self._decline(node, "indexes a token tensor")
+        return self._t(node.args[0]) + (None,)
+
+    def _norm(self, node: fx.Node) -> tuple:
+        args, kwargs = node.args, node.kwargs
+        shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+        x = self._t(args[0])
+        if any(x[-len(shape):]) or any(self._t(a) for a in (*args[2:], *kwargs.values())):
+            self._decline(node, "normalizes over token dimensions")
+        return x
 
     def _along(self, node: fx.Node):
         """chunk / split / repeat_interleave along a feature dimension: the tags stay."""
@@ -645,22 +548,12 @@ class _Builder:
 
     def _cat(self, node: fx.Node) -> tuple:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if node.target is torch.stack:
+            return dimension_tags.stack_tags([self._t(t) for t in node.args[0]], dim)
         # torch.cat skips 1-D empty tensors (transformers' DynamicCache starts from one): a cat of
         # one real tensor and such empties is that tensor
-        tensors = [t for t in node.args[0] if not _legacy_empty(t)] if node.target is torch.cat else node.args[0]
-        if node.target is torch.cat and len(tensors) == 1:
-            return tuple(self._t(tensors[0]))
-        tags = [self._t(t) for t in tensors]
-        if any(t != tags[0] for t in tags):
-            self._decline(node, "joins token and non-token values")
-        base = list(tags[0])
-        rank = len(base)
-        if node.target is torch.stack:
-            d = dim % (rank + 1)
-            return tuple(base[:d] + [None] + base[d:])
-        if base[dim % rank] is not None:
-            self._decline(node, "concatenates along a token dimension")
-        return tuple(base)
+        tensors = [t for t in node.args[0] if not _legacy_empty(t)]
+        return dimension_tags.cat_tags([self._t(t) for t in tensors], dim)
 
     def _sdpa(self, node: fx.Node) -> tuple:
         args = analysis.sdpa_arguments(node)
@@ -712,7 +605,7 @@ class _Builder:
             total = self.graph.call_function(operator.mul, (self.rows, self.width))
             arguments["logits_rows"] = self.scatter
             arguments["logits_len"] = self.graph.call_function(operator.add, (total, 1))
-        tags = [None, _PADDED_ROWS if returns_logits else None]
+        tags = [None, dimension_tags.PADDED_ROWS if returns_logits else None]
         positional = _LOSS_ARGUMENTS[: len(node.args)]
         return tags, tuple(arguments[name] for name in positional), {k: v for k, v in arguments.items() if k not in positional}
 
@@ -721,18 +614,11 @@ class _Builder:
     def _varlen(self) -> None:
         """Each SDPA on the tokens becomes per-row varlen attention with RoPE fused, proven on the
         padded graph exactly as the packed-sequence pass proves it."""
-        from graphopt.passes.varlen_attention import AttentionMatch, VarlenAttention, _match
-
         for sdpa in self.sdpas:
-            match = _match(self.gm, sdpa, self.tables)
+            match = match_attention(self.gm, sdpa, self.tables)
             if isinstance(match, str):
                 raise Decline(f"{sdpa.name}: {match}")
-            mapped = AttentionMatch(
-                sdpa=self.env[sdpa], xq=self.env[match.xq], xk=self.env[match.xk], xv=self.env[match.xv],
-                cos=self.env[match.cos], sin=self.env[match.sin], interleaved=match.interleaved,
-                fp32_tables=match.fp32_tables, scale=match.scale, region=[self.env[n] for n in match.region],
-            )
-            VarlenAttention()._rewrite(self.ctx, mapped, self.cu, report=False)
+            rewrite_attention(self.ctx, match.mapped(lambda n: self.env[n]), self.cu, report=False)
             self.attention_calls += 1
         if self.sdpas:
             self.rewritten.append("attention per row (varlen, RoPE fused)")
@@ -782,6 +668,58 @@ class _Builder:
         return out
 
 
+def _keeping_args(tags_of):
+    """The rule of an op whose arguments stay as they are: ``tags_of`` gives its output tags."""
+
+    def rule(builder: _Builder, node: fx.Node):
+        return tags_of(builder, node), node.args, node.kwargs
+
+    return rule
+
+
+def _rule_table(*families) -> dict:
+    """One rule per op, from (ops, rule) families; an op two families name takes the first one's."""
+    table: dict = {}
+    for ops, rule in families:
+        for op in ops:
+            table.setdefault(op, rule)
+    return table
+
+
+# The ops unpad accepts, and the rule that tags each one's output (see
+# :mod:`graphopt.passes.dimension_tags`): call_method targets by name, call_function targets by
+# object. A rule gives the op's (output tags, args, kwargs) in the unpadded graph, or declines when
+# the op may mix positions. Never here (``_Builder._copy`` handles them first): ops that read no
+# token value, size queries (answered with the padded sizes) and the item of the fused loss that
+# holds the padded logits. An op without a rule is a decline that names it.
+_METHOD_RULES = _rule_table(
+    (("dim", "new_empty", "new_zeros", "new_ones", "new_full"), _Builder._untracked),
+    (_ELEMENTWISE_METHODS, _keeping_args(_Builder._elementwise)),  # x.mul(y): the tags broadcast
+    (("view", "reshape"), _Builder._view),  # (B, S, H) -> (B, S, h, d): sizes of B / S rewritten
+    (("expand",), _Builder._expand),
+    (("unflatten",), _Builder._unflatten),
+    (("transpose", "permute", "unsqueeze", "squeeze", "flatten"), _keeping_args(_Builder._dims)),
+    (_REDUCTION_METHODS, _keeping_args(_Builder._reduction)),  # over feature dims only
+    (("chunk", "split", "repeat_interleave"), _keeping_args(_Builder._along)),  # along feature dims only
+)
+_FUNCTION_RULES = _rule_table(
+    ((operator.getitem,), _keeping_args(_Builder._item)),
+    (_ELEMENTWISE_FUNCTIONS, _keeping_args(_Builder._elementwise)),
+    ((torch.reshape,), _Builder._view),
+    ((torch.transpose, torch.unsqueeze, torch.flatten, torch.permute), _keeping_args(_Builder._dims)),
+    (_REDUCTION_FUNCTIONS, _keeping_args(_Builder._reduction)),
+    ((torch._C._nn.linear, torch.nn.functional.linear), _keeping_args(_Builder._linear)),  # weights not token values
+    ((torch.nn.functional.embedding,), _keeping_args(_Builder._embedding)),
+    (_NORM_FUNCTIONS, _keeping_args(_Builder._norm)),  # over feature dims only
+    ((torch.chunk, torch.split, torch.repeat_interleave), _keeping_args(_Builder._along)),
+    ((torch.cat, torch.stack), _keeping_args(_Builder._cat)),
+    (analysis.SDPA_TARGETS, _keeping_args(_Builder._sdpa)),  # causal, no mask: made varlen (_Builder._varlen)
+    ((torch.nn.functional.cross_entropy,), _Builder._cross_entropy),  # on the gathered targets
+    ((torch.ops.graphopt.linear_cross_entropy.default,), _Builder._fused_loss),  # on the gathered targets
+)
+_RULES = {"call_method": _METHOD_RULES, "call_function": _FUNCTION_RULES}
+
+
 # The fused loss op's arguments in schema order, to read a call's arguments by name.
 _LOSS_ARGUMENTS = [a.name for a in torch.ops.graphopt.linear_cross_entropy.default._schema.arguments]
 
@@ -813,101 +751,6 @@ def _is_size_query(node: fx.Node) -> bool:
 def _is_float(node: fx.Node) -> bool:
     val = analysis.example_value(node)
     return isinstance(val, torch.Tensor) and val.is_floating_point()
-
-
-def _merge(group: list, shape: list[int]):
-    """The tag of dims ``group`` (sizes ``shape``) flattened into one: None, 'BS', a single tag,
-    or False when token and feature dims would mix."""
-    tagged = [t for t in group if t is not None]
-    if not tagged:
-        return None
-    others = [s for t, s in zip(group, shape) if t is None]
-    if any(s != 1 for s in others):
-        return False
-    if tagged == ["B", "S"]:
-        return "BS"
-    if len(tagged) == 1:
-        return tagged[0]
-    return False
-
-
-def _view_tags(in_shape: list[int], in_tags: tuple, out_shape: list[int], B: int, S: int) -> tuple | None:
-    """Tags of a view's output, or None when the view mixes token and feature dimensions.
-
-    Dimensions are grouped greedily by equal products; a group keeps its tag when it maps one
-    dim to one dim, merges ('B', 'S') into 'BS' or splits 'BS' into ('B', 'S')."""
-    out: list = []
-    i = j = 0
-    n, m = len(in_shape), len(out_shape)
-    while i < n or j < m:
-        # size-1 dims without a tag carry nothing
-        if i < n and in_shape[i] == 1 and in_tags[i] is None and not (j < m and out_shape[j] == 1):
-            i += 1
-            continue
-        if j < m and out_shape[j] == 1 and not (i < n and in_shape[i] == 1):
-            out.append(None)
-            j += 1
-            continue
-        if i >= n or j >= m:
-            return None
-        gi, gj = [i], [j]
-        pi, pj = in_shape[i], out_shape[j]
-        while pi != pj:
-            if pi < pj:
-                i += 1
-                if i >= n:
-                    return None
-                gi.append(i)
-                pi *= in_shape[i]
-            else:
-                j += 1
-                if j >= m:
-                    return None
-                gj.append(j)
-                pj *= out_shape[j]
-        i += 1
-        j += 1
-        tags = [in_tags[k] for k in gi]
-        if not any(tags):
-            out.extend([None] * len(gj))
-        elif len(gi) == 1 and len(gj) == 1:
-            out.append(tags[0])
-        elif tags == ["B", "S"] and len(gj) == 1:
-            out.append("BS")
-        elif tags == ["BS"] and [out_shape[k] for k in gj] == [B, S]:
-            out.extend(["B", "S"])
-        else:
-            return None
-    return tuple(out)
-
-
-class _PositionTables:
-    """RoPE-table analysis (see ``varlen_attention._TableAnalysis``) whose sources may be constant
-    nodes (HF's default ``arange`` positions) as well as the position inputs: a node is table-only
-    when it descends from a source and otherwise reads only float buffers that need no gradient."""
-
-    def __init__(self, gm: fx.GraphModule, sources: set[fx.Node]):
-        from graphopt.passes.varlen_attention import _carries_tokens
-
-        deps = analysis.tensor_inputs(gm.graph)
-        self.sources = sources
-        self.table_only: set[fx.Node] = set(n for n in sources if n.op != "placeholder")
-        self.hidden: set[fx.Node] = set()
-        reach = set(sources)
-        for node in gm.graph.nodes:
-            if node.op in ("placeholder", "output"):
-                continue
-            if any(a in reach for a in node.all_input_nodes):
-                reach.add(node)
-            d = deps[node]
-            ok = all(p in sources or (_is_float(p) and not analysis.example_value(p).requires_grad) for p in d)
-            if ok and node in reach:
-                self.table_only.add(node)
-            elif d:
-                self.hidden.add(node)
-        self.token_inputs = {
-            p for p in gm.graph.nodes if p.op == "placeholder" and p not in sources and _carries_tokens(p)
-        }
 
 
 def packing_indices(attention_mask: torch.Tensor, lengths: list[int], bucket: int) -> tuple[dict[str, torch.Tensor], int, int]:

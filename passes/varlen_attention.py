@@ -24,7 +24,7 @@ mask was published with, behind a :class:`~graphopt.handoff.HandedOffPackedGuard
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +79,14 @@ class AttentionMatch:
     scale: float
     region: list[fx.Node]  # nodes that become dead after the rewrite
 
+    def mapped(self, counterpart: Callable[[fx.Node], fx.Node]) -> AttentionMatch:
+        """This match in a copy of its graph: ``counterpart`` gives each node's copy."""
+        return AttentionMatch(
+            sdpa=counterpart(self.sdpa), xq=counterpart(self.xq), xk=counterpart(self.xk), xv=counterpart(self.xv),
+            cos=counterpart(self.cos), sin=counterpart(self.sin), interleaved=self.interleaved,
+            fp32_tables=self.fp32_tables, scale=self.scale, region=[counterpart(n) for n in self.region],
+        )
+
 
 class ReceivedBoundaries(Adapter):
     """The calling convention of the received-packed version of a graph (one that receives its mask
@@ -111,7 +119,7 @@ class VarlenAttention:
             if cand.additive_users:
                 ctx.report.decline(self.name, "packed eager attention (softmax of scores + mask) is not rewritten; the mask is kept")
                 continue
-            matches = self._matches(ctx, cand, _TableAnalysis(gm, {cand.input}))
+            matches = self._matches(ctx, cand, TableAnalysis(gm, {cand.input}))
             if not matches:
                 continue
             cus: dict[fx.Graph, fx.Node] = {}  # one boundary computation per graph or body
@@ -119,17 +127,17 @@ class VarlenAttention:
                 if match.sdpa.graph not in cus:
                     positions = cand.input if checkpoint is None else analysis.add_checkpoint_operand(checkpoint, cand.input)
                     cus[match.sdpa.graph] = self._insert_cu_seqlens(positions, match)
-                self._rewrite(ctx, match, cus[match.sdpa.graph], window=cand.window)
+                rewrite_attention(ctx, match, cus[match.sdpa.graph], window=cand.window)
             retire_mask(gm, ctx, cand)
 
-    def _matches(self, ctx: PassContext, cand: MaskCandidate, outer: "_TableAnalysis") -> list[tuple[AttentionMatch, fx.Node | None]]:
+    def _matches(self, ctx: PassContext, cand: MaskCandidate, outer: TableAnalysis) -> list[tuple[AttentionMatch, fx.Node | None]]:
         """The SDPA users of ``cand`` proven rewritable, each with the checkpoint call whose body
         holds it (or None); the others are reported as declines."""
         matches = []
         for sdpa in cand.sdpa_users:
             checkpoint = cand.checkpoints.get(sdpa)
-            tables = outer if checkpoint is None else _body_tables(checkpoint, outer)
-            match = _match(sdpa.graph.owning_module, sdpa, tables)
+            tables = outer if checkpoint is None else body_tables(checkpoint, outer)
+            match = match_attention(sdpa.graph.owning_module, sdpa, tables)
             if isinstance(match, str):
                 ctx.report.decline(self.name, f"{sdpa.name}: {match}")
             else:
@@ -147,7 +155,7 @@ class VarlenAttention:
             p for p in gm.graph.find_nodes(op="placeholder")
             if p is not mask and _float(p) and not analysis.example_value(p).requires_grad
         }
-        matches = self._matches(ctx, cand, _TableAnalysis(gm, sources))
+        matches = self._matches(ctx, cand, TableAnalysis(gm, sources))
         if not matches:
             return 0
         from graphopt.passes.mask_elision import proven_length_guard
@@ -166,7 +174,7 @@ class VarlenAttention:
         for match, checkpoint in matches:
             if match.sdpa.graph not in inside:
                 inside[match.sdpa.graph] = analysis.add_checkpoint_operand(checkpoint, cu)
-            self._rewrite(ctx, match, inside[match.sdpa.graph])
+            rewrite_attention(ctx, match, inside[match.sdpa.graph])
         retire_mask(gm, ctx, cand, guards)
         ctx.received_rewritten.append(index)
         ctx.adapt(ReceivedBoundaries(index, cu.name))
@@ -194,90 +202,111 @@ class VarlenAttention:
             analysis.annotate(node)
         return cu
 
-    def _rewrite(self, ctx: PassContext, match: AttentionMatch, cu: fx.Node, report: bool = True, window: int | None = None) -> None:
-        """Replace ``match``'s SDPA by per-document attention over the boundaries ``cu``; with a
-        ``window``, each query sees its last ``window`` keys of its document (a sliding mask)."""
-        graph = match.sdpa.graph
-        new: list[fx.Node] = []
 
-        def call(kind: str, target, *args) -> fx.Node:
-            node = getattr(graph, kind)(target, args)
-            new.append(node)
-            return node
+def rewrite_attention(
+    ctx: PassContext, match: AttentionMatch, cu_seqlens: fx.Node, *, report: bool = True, window: int | None = None
+) -> None:
+    """Replace ``match.sdpa`` by ``graphopt::varlen_attention`` of the unrotated q/k/v and the
+    rotary tables of ``match`` (RoPE fused, no head repeat), and erase what is left dead of the
+    region. ``cu_seqlens``, a node of the SDPA's graph: the int32 document boundaries over the
+    B*S tokens flattened (:func:`cu_seqlens_from_position_ids`). With a ``window``, each query
+    sees its last ``window`` keys of its document (a sliding mask). ``report``: report the
+    rewrite (``varlen_attention`` and ``rope_fusion``); a pass that reports it as its own passes
+    False."""
+    graph = match.sdpa.graph
+    new: list[fx.Node] = []
 
-        with graph.inserting_before(match.sdpa):
-            batch = call("call_method", "size", match.xq, 0)
-            heads = call("call_method", "size", match.xq, 1)
-            seq = call("call_method", "size", match.xq, 2)
-            value_dim = call("call_method", "size", match.xv, 3)
-            flat = []
-            for x in (match.xq, match.xk, match.xv):  # (B, H, S, D) -> (B*S, H, D)
-                t = call("call_method", "transpose", x, 1, 2)
-                flat.append(call("call_method", "flatten", call("call_method", "contiguous", t), 0, 1))
-            tables = []
-            for table in (match.cos, match.sin):  # (B|1, 1, S, R) -> (B*S, R)
-                if match.fp32_tables:
-                    table = call("call_method", "float", table)
-                expanded = call("call_method", "expand", table, batch, 1, seq, -1)
-                tables.append(call("call_method", "flatten", call("call_method", "select", expanded, 1, 0), 0, 1))
-            options = () if window is None else (window,)  # the op's window argument (default -1: none)
-            out = call(
-                "call_function", torch.ops.graphopt.varlen_attention.default,
-                *flat, *tables, cu, seq, match.scale, match.interleaved, ctx.options.attention_impl, *options,
-            )
-            shaped = call("call_method", "view", out, batch, seq, heads, value_dim)
-            result = call("call_method", "transpose", shaped, 1, 2)
-        for node in new:
-            analysis.annotate(node)
-        match.sdpa.replace_all_uses_with(result)
-        graph.erase_node(match.sdpa)
-        analysis.erase_dead(graph, match.region)
-        if not report:  # the caller (graphopt.passes.unpad) reports the rewrite as its own
-            return
-        if window is None:
-            ctx.report.rewrite(self.name, "sdpa_packed", f"{match.sdpa.name}: block-causal mask -> per-document attention")
-        else:
-            ctx.report.rewrite(
-                self.name, "sdpa_packed_sliding",
-                f"{match.sdpa.name}: block-causal mask with a sliding window of {window} -> per-document attention, window {window}",
-            )
-        layout = "interleaved" if match.interleaved else "half"
-        ctx.report.rewrite("rope_fusion", layout, f"{match.sdpa.name}: RoPE applied inside varlen_attention")
+    def call(kind: str, target, *args) -> fx.Node:
+        node = getattr(graph, kind)(target, args)
+        new.append(node)
+        return node
+
+    with graph.inserting_before(match.sdpa):
+        batch = call("call_method", "size", match.xq, 0)
+        heads = call("call_method", "size", match.xq, 1)
+        seq = call("call_method", "size", match.xq, 2)
+        value_dim = call("call_method", "size", match.xv, 3)
+        flat = []
+        for x in (match.xq, match.xk, match.xv):  # (B, H, S, D) -> (B*S, H, D)
+            t = call("call_method", "transpose", x, 1, 2)
+            flat.append(call("call_method", "flatten", call("call_method", "contiguous", t), 0, 1))
+        tables = []
+        for table in (match.cos, match.sin):  # (B|1, 1, S, R) -> (B*S, R)
+            if match.fp32_tables:
+                table = call("call_method", "float", table)
+            expanded = call("call_method", "expand", table, batch, 1, seq, -1)
+            tables.append(call("call_method", "flatten", call("call_method", "select", expanded, 1, 0), 0, 1))
+        options = () if window is None else (window,)  # the op's window argument (default -1: none)
+        out = call(
+            "call_function", torch.ops.graphopt.varlen_attention.default,
+            *flat, *tables, cu_seqlens, seq, match.scale, match.interleaved, ctx.options.attention_impl, *options,
+        )
+        shaped = call("call_method", "view", out, batch, seq, heads, value_dim)
+        result = call("call_method", "transpose", shaped, 1, 2)
+    for node in new:
+        analysis.annotate(node)
+    match.sdpa.replace_all_uses_with(result)
+    graph.erase_node(match.sdpa)
+    analysis.erase_dead(graph, match.region)
+    if not report:  # the caller (graphopt.passes.unpad) reports the rewrite as its own
+        return
+    if window is None:
+        ctx.report.rewrite(VarlenAttention.name, "sdpa_packed", f"{match.sdpa.name}: block-causal mask -> per-document attention")
+    else:
+        ctx.report.rewrite(
+            VarlenAttention.name, "sdpa_packed_sliding",
+            f"{match.sdpa.name}: block-causal mask with a sliding window of {window} -> per-document attention, window {window}",
+        )
+    layout = "interleaved" if match.interleaved else "half"
+    ctx.report.rewrite("rope_fusion", layout, f"{match.sdpa.name}: RoPE applied inside varlen_attention")
 
 
-class _TableAnalysis:
-    """Which nodes are RoPE-table-like: they depend only on ``sources`` (the positions input, or a
-    checkpoint body's placeholders that receive tables) and float constants (``inv_freq``), never on
-    tokens or trainable parameters."""
+class TableAnalysis:
+    """Which nodes of ``gm`` are RoPE-table-like, for :func:`match_attention`.
 
-    def __init__(self, gm: fx.GraphModule, sources: set[fx.Node]):
+    - ``table_only``: nodes that descend from ``sources`` and otherwise read only float inputs
+      that need no gradient (``inv_freq``), never tokens or trainable parameters; sources that
+      are not placeholders are table-only too.
+    - ``hidden``: the other nodes whose values depend on an input.
+    - ``token_inputs``: the placeholders, sources aside, that carry tokens or trainable state
+      (int ids, parameters); float buffers such as ``inv_freq`` do not.
+
+    A node descends from the sources when its value depends on a source placeholder (the
+    positions input, or a checkpoint body's placeholders that receive tables). With
+    ``by_edges=True`` any path from a source counts, size reads included, and the sources may
+    be constant nodes (unpad's: HF's default ``arange`` positions).
+    """
+
+    def __init__(self, gm: fx.GraphModule, sources: set[fx.Node], *, by_edges: bool = False):
         deps = analysis.tensor_inputs(gm.graph)
         self.sources = sources
-        self.table_only = set(n for n in sources if n.op != "placeholder")
-        self.hidden = set()
+        self.table_only: set[fx.Node] = set(n for n in sources if n.op != "placeholder")
+        self.hidden: set[fx.Node] = set()
+        reached = set(sources)  # the nodes a path from a source leads to
         for node in gm.graph.nodes:
             if node.op in ("placeholder", "output"):
                 continue
+            if any(a in reached for a in node.all_input_nodes):
+                reached.add(node)
             d = deps[node]
             ok = all(p in sources or (_float(p) and not analysis.example_value(p).requires_grad) for p in d)
-            if ok and d & sources:
+            descends = node in reached if by_edges else bool(d & sources)
+            if ok and descends:
                 self.table_only.add(node)
             elif d:
                 self.hidden.add(node)
-        # Inputs that carry tokens or trainable state (int ids, parameters); float buffers such
-        # as inv_freq do not.
         self.token_inputs = {
             p for p in gm.graph.nodes if p.op == "placeholder" and p not in sources and _carries_tokens(p)
         }
 
 
-def _body_tables(checkpoint: fx.Node, outer: _TableAnalysis) -> _TableAnalysis:
-    """The table analysis of ``checkpoint``'s body: its placeholders that receive table-only
-    values or sources of the outer graph are the sources."""
+def body_tables(checkpoint: fx.Node, outer: TableAnalysis) -> TableAnalysis:
+    """The table analysis of ``checkpoint``'s body, given ``outer``, its caller's: the body's
+    placeholders that receive table-only values or sources of the caller are its sources."""
     body = analysis.checkpoint_body(checkpoint)
     placeholders = body.graph.find_nodes(op="placeholder")
     sources = {p for p, arg in zip(placeholders, checkpoint.args[1:]) if arg in outer.table_only or arg in outer.sources}
-    return _TableAnalysis(body, sources)
+    return TableAnalysis(body, sources)
 
 
 def _same_size(a, b) -> bool:
@@ -296,7 +325,7 @@ def _float(node: fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and val.is_floating_point()
 
 
-def _dominators(node: fx.Node, tables: _TableAnalysis):
+def _dominators(node: fx.Node, tables: TableAnalysis):
     """Hidden-dependent ancestors of ``node`` (nearest first) through which every path from the
     graph's token/parameter inputs to ``node`` passes."""
     order = {n: i for i, n in enumerate(node.graph.nodes)}
@@ -311,7 +340,7 @@ def _dominators(node: fx.Node, tables: _TableAnalysis):
             yield cand
 
 
-def _dominates(cand: fx.Node, node: fx.Node, tables: _TableAnalysis) -> bool:
+def _dominates(cand: fx.Node, node: fx.Node, tables: TableAnalysis) -> bool:
     stack, seen = [node], set()
     while stack:
         cur = stack.pop()
@@ -324,7 +353,7 @@ def _dominates(cand: fx.Node, node: fx.Node, tables: _TableAnalysis) -> bool:
     return True
 
 
-def _region_leaves(node: fx.Node, x: fx.Node | set[fx.Node], tables: _TableAnalysis) -> tuple[list[fx.Node], list[fx.Node]]:
+def _region_leaves(node: fx.Node, x: fx.Node | set[fx.Node], tables: TableAnalysis) -> tuple[list[fx.Node], list[fx.Node]]:
     """The table-only nodes feeding the region between ``x`` (one node or several) and ``node``,
     and the region."""
     stop = x if isinstance(x, set) else {x}
@@ -394,7 +423,7 @@ def _probe_repeat(gm, node: fx.Node, x: fx.Node, n_rep: int) -> bool:
     return out.shape == expected.shape and torch.equal(out, expected)
 
 
-def _unrepeated(gm, node: fx.Node, tables: _TableAnalysis, heads: int) -> tuple[fx.Node, list[fx.Node]] | None:
+def _unrepeated(gm, node: fx.Node, tables: TableAnalysis, heads: int) -> tuple[fx.Node, list[fx.Node]] | None:
     """The (B, Hkv, S, D) tensor that ``node`` repeats up to ``heads`` heads (``repeat_kv``), or
     ``node`` itself when it is not such a repeat (no GQA, or SDPA's ``enable_gqa``)."""
     node_heads = analysis.hint(analysis.example_value(node).shape[1])
@@ -411,7 +440,10 @@ def _unrepeated(gm, node: fx.Node, tables: _TableAnalysis, heads: int) -> tuple[
     return None
 
 
-def _match(gm: fx.GraphModule, sdpa: fx.Node, tables: _TableAnalysis) -> AttentionMatch | str:
+def match_attention(gm: fx.GraphModule, sdpa: fx.Node, tables: TableAnalysis) -> AttentionMatch | str:
+    """The proof that ``sdpa``, a node of ``gm``, attends over RoPE of q and k and (head-repeated)
+    v, found by probing (see the module docstring) with ``tables``, ``gm``'s
+    :class:`TableAnalysis`; else why not, a decline reason. Its mask is the caller's to prove."""
     args = analysis.sdpa_arguments(sdpa)
     if args["dropout_p"] not in (0, 0.0):
         return "attention dropout is not supported by varlen_attention"
@@ -453,7 +485,7 @@ def _match(gm: fx.GraphModule, sdpa: fx.Node, tables: _TableAnalysis) -> Attenti
     )
 
 
-def _find_rope(gm, node: fx.Node, tables: _TableAnalysis):
+def _find_rope(gm, node: fx.Node, tables: TableAnalysis):
     """(x, cos, sin, interleaved, region, fp32_math) with node == rope(x, cos, sin), x before any
     RoPE. ``fp32_math``: the rotation runs on an fp32 upcast of x and is rounded back to x's dtype
     once (Cohere), which the op reproduces when given fp32 tables."""
@@ -469,7 +501,7 @@ def _find_rope(gm, node: fx.Node, tables: _TableAnalysis):
     return _find_rope_among_inputs(gm, node, tables)
 
 
-def _find_rope_among_inputs(gm, node: fx.Node, tables: _TableAnalysis):
+def _find_rope_among_inputs(gm, node: fx.Node, tables: TableAnalysis):
     """RoPE computed by one op that rotates several tensors (a hub kernel rotating q and k in one
     call, ``q_embed, k_embed = rotary(q, k, cos, sin)``): ``node`` is RoPE of one of the op's
     inputs and does not depend on the others. The op is the nearest ancestor reading several

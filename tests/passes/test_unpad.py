@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.passes.unpad import _view_tags, packing_indices
+from graphopt.passes.dimension_tags import view_tags as _view_tags
+from graphopt.passes.unpad import packing_indices
 from graphopt.tiny_models import FAMILIES, IGNORE_INDEX, PAD_TOKEN_ID, build_tiny_model, make_batch
 from tests.support.harness import CompiledModel, assert_steps_equal, real_positions
 
