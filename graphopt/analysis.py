@@ -434,3 +434,32 @@ def recompile_all(gm: fx.GraphModule) -> None:
     for module in (gm, *(c for c in gm.children() if isinstance(c, fx.GraphModule))):
         module.graph.lint()
         module.recompile()
+
+
+def arange_constants(gm: fx.GraphModule, length: int) -> set[fx.Node]:
+    """The nodes of ``gm`` that depend on no input and hold ``arange(length)`` (HF's default
+    positions, ``cache_position``), in any integer dtype and any shape of ``length`` elements with
+    every other dimension 1; the first of each chain only (what derives from one follows it).
+    Proven by evaluating them, on the CPU."""
+    deps = tensor_inputs(gm.graph)
+    found: set[fx.Node] = set()
+    derived: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if any(a in found or a in derived for a in node.all_input_nodes):
+            derived.add(node)
+            continue
+        if node.op in ("placeholder", "output", "get_attr") or deps[node]:
+            continue
+        val = example_value(node)
+        if not isinstance(val, torch.Tensor) or val.is_floating_point() or val.dtype == torch.bool:
+            continue
+        shape = [hint(s) for s in val.shape]
+        if shape.count(length) != 1 or any(s != 1 for s in shape if s != length):
+            continue
+        try:
+            value = run_function(extract_function(gm, node), {})
+        except Exception:  # noqa: BLE001 - a constant that cannot be evaluated is not positions
+            continue
+        if torch.equal(value.reshape(-1).cpu(), torch.arange(length)):
+            found.add(node)
+    return found

@@ -24,6 +24,7 @@ a graph cannot see the labels), or as the block-causal mask of one document per 
 
 from __future__ import annotations
 
+import operator
 import threading
 
 import torch
@@ -92,18 +93,19 @@ class MaskElision:
                 continue
             if cand.kind.unwindowed == MaskKind.PACKED_CAUSAL or not cand.users:
                 continue  # the varlen_attention pass owns packed masks
+            windowed = None
             if cand.kind.sliding and cand.sdpa_users:
-                ctx.report.decline(
-                    self.name,
-                    f"{cand.node.name}: a sliding window of {cand.window} tokens ({cand.kind}); SDPA has no "
-                    "window argument, so the mask is kept",
-                )
-                continue
+                windowed = self._windowed_matches(gm, ctx, cand)
+                if windowed is None:
+                    continue
             guards = self._guards(gm, ctx, cand)
             if guards is None:
                 continue
             rule = cand.kind.value
             for user in cand.sdpa_users:
+                if windowed is not None:
+                    self._rewrite_windowed(ctx, windowed[user], cand)
+                    continue
                 if not self._sdpa_is_square(user, cand):
                     ctx.report.decline(self.name, f"{user.name}: query and key lengths differ")
                     continue
@@ -116,6 +118,65 @@ class MaskElision:
             for guard, registered in zip(guards, retire_mask(gm, ctx, cand, guards)):
                 if isinstance(guard.fn, _ScoredTargetsGuard):
                     ctx.right_padding = RightPadding(registered, scores_targets=guard.fn.targets is not None)
+
+    def _windowed_matches(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> dict | None:
+        """For a sliding mask that SDPA reads: each SDPA call proven to be attention over rotated
+        q/k (:func:`graphopt.passes.varlen_attention.match_attention`), keyed by the call. SDPA
+        has no window argument, so each becomes windowed per-row attention, or the mask stays for
+        all of them: None after recording why."""
+        from graphopt.passes.varlen_attention import TableAnalysis, body_tables, match_attention
+
+        sources = analysis.arange_constants(gm, cand.seq_len) | {
+            p for p in gm.graph.find_nodes(op="placeholder")
+            if p is not cand.input and isinstance(analysis.example_value(p), torch.Tensor)
+            and not analysis.example_value(p).is_floating_point() and analysis.example_value(p).dtype != torch.bool
+        }
+        outer = TableAnalysis(gm, sources, by_edges=True)
+        found = {}
+        for user in cand.sdpa_users:
+            why = None if self._sdpa_is_square(user, cand) else "query and key lengths differ"
+            if why is None:
+                checkpoint = cand.checkpoints.get(user)
+                tables = outer if checkpoint is None else body_tables(checkpoint, outer)
+                match = match_attention(user.graph.owning_module, user, tables)
+                why = match if isinstance(match, str) else None
+            if why is not None:
+                ctx.report.decline(
+                    self.name,
+                    f"{cand.node.name}: a sliding window of {cand.window} tokens ({cand.kind}), and SDPA has no "
+                    f"window argument; {user.name} cannot run as windowed per-row attention ({why}), so the mask is kept",
+                )
+                return None
+            found[user] = match
+        return found
+
+    def _rewrite_windowed(self, ctx: PassContext, match, cand: MaskCandidate) -> None:
+        """``match``'s SDPA becomes ``graphopt::varlen_attention`` with each row one document and
+        ``cand``'s window, RoPE fused. Exact at real positions of a right-padded row (its real
+        queries see only real keys within the window); a row without padding is exact everywhere."""
+        from graphopt.passes.varlen_attention import rewrite_attention
+
+        graph = match.sdpa.graph
+        device = analysis.example_value(match.xq).device
+        with graph.inserting_before(match.sdpa):
+            batch = graph.call_method("size", (match.xq, 0))
+            seq = graph.call_method("size", (match.xq, 2))
+            rows = graph.call_function(operator.add, (batch, 1))
+            steps = graph.call_function(torch.arange, (rows,), {"dtype": torch.int32, "device": device})
+            cu = graph.call_function(operator.mul, (steps, seq))
+        for node in (batch, seq, rows):
+            analysis.annotate(node)
+        q = analysis.example_value(match.xq)
+        with q.fake_mode:  # arange of a size: no tensor input to take the fake mode from
+            steps.meta["example_value"] = torch.empty(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+        analysis.annotate(cu)
+        name = match.sdpa.name
+        rewrite_attention(ctx, match, cu, report=False, window=cand.window)
+        ctx.report.rewrite(
+            self.name, f"sdpa_{cand.kind.value}",
+            f"{name}: attn_mask={cand.node.name} -> per-row attention with window {cand.window} (varlen_attention)",
+        )
+        ctx.report.rewrite("rope_fusion", "interleaved" if match.interleaved else "half", f"{name}: RoPE applied inside varlen_attention")
 
     def _export(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> None:
         """Record ``cand``, a mask the graph returns, for publication to the graphs that receive it."""

@@ -116,30 +116,27 @@ def test_padded_outputs_unused_elides_in_eval():
     assert report.counts["mask_elision"] == N_LAYERS and report.runtime["fast_path"] == 1
 
 
-def test_sliding_window_is_declined():
-    torch.manual_seed(0)
-    model = build_tiny_model("mistral", sliding_window=4)
-    cm = CompiledModel(model)
-    batch = make_batch("right", batch=2, seq=SEQ, seed=6)
-    eager, compiled, report = cm.step(batch)
-    assert_steps_equal(eager, compiled)
-    assert report.counts["mask_elision"] == 0, report
-    assert any("a sliding window of 4 tokens (sliding_causal_padding)" in reason for _, reason in report.declines), report
+def test_a_sliding_mask_whose_attention_is_not_over_rotated_queries_is_kept():
+    """SDPA has no window argument: a sliding mask is dropped only where its attention can run as
+    windowed per-row varlen attention, which needs q/k proven RoPE of a projection. Here q and k
+    are plain inputs: declined with the reason, the mask kept, no guard registered. (Windowed
+    layers of real models are tested in tests/passes/test_sliding_windows.py.)"""
+    from graphopt.inspection import GraphReport
+    from graphopt.options import GraphoptOptions
+    from graphopt.passes import run_passes
+    from tests.support.mask_graphs import B, S, capture, qkv, sdpa_with
 
+    def sliding(am):
+        idx = torch.arange(am.shape[1])
+        band = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - 3)
+        return band[None, None] & am.bool()[:, None, None, :]
 
-def test_only_the_full_attention_layers_of_a_model_with_sliding_layers_are_rewritten():
-    """Qwen2 with ``use_sliding_window``: layer 0 attends fully, layer 1 within 4 tokens. The full
-    layer's mask is dropped behind the guard; the sliding layer keeps its mask. (With a cache, the
-    sliding layer's cache returns a token count, an output the guard cannot vouch for.)"""
-    torch.manual_seed(0)
-    cm = CompiledModel(build_tiny_model("qwen2", sliding_window=4), options={"unpad": False})
-    batch = make_batch("right", batch=2, seq=SEQ, seed=6) | {"use_cache": False}
-    eager, compiled, report = cm.step(batch)
-    assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
-    assert report.counts["mask_elision"] == 1, report
-    assert report.rule_counts[("mask_elision", "sdpa_causal_padding")] == 1, report
-    assert any("a sliding window of 4 tokens" in reason for _, reason in report.declines), report
-    assert report.runtime["fast_path"] == 1
+    gm = capture(sdpa_with(sliding), *qkv(), torch.ones(B, S, dtype=torch.int64))
+    report = GraphReport(graph_id=0, before="", quiet=True)
+    work, ctx = run_passes(gm, GraphoptOptions(padded_outputs_unused=True), report)
+    assert report.counts.get("mask_elision", 0) == 0 and ctx.guards == []
+    assert any("a sliding window of 3 tokens" in d.reason and "cannot run as windowed per-row attention" in d.reason for d in report.declines), report.declines
+    assert "attn_mask" in work.code
 
 
 def test_eager_sliding_layers_add_a_constant_banded_mask():

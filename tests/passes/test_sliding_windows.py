@@ -54,24 +54,25 @@ def test_packed_sliding_layers_run_windowed_per_document_attention(family_model)
         assert "scaled_dot_product_attention" not in "\n".join(report.graph_code("after"))
 
 
-def test_padded_batches_of_sliding_models_are_exact(family_model):
+def test_padded_batches_of_sliding_models_drop_every_mask_behind_the_guard(family_model):
     """Right padding first (the compile, whose report says what was rewritten), then left padding
-    on the same graph: where a mask was dropped behind the right-padding guard, the guard sends
-    the left-padded batch to the exact masked path."""
+    on the same graph, which the right-padding guard sends to the exact masked path."""
     family, cm = family_model
     sliding, full, nope = LAYERS[family]
     right = make_batch("right", batch=2, seq=SEQ, seed=5) | {"use_cache": False}
     eager, compiled, report = cm.step(right)
     assert_steps_equal(eager, compiled, real_positions=real_positions(right))
-    windowed = [r for n, r in report.declines if n == "mask_elision" and f"a sliding window of {WINDOW} tokens" in r]
-    assert windowed, report  # no windowed attention for padded SDPA yet: the sliding mask is kept
-    rewritten = report.counts["mask_elision"]
-    assert rewritten == (1 if full + nope else 0), report  # the full layer's mask is dropped
+    # Sliding layers: per-row attention with the window (varlen_attention); full layers: is_causal.
+    assert report.rule_counts[("mask_elision", "sdpa_sliding_causal_padding")] == sliding, report
+    assert report.rule_counts[("mask_elision", "sdpa_causal_padding")] == full + nope, report
+    assert report.runtime["fast_path"] == 1, report
+    code = "\n".join(report.graph_code("after"))
+    assert code.count("torch.ops.graphopt.varlen_attention") == sliding
+    assert "attn_mask" not in code.replace("attn_mask = None", "")
     left = make_batch("left", batch=2, seq=SEQ, seed=4) | {"use_cache": False}
     eager, compiled, report = cm.step(left)
     assert_steps_equal(eager, compiled)
-    if rewritten:
-        assert report.runtime["fallback"] == 1 and report.runtime["failed:right_padded"] == 1, report
+    assert report.runtime["fallback"] == 1 and report.runtime["failed:right_padded"] == 1, report
 
 
 def test_gpt_oss_eager_attention_with_sink_logits_drops_both_masks_behind_the_guard():
