@@ -319,31 +319,9 @@ class _Builder:
         return g.call_method("unsqueeze", (picked, 0))
 
     def _position_sources(self) -> set[fx.Node]:
-        """Constant nodes holding ``arange(S)`` (HF's default positions), the first of each chain
-        (what derives from one follows it): they become the packed positions. Proven by
-        evaluating them, on the CPU."""
-        deps = analysis.tensor_inputs(self.gm.graph)
-        found: set[fx.Node] = set()
-        derived: set[fx.Node] = set()
-        for node in self.gm.graph.nodes:
-            if any(a in found or a in derived for a in node.all_input_nodes):
-                derived.add(node)
-                continue
-            if node.op in ("placeholder", "output", "get_attr") or deps[node]:
-                continue
-            val = analysis.example_value(node)
-            if not isinstance(val, torch.Tensor) or val.is_floating_point() or val.dtype == torch.bool:
-                continue
-            shape = _hints(val)
-            if shape.count(self.S) != 1 or any(s != 1 for s in shape if s != self.S):
-                continue
-            try:
-                value = analysis.run_function(analysis.extract_function(self.gm, node), {})
-            except Exception:  # noqa: BLE001 - a constant that cannot be evaluated is not positions
-                continue
-            if torch.equal(value.reshape(-1).cpu(), torch.arange(self.S)):
-                found.add(node)
-        return found
+        """Constant nodes holding ``arange(S)`` (HF's default positions), the first of each chain:
+        they become the packed positions (:func:`graphopt.analysis.arange_constants`)."""
+        return analysis.arange_constants(self.gm, self.S)
 
     def _positions_like(self, node: fx.Node) -> fx.Node:
         shape = _hints(analysis.example_value(node))
