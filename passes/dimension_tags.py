@@ -136,10 +136,13 @@ def unsqueeze_tags(tags: tuple, dim: int) -> tuple:
 
 def squeeze_tags(tags: tuple, shape: Sequence[int], dims: Sequence) -> tuple:
     """``x.squeeze(*dims)`` of a value of sizes ``shape``: the squeezed dims of size 1 go, with
-    their tags; no ``dims`` squeezes every dim of size 1. Entries of ``dims`` that are not ints
-    are skipped."""
+    their tags; no ``dims`` squeezes every dim of size 1; a tuple of dims squeezes each. A dim
+    that is not a constant int raises :class:`MixesPositions` (which dims go is not known)."""
     rank = len(tags)
-    squeezed = [d % rank for d in dims if isinstance(d, int)] if dims else [d for d in range(rank) if shape[d] == 1]
+    flat = [d for entry in dims for d in (entry if isinstance(entry, (tuple, list)) else (entry,))]
+    if any(not isinstance(d, int) for d in flat):
+        raise MixesPositions(f"squeeze over {tuple(dims)}: dims that are not constant ints are not tracked")
+    squeezed = [d % rank for d in flat] if dims else [d for d in range(rank) if shape[d] == 1]
     return tuple(t for i, t in enumerate(tags) if not (i in squeezed and shape[i] == 1))
 
 

@@ -148,10 +148,16 @@ def test_unsqueeze_tags(dim, expected):
         ((-3,), ("B", "S", None)),
         ((0,), ("B", None, "S", None)),  # a dim of size 2 stays
         ((1, 3), ("B", "S")),
+        (((1, 3),), ("B", "S")),  # x.squeeze((1, 3)): the tuple form, each dim squeezed
     ],
 )
 def test_squeeze_tags(dims, expected):
     assert squeeze_tags(("B", None, "S", None), (2, 1, 6, 1), dims) == expected
+
+
+def test_squeeze_over_a_dim_that_is_not_a_constant_is_declined():
+    with pytest.raises(MixesPositions, match="not constant ints"):
+        squeeze_tags(("B", None, "S", None), (2, 1, 6, 1), ("one",))
 
 
 @pytest.mark.parametrize(
