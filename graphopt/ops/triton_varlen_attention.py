@@ -59,9 +59,10 @@ owns one key tile of one kv head and loops over the Hq/Hkv query heads of its gr
 repeated K/V and without atomics); the dQ kernel recomputes P per query tile. Two kernels instead of
 dQ atomics keep the backward deterministic and need no fp32 (T, Hq, D) scratch buffer.
 
-Block sizes (BLOCK_M x BLOCK_N) are fixed, not autotuned: forward 64x64, dK/dV 32x64, dQ 64x32 on
-GPU (provisional until measured); 16x16 under ``TRITON_INTERPRET=1``, so that small test shapes
-exercise multi-tile paths.
+Block sizes (BLOCK_M x BLOCK_N), num_warps and num_stages are fixed, not autotuned: on GPUs
+``_GPU_CONFIGS`` in ``varlen_attention.py`` picks them per kernel, precision and tile width, to fit
+sm_80's and sm_90's shared memory and registers (``tests/ops/test_kernel_resources.py``; not yet
+timed); 16x16 under ``TRITON_INTERPRET=1``, so that small test shapes exercise multi-tile paths.
 fp32 inputs use IEEE fp32 matmuls (no TF32), so fp32 results match the reference tightly.
 
 Float scalar arguments (``scale``, ``qk_scale_log2``, ``softcap_log2``) are cast to fp32 on entry. Triton's launcher

@@ -788,12 +788,42 @@ def _triton_options(window: int, softcap: float) -> tuple[tuple, dict]:
     return (window, softcap * LOG2E), dict(HAS_WINDOW=window != -1, HAS_SOFTCAP=softcap > 0.0)
 
 
-def _triton_blocks(q: torch.Tensor, kernel: str) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N). Fixed, provisional GPU sizes; 16 under the interpreter, so that small
-    test shapes cross tiles and documents."""
+# GPU launch configurations, (BLOCK_M, BLOCK_N, num_warps, num_stages), per kernel, per input
+# precision and per tile width: "narrow" when no channel block (Q/K's rotary pairs and pass-through
+# together, V's) is wider than 64, as for D <= 64 with R = D or R = D / 2; "wide" otherwise (D = 80,
+# 96, 128; R = 0 at any D). Each fits the shared memory a block can opt in to on sm_80 (163 KB) and
+# sm_90 (227 KB) and compiles without register spills for both, except on sm_80 in fp32 (dK/dV with
+# R = 0: 8-12 B; dQ at D = 64, R = 32 interleaved, with window and softcap: 8 B).
+# ``tests/ops/test_kernel_resources.py`` compiles every one ahead of time and prints the table
+# (docs/benchmarks.md). fp32's IEEE dots run on FMA units with their operands in
+# registers, so fp32 tiles are smaller. Chosen to fit, not timed: provisional until measured on a GPU.
+_GPU_CONFIGS = {
+    ("fwd", "16-bit", "narrow"): (64, 64, 4, 3),
+    ("fwd", "16-bit", "wide"): (64, 32, 8, 3),  # 64x64: spills at D = 128 (4 warps) or Dv = 64 (8, sm_80)
+    ("dkdv", "16-bit", "narrow"): (16, 64, 8, 3),
+    ("dkdv", "16-bit", "wide"): (32, 32, 8, 2),
+    ("dq", "16-bit", "narrow"): (64, 32, 4, 3),
+    ("dq", "16-bit", "wide"): (32, 32, 8, 3),
+    ("fwd", "fp32", "narrow"): (64, 32, 8, 2),
+    ("fwd", "fp32", "wide"): (32, 32, 8, 2),  # 64x64, 3 stages: 256 KB of shared memory at D = 128
+    ("dkdv", "fp32", "narrow"): (32, 32, 8, 2),
+    ("dkdv", "fp32", "wide"): (16, 16, 8, 2),
+    ("dq", "fp32", "narrow"): (64, 16, 8, 2),
+    ("dq", "fp32", "wide"): (16, 16, 4, 2),
+}
+
+
+def _triton_config(q: torch.Tensor, meta: dict, kernel: str) -> dict:
+    """``BLOCK_M``, ``BLOCK_N``, ``num_warps`` and ``num_stages`` of ``kernel`` ("fwd", "dkdv",
+    "dq") for ``q``'s dtype and the channel blocks in ``meta`` (``_triton_meta``'s). 16x16 under
+    the interpreter, so that small test shapes cross tiles and documents."""
     if q.device.type == "cpu":
-        return 16, 16
-    return {"fwd": (64, 64), "dkdv": (32, 64), "dq": (64, 32)}[kernel]
+        return dict(BLOCK_M=16, BLOCK_N=16)
+    qk_width = 2 * meta["BLOCK_HALF"] + (meta["BLOCK_PASS"] if meta["HAS_PASS"] else 0)
+    width = "narrow" if max(qk_width, meta["BLOCK_DV"]) <= 64 else "wide"
+    precision = "fp32" if q.dtype == torch.float32 else "16-bit"
+    block_m, block_n, num_warps, num_stages = _GPU_CONFIGS[(kernel, precision, width)]
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
 @triton_op("graphopt::varlen_attention_triton_fwd", mutates_args=())
@@ -843,15 +873,15 @@ def varlen_attention_triton_fwd(
     seq_start, _ = _token_bounds(cu_seqlens, n_tokens)
     if _shapes_only(q):
         return out, lse
-    block_m, block_n = _triton_blocks(q, "fwd")
+    meta = _triton_meta(q, v, cos, interleaved)
+    config = _triton_config(q, meta, "fwd")
     options, flags = _triton_options(window, softcap)
-    wrap_triton(varlen_attention_fwd_kernel)[(triton.cdiv(n_tokens, block_m), n_heads)](
+    wrap_triton(varlen_attention_fwd_kernel)[(triton.cdiv(n_tokens, config["BLOCK_M"]), n_heads)](
         q, k, v, cos, sin, seq_start, q if sinks is None else sinks, out, lse,  # q: an unread stand-in
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
         n_tokens, head_dim, cos.shape[1], value_dim, n_heads // k.shape[1], scale * LOG2E, *options,
-        HAS_SINKS=sinks is not None, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
-        **_triton_meta(q, v, cos, interleaved),
+        HAS_SINKS=sinks is not None, **flags, **meta, **config,
     )
     return out, lse
 
@@ -903,28 +933,27 @@ def varlen_attention_triton_bwd(
     if _shapes_only(q):
         return dq, dk, dv, _new_dsinks(q, sinks)
     meta = _triton_meta(q, v, cos, interleaved)
-    block_m, _ = _triton_blocks(q, "fwd")
+    block_m = _triton_config(q, meta, "fwd")["BLOCK_M"]
     wrap_triton(varlen_attention_bwd_preprocess_kernel)[(triton.cdiv(n_tokens, block_m), n_heads)](
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), n_tokens, value_dim,
         BLOCK_M=block_m, BLOCK_DV=meta["BLOCK_DV"],
     )
     options, flags = _triton_options(window, softcap)
     sizes = (n_tokens, head_dim, cos.shape[1], value_dim, n_heads // n_kv_heads, scale, scale * LOG2E, *options)
-    meta |= flags
-    block_m, block_n = _triton_blocks(q, "dkdv")
-    wrap_triton(varlen_attention_bwd_dkdv_kernel)[(triton.cdiv(n_tokens, block_n), n_kv_heads)](
+    config = _triton_config(q, meta, "dkdv")
+    wrap_triton(varlen_attention_bwd_dkdv_kernel)[(triton.cdiv(n_tokens, config["BLOCK_N"]), n_kv_heads)](
         q, k, v, cos, sin, seq_start, seq_end, dout, lse, delta, dk, dv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), sin.stride(0), dout.stride(0), dout.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        *sizes, BLOCK_M=block_m, BLOCK_N=block_n, **meta,
+        *sizes, **flags, **meta, **config,
     )
-    block_m, block_n = _triton_blocks(q, "dq")
-    wrap_triton(varlen_attention_bwd_dq_kernel)[(triton.cdiv(n_tokens, block_m), n_heads)](
+    config = _triton_config(q, meta, "dq")
+    wrap_triton(varlen_attention_bwd_dq_kernel)[(triton.cdiv(n_tokens, config["BLOCK_M"]), n_heads)](
         q, k, v, cos, sin, seq_start, dout, lse, delta, dq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), sin.stride(0), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
-        *sizes, BLOCK_M=block_m, BLOCK_N=block_n, **meta,
+        *sizes, **flags, **meta, **config,
     )
     return dq, dk, dv, _new_dsinks(q, sinks) if sinks is None else _sink_gradient(sinks, lse, delta)
 
