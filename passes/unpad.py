@@ -455,6 +455,9 @@ class _Builder:
     def _dims(self, node: fx.Node) -> tuple:
         """transpose / permute / unsqueeze / squeeze / flatten / unflatten: move the tags along."""
         name = node.target if node.op == "call_method" else node.target.__name__
+        if node.kwargs:  # dims given by keyword: read as positions they are not; decline
+            self._decline(node, f"moves dimensions given by keyword ({', '.join(node.kwargs)}), which are not tracked")
+            return ()
         x = list(self._t(node.args[0]))
         rest = node.args[1:]
         if name == "transpose":
