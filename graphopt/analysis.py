@@ -268,6 +268,13 @@ def erase_dead(graph: fx.Graph, candidates: Iterable[fx.Node]) -> int:
     return erased
 
 
+# ``node.meta`` key a pass sets on the document boundaries it builds for
+# ``graphopt::varlen_attention`` when each (B, S) row is one document (``cu = arange(B + 1) * S``,
+# mask elision's windowed rewrite of a right-padded batch): later passes (unpad) may then give
+# that attention other boundaries with the same meaning, each row's real tokens one document.
+ROWS_AS_DOCUMENTS = "graphopt_rows_as_documents"
+
+
 def annotate(node: fx.Node) -> None:
     """Record ``example_value`` for a node a pass created, by running its target on the fake values
     of its inputs, so later passes see correct metadata."""

@@ -170,6 +170,7 @@ class MaskElision:
         with q.fake_mode:  # arange of a size: no tensor input to take the fake mode from
             steps.meta["example_value"] = torch.empty(q.shape[0] + 1, dtype=torch.int32, device=q.device)
         analysis.annotate(cu)
+        cu.meta[analysis.ROWS_AS_DOCUMENTS] = True
         name = match.sdpa.name
         rewrite_attention(ctx, match, cu, report=False, window=cand.window)
         ctx.report.rewrite(

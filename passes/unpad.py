@@ -12,7 +12,9 @@ right-padding guard holds, graphopt knows where the real tokens are: row ``b`` h
 2. runs every token-wise op on (1, T) instead of (B, S) (shape arguments are rewritten where they
    name the batch or sequence dimension), RoPE at each token's own position (0..L_b - 1, exactly
    the positions of the padded graph), and attention as per-document causal varlen attention
-   (:mod:`graphopt.passes.varlen_attention`'s op, RoPE fused);
+   (:mod:`graphopt.passes.varlen_attention`'s op, RoPE fused); a sliding-window layer, which mask
+   elision already runs as that op with each padded row one document, keeps its window and takes
+   the packed boundaries;
 3. scores the loss on the packed tokens: the targets the padded graph computes (HF's label shift
    included) are gathered at the same positions, so the mean over valid targets, or the sum over
    ``num_items_in_batch``, is the padded graph's (a graph without a loss is unpadded only under
@@ -40,6 +42,7 @@ import torch
 import torch.fx as fx
 
 import graphopt.ops.linear_cross_entropy  # noqa: F401 - registers torch.ops.graphopt.linear_cross_entropy
+import graphopt.ops.varlen_attention  # noqa: F401 - registers torch.ops.graphopt.varlen_attention
 from graphopt import analysis, inspection
 from graphopt.passes import PassContext, Variant, dimension_tags
 from graphopt.passes.varlen_attention import TableAnalysis, body_tables, match_attention, rewrite_attention
@@ -443,8 +446,23 @@ class _Builder:
     def _expand(self, node: fx.Node):
         src = node.args[0]
         sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-        out_tags = dimension_tags.expand_tags(self._t(src), len(sizes))
+        out_tags = list(dimension_tags.expand_tags(self._t(src), len(sizes)))
+        in_shape = [1] * (len(sizes) - len(self._t(src))) + _hints(analysis.example_value(src))
+        for i, size in enumerate(sizes):
+            # A broadcast dimension expanded to the size of a token dimension (``x.expand(q.size(0),
+            # ...)``) becomes that token dimension: its values are the same at every position.
+            if out_tags[i] is None and in_shape[i] == 1 and self._token_size_tag(size) is not None:
+                out_tags[i] = self._token_size_tag(size)
+        out_tags = tuple(out_tags)
         return out_tags, (src, *(dimension_tags.tag_size(t, s, self.t_node) for t, s in zip(out_tags, sizes))), node.kwargs
+
+    def _token_size_tag(self, size) -> str | None:
+        """The tag of the token dimension whose size the size query ``size`` reads, else None."""
+        if not (isinstance(size, fx.Node) and _is_size_query(size)) or len(size.args) < 2:
+            return None
+        tags = self._t(size.args[0])
+        dim = size.args[1]
+        return tags[dim % len(tags)] if tags and isinstance(dim, int) else None
 
     def _unflatten(self, node: fx.Node):
         tags = self._dims(node)
@@ -453,7 +471,8 @@ class _Builder:
         return tags, (node.args[0], node.args[1], sizes), node.kwargs
 
     def _dims(self, node: fx.Node) -> tuple:
-        """transpose / permute / unsqueeze / squeeze / flatten / unflatten: move the tags along."""
+        """transpose / permute / unsqueeze / squeeze / flatten / unflatten / select: move the tags
+        along (select drops its dim, which must not be a token dim)."""
         name = node.target if node.op == "call_method" else node.target.__name__
         if node.kwargs:  # dims given by keyword: read as positions they are not; decline
             self._decline(node, f"moves dimensions given by keyword ({', '.join(node.kwargs)}), which are not tracked")
@@ -472,6 +491,9 @@ class _Builder:
         if name == "flatten":
             start, end = (rest[0] if rest else 0), (rest[1] if len(rest) > 1 else -1)
             return dimension_tags.flatten_tags(x, _hints(analysis.example_value(node.args[0])), start, end)
+        if name == "select":  # x.select(dim, i): x[:, ..., i] with the int at dim
+            d = rest[0] % len(x)
+            return dimension_tags.getitem_tags(x, _hints(analysis.example_value(node.args[0])), (slice(None),) * d + (rest[1],))
         if name == "unflatten":
             d = rest[0] % len(x)
             sizes = _hints(analysis.example_value(node))[d : d + len(rest[1])]
@@ -544,6 +566,32 @@ class _Builder:
             if self._t(args[name]) != ("B", None, "S", None):
                 self._decline(node, f"reads a {name} laid out as {self._t(args[name])}, not (batch, heads, seq, dim)")
         return ("B", None, "S", None)
+
+    def _row_attention(self, node: fx.Node):
+        """``graphopt::varlen_attention`` with each padded row one document (mask elision's
+        windowed rewrite, marked :data:`graphopt.analysis.ROWS_AS_DOCUMENTS` on its boundaries):
+        the same attention over the packed tokens with the packed boundaries, each row's real
+        tokens one document. The window, softcap and sinks stay; a real query of a right-padded
+        row saw only real keys of its row, so its window holds the same keys either way."""
+        arguments = dict(zip(_VARLEN_ARGUMENTS, node.args)) | dict(node.kwargs)
+        boundaries = arguments["cu_seqlens"]
+        if not (isinstance(boundaries, fx.Node) and boundaries.meta.get(analysis.ROWS_AS_DOCUMENTS)):
+            self._decline(node, "runs per-document attention over boundaries that are not one document per row")
+        for name in ("q", "k", "v"):
+            if self._t(arguments[name]) != ("BS", None, None):
+                self._decline(node, f"reads a {name} laid out as {self._t(arguments[name])}, not (tokens, heads, dim)")
+        for name in ("cos", "sin"):
+            if self._t(arguments[name]) != ("BS", None):
+                self._decline(node, f"reads a rotary table {name} laid out as {self._t(arguments[name])}, not (tokens, dim)")
+        if self._t(arguments.get("sinks")):
+            self._decline(node, "reads attention sinks that depend on token values")
+        arguments["cu_seqlens"] = self.cu
+        self.attention_calls += 1
+        if "windowed attention per row (varlen)" not in self.rewritten:
+            self.rewritten.append("windowed attention per row (varlen)")
+        positional = _VARLEN_ARGUMENTS[: len(node.args)]
+        args = tuple(arguments[name] for name in positional)
+        return ("BS", None, None), args, {k: v for k, v in arguments.items() if k not in positional}
 
     def _gathered_targets(self, target: fx.Node) -> fx.Node:
         """The targets at the packed tokens: the padded graph's own targets, gathered. The extra
@@ -679,7 +727,7 @@ _METHOD_RULES = _rule_table(
     (("view", "reshape"), _Builder._view),  # (B, S, H) -> (B, S, h, d): sizes of B / S rewritten
     (("expand",), _Builder._expand),
     (("unflatten",), _Builder._unflatten),
-    (("transpose", "permute", "unsqueeze", "squeeze", "flatten"), _keeping_args(_Builder._dims)),
+    (("transpose", "permute", "unsqueeze", "squeeze", "flatten", "select"), _keeping_args(_Builder._dims)),
     (_REDUCTION_METHODS, _keeping_args(_Builder._reduction)),  # over feature dims only
     (("chunk", "split", "repeat_interleave"), _keeping_args(_Builder._along)),  # along feature dims only
 )
@@ -687,7 +735,7 @@ _FUNCTION_RULES = _rule_table(
     ((operator.getitem,), _keeping_args(_Builder._item)),
     (_ELEMENTWISE_FUNCTIONS, _keeping_args(_Builder._elementwise)),
     ((torch.reshape,), _Builder._view),
-    ((torch.transpose, torch.unsqueeze, torch.flatten, torch.permute), _keeping_args(_Builder._dims)),
+    ((torch.transpose, torch.unsqueeze, torch.flatten, torch.permute, torch.select), _keeping_args(_Builder._dims)),
     (_REDUCTION_FUNCTIONS, _keeping_args(_Builder._reduction)),
     ((torch._C._nn.linear, torch.nn.functional.linear), _keeping_args(_Builder._linear)),  # weights not token values
     ((torch.nn.functional.embedding,), _keeping_args(_Builder._embedding)),
@@ -697,12 +745,15 @@ _FUNCTION_RULES = _rule_table(
     (analysis.SDPA_TARGETS, _keeping_args(_Builder._sdpa)),  # causal, no mask: made varlen (_Builder._varlen)
     ((torch.nn.functional.cross_entropy,), _Builder._cross_entropy),  # on the gathered targets
     ((torch.ops.graphopt.linear_cross_entropy.default,), _Builder._fused_loss),  # on the gathered targets
+    ((torch.ops.graphopt.varlen_attention.default,), _Builder._row_attention),  # windowed, one row one document
 )
 _RULES = {"call_method": _METHOD_RULES, "call_function": _FUNCTION_RULES}
 
 
-# The fused loss op's arguments in schema order, to read a call's arguments by name.
+# The fused loss op's and the varlen attention op's arguments in schema order, to read a call's
+# arguments by name.
 _LOSS_ARGUMENTS = [a.name for a in torch.ops.graphopt.linear_cross_entropy.default._schema.arguments]
+_VARLEN_ARGUMENTS = [a.name for a in torch.ops.graphopt.varlen_attention.default._schema.arguments]
 
 
 def _custom_op_hint(node: fx.Node) -> str:

@@ -91,6 +91,45 @@ def test_checkpointed_layers_are_unpadded(reentrant):
     assert "tag_activation_checkpoint" in cm.after_code() and "graphopt.varlen_attention" in cm.after_code()
 
 
+WINDOW = 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])  # every layer sliding; sliding and full
+def test_sliding_window_layers_are_unpadded(family):
+    """Mask elision runs a padded sliding layer as per-row windowed varlen attention; unpadding
+    gives that attention the packed boundaries (each row's real tokens one document), so a window
+    shorter than the rows still holds the same keys. Left padding takes the exact fallback."""
+    torch.manual_seed(0)
+    cm = CompiledModel(build_tiny_model(family, sliding_window=WINDOW))
+    batch = right_batch([SEQ, 18, 7])
+    report = _check_unpadded(cm, batch)
+    sliding = report.rule_counts[("mask_elision", "sdpa_sliding_causal_padding")]
+    assert sliding >= 1, report
+    assert report.rule_counts[("unpad", "tokens")] == 1, report
+    code = cm.after_code()
+    assert code.count("torch.ops.graphopt.varlen_attention") == 2  # both layers, per document
+    assert "unpad_cu_seqlens" in code
+    left = make_batch("left", batch=3, seq=SEQ, seed=4) | {"use_cache": False}
+    eager, step, report = cm.step(left)
+    assert_steps_equal(eager, step)
+    assert report.runtime["fallback"] == 1 and not report.runtime["unpad"], report
+
+
+@pytest.mark.slow
+def test_checkpointed_sliding_window_layers_are_unpadded():
+    from tests.support.harness import enable_checkpointing
+
+    torch.manual_seed(0)
+    model = build_tiny_model("gemma3_text", sliding_window=WINDOW)
+    enable_checkpointing(model, use_reentrant=False)
+    cm = CompiledModel(model)
+    report = _check_unpadded(cm, right_batch([SEQ, 10, 4]))
+    assert report.rule_counts[("mask_elision", "sdpa_sliding_causal_padding")] == 1, report
+    assert cm.counts()["unpad"] == 1
+    assert "tag_activation_checkpoint" in cm.after_code()
+
+
 @pytest.mark.slow
 def test_kv_cache_outputs_are_scattered_back(compiled):
     """With ``use_cache=True`` (most configs' default) the graph also returns every layer's keys
