@@ -67,7 +67,14 @@ COMMON_ARGS = dict(
 #   sft_padding_free: the batch flattened into one row of documents (position_ids restart at 0),
 #                     padded to 64 tokens (a length-1 document per pad token, labels -100).
 #   sft_packing:      BFD packing into rows of <= 16 tokens, flattened as above.
-CONFIGS = ("trainer_padded", "sft_padded", "sft_padding_free", "sft_packing")
+#   *_sliding:        the same with a tiny Gemma 3 whose layer 0 slides over a window of 4 tokens,
+#                     shorter than most documents (layer 1 attends fully).
+CONFIGS = (
+    "trainer_padded", "sft_padded", "sft_padding_free", "sft_packing",
+    "trainer_padded_sliding", "sft_padding_free_sliding",
+)
+WINDOW = 4
+MODELS = {config: ("gemma3_text", {"sliding_window": WINDOW}) for config in CONFIGS if config.endswith("_sliding")}
 EXPECTED_REWRITES = {
     "trainer_padded": {"mask_elision": LAYERS, "fused_cross_entropy": 1, "unpad": 1},
     # TRL computes the log-probabilities in its own chunked autograd.Function, which Dynamo cannot
@@ -76,6 +83,13 @@ EXPECTED_REWRITES = {
     "sft_padded": {"mask_elision": LAYERS},
     "sft_padding_free": {"varlen_attention": LAYERS, "rope_fusion": LAYERS},
     "sft_packing": {"varlen_attention": LAYERS, "rope_fusion": LAYERS},
+    "trainer_padded_sliding": {"mask_elision": LAYERS, "fused_cross_entropy": 1, "unpad": 1},
+    "sft_padding_free_sliding": {"varlen_attention": LAYERS, "rope_fusion": LAYERS},
+}
+# The windowed rule each sliding configuration must show (its sliding layer's).
+EXPECTED_RULES = {
+    "trainer_padded_sliding": ("mask_elision", "sdpa_sliding_causal_padding"),
+    "sft_padding_free_sliding": ("varlen_attention", "sdpa_packed_sliding"),
 }
 # Text that each rewrite leaves in the code of the graph that runs.
 REWRITTEN_CODE = {
@@ -86,10 +100,18 @@ REWRITTEN_CODE = {
 }
 
 
+def make_model(config: str):
+    family, overrides = MODELS.get(config, ("llama", {}))
+    return build_tiny_model(family, **overrides)
+
+
 def make_trainer(config: str, output_dir: Path, callbacks: list) -> Trainer:
-    """A fresh tiny Llama (seed 0) in the trainer of ``config``, on ``STEPS * BATCH`` texts."""
+    """A fresh tiny model (seed 0; Llama, or ``MODELS``') in the trainer of ``config``, on
+    ``STEPS * BATCH`` texts."""
+    model = make_model(config)
+    config = config.removesuffix("_sliding")
     if config == "trainer_padded":
-        return make_hf_trainer(output_dir, callbacks)
+        return make_hf_trainer(output_dir, callbacks, model)
     layout = {
         "sft_padded": dict(max_length=MAX_LENGTH, pad_to_multiple_of=MAX_LENGTH),
         "sft_padding_free": dict(padding_free=True, max_length=None, pad_to_multiple_of=BATCH * MAX_LENGTH),
@@ -97,7 +119,7 @@ def make_trainer(config: str, output_dir: Path, callbacks: list) -> Trainer:
     }[config]
     args = trl.SFTConfig(output_dir=str(output_dir), save_strategy="no", **COMMON_ARGS, **layout)
     return trl.SFTTrainer(
-        model=build_tiny_model("llama"),
+        model=model,
         args=args,
         train_dataset=tiny_texts(STEPS * BATCH, seed=0),
         processing_class=tiny_tokenizer(),
@@ -105,7 +127,7 @@ def make_trainer(config: str, output_dir: Path, callbacks: list) -> Trainer:
     )
 
 
-def make_hf_trainer(output_dir: Path, callbacks: list) -> Trainer:
+def make_hf_trainer(output_dir: Path, callbacks: list, model=None) -> Trainer:
     """``Trainer`` with the causal-LM collator (right padding, labels -100 at pads), a checkpoint
     every 5 steps and an evaluation set."""
     tokenizer = tiny_tokenizer()
@@ -119,7 +141,7 @@ def make_hf_trainer(output_dir: Path, callbacks: list) -> Trainer:
         output_dir=str(output_dir), save_strategy="steps", save_steps=5, gradient_checkpointing=True, **COMMON_ARGS
     )
     return Trainer(
-        model=build_tiny_model("llama"),
+        model=model if model is not None else build_tiny_model("llama"),
         args=args,
         train_dataset=tiny_texts(STEPS * BATCH, seed=0).map(tokenize, batched=True, remove_columns=["text"]),
         eval_dataset=tiny_texts(EVAL_BATCHES * BATCH, seed=1).map(tokenize, batched=True, remove_columns=["text"]),
@@ -211,6 +233,8 @@ def test_rewrites_fire(runs, config):
         unpadded = name == "mask_elision" and "unpad" in EXPECTED_REWRITES[config]
         if name in REWRITTEN_CODE and not unpadded:
             assert REWRITTEN_CODE[name] in code, f"{name}: {REWRITTEN_CODE[name]!r} not in the rewritten graphs"
+    if config in EXPECTED_RULES:  # the sliding layer's window was kept, not dropped to a mask
+        assert report.rule_counts[EXPECTED_RULES[config]] >= 1, report
     # Activation checkpointing was on (TRL's default; set for the Trainer), and rewritten through.
     assert "tag_activation_checkpoint(" in code
 
@@ -219,9 +243,9 @@ def test_rewrites_fire(runs, config):
 def test_every_step_takes_the_fast_path(runs, config):
     _, compiled = runs[config]
     report = compiled.report
-    if config in ("trainer_padded", "sft_padded"):
+    if config in ("trainer_padded", "sft_padded", "trainer_padded_sliding"):
         assert any(g.name == "right_padding" for g in report.guards), report
-    if config == "trainer_padded":  # the default padding collator: every step runs unpadded
+    if config.startswith("trainer_padded"):  # the default padding collator: every step runs unpadded
         assert report.runtime["unpad"] == STEPS, report
     if config == "sft_padded":  # TRL's own loss reads hidden[:, :-1] in the graph: said, not silent
         reasons = [d.reason for g in report.graphs for d in g.declines if d.name == "unpad"]
