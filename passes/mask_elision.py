@@ -86,7 +86,13 @@ class MaskElision:
             if cand.kind == MaskKind.UNKNOWN:
                 ctx.report.decline(self.name, cand.reason)
                 continue
-            if cand.exported and not cand.kind.sliding:  # graphs that receive it keep a sliding mask
+            if cand.exported and cand.kind.sliding:
+                ctx.report.decline(
+                    "mask_handoff",
+                    f"{cand.node.name}: a mask with a sliding window of {cand.window} ({cand.kind.value}) is returned "
+                    "to later graphs, which keep it: a window is not handed off yet",
+                )
+            elif cand.exported:
                 self._export(gm, ctx, cand)
             if cand.kind == MaskKind.RECEIVED:
                 self._received(gm, ctx, cand)

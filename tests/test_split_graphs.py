@@ -128,6 +128,19 @@ def test_packed_batch_runs_per_document_in_other_families(family):
     assert report.runtime["received_packed"] == LAYERS and not report.runtime.get("fallback"), report
 
 
+def test_a_received_sliding_mask_is_kept_and_said():
+    """Gemma 3 split per layer, window 4 (shorter than the rows): the full layer's mask is handed
+    off and dropped; the sliding layer's is not published (a window is not handed off yet), so
+    its graph runs the exact masked path, and the report says why."""
+    cm = CompiledModel(_split_per_layer(build_tiny_model("gemma3_text", sliding_window=4)), options={"padded_outputs_unused": True})
+    batch = make_batch("packed", seq=24) | {"use_cache": False}
+    eager, compiled, report = cm.step(batch)
+    assert_steps_equal(eager, compiled)
+    assert any(n == "mask_handoff" and "a window is not handed off yet" in r for n, r in report.declines), report
+    assert report.runtime["received_packed"] == 1, report  # the full layer
+    assert report.runtime["fallback"] == 1 and report.runtime["failed:mask_known"] == 1, report  # the sliding one
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["right", "packed"])
 def test_split_layers_on_cuda(layout):
