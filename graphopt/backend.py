@@ -10,8 +10,9 @@
    (:class:`graphopt.runtime.AdaptedGraph`);
 3. when a rewrite depends on input values (it registered guards), also builds the exact
    fallback, the graph with only the rewrites that need no guard, and, for a graph that drops a
-   mask it receives, the version that runs that mask's documents separately; both are compiled
-   on first need. A :class:`graphopt.runtime.GuardedDispatch` chooses per call;
+   mask it receives, the version that runs that mask's documents separately, and one per sliding
+   window that earlier graphs publish masks with (:func:`graphopt.handoff.expected_windows`); all
+   are compiled on first need. A :class:`graphopt.runtime.GuardedDispatch` chooses per call;
 4. publishes the graph's report when the graph first runs (:class:`graphopt.runtime.PublishedOnFirstCall`).
 
 A graph with nothing to rewrite goes to Inductor unchanged. What runs at call time lives in
@@ -65,9 +66,13 @@ def graphopt_backend(gm: fx.GraphModule, example_inputs: Sequence, *, mode: str 
     if ctx.guards:
         fallback = _version(gm, opts, report, inductor, ctx, Variant.FALLBACK)
         if ctx.received_rewritten:
-            packed = _version(gm, opts, report, inductor, ctx, Variant.RECEIVED_PACKED)
-            if packed is not None:
-                versions.insert(0, packed)
+            from graphopt import handoff
+
+            received = [(Variant.RECEIVED_PACKED, None)] + [(Variant.RECEIVED_WINDOWED, w) for w in handoff.expected_windows()]
+            for variant, window in reversed(received):  # windowed versions first, then packed, then fast
+                version = _version(gm, opts, report, inductor, ctx, variant, window)
+                if version is not None:
+                    versions.insert(0, version)
         fallback = fallback.graph
     shapes_only = fallback if fast.adds_inputs else fast  # answers calls with fake tensors
     dispatch = GuardedDispatch(versions, fallback, report.graph_id, shapes_only=shapes_only)
@@ -126,15 +131,18 @@ def _is_ddp_piece(gm: fx.GraphModule) -> bool:
     return "DDPOptimizer" in str(getattr(reason, "reason", ""))
 
 
-def _version(gm: fx.GraphModule, opts, report: inspection.GraphReport, inductor, ctx, variant) -> Version | None:
-    """Another version of ``gm`` (:class:`graphopt.passes.Variant`), compiled on first call, with
-    the guards it needs; the passes reuse what probing found for the fast graph (``ctx.memo``).
-    What it keeps goes into ``report``'s notes (and its guards into ``report.guards``). None for a
-    received-packed version whose attention cannot be rewritten so."""
+def _version(
+    gm: fx.GraphModule, opts, report: inspection.GraphReport, inductor, ctx, variant, window: int | None = None
+) -> Version | None:
+    """Another version of ``gm`` (:class:`graphopt.passes.Variant`; ``window``: the received-windowed
+    version's), compiled on first call, with the guards it needs; the passes reuse what probing
+    found for the fast graph (``ctx.memo``). What it keeps goes into ``report``'s notes (and its
+    guards into ``report.guards``). None for a received version whose attention cannot be
+    rewritten so."""
     from graphopt.passes import Variant, run_passes
 
     quiet = inspection.GraphReport(graph_id=report.graph_id, before=report.before, quiet=True)
-    work, version_ctx = run_passes(gm, opts, quiet, variant=variant, memo=ctx.memo)
+    work, version_ctx = run_passes(gm, opts, quiet, variant=variant, memo=ctx.memo, received_window=window)
     n_args = len(gm.graph.find_nodes(op="placeholder"))
     if variant is Variant.FALLBACK:
         if not quiet.changed:
@@ -143,18 +151,17 @@ def _version(gm: fx.GraphModule, opts, report: inspection.GraphReport, inductor,
             kept = ", ".join(sorted(quiet.counts)) or "none"
             report.note(f"the exact fallback keeps the rewrites that need no guard ({kept})")
         return Version([], AdaptedGraph(LazyGraph(work, inductor, report.graph_id, "exact fallback"), version_ctx.adapters, work, n_args))
+    which = "packed (several documents per row)" if window is None else f"a sliding mask of window {window}"
     if len(version_ctx.received_rewritten) != 1:
         why = "; ".join(d.reason for d in quiet.declines if d.name == "varlen_attention")
-        report.note(
-            "when the mask this graph receives is packed (several documents per row), the exact masked "
-            "path runs" + (f": {why}" if why else "")
-        )
+        report.note(f"when the mask this graph receives is {which}, the exact masked path runs" + (f": {why}" if why else ""))
         return None
     report.guards += [inspection.GuardRecord(g.name, g.description, list(g.rewrites)) for g in version_ctx.guards]
-    calls = sum(1 for r in quiet.rewrites if (r.name, r.rule) == ("varlen_attention", "sdpa_packed"))
+    calls = sum(1 for r in quiet.rewrites if r.name == "varlen_attention")
+    how = "per document" if window is None else f"per document with the window of {window}"
     report.note(
-        f"when the mask this graph receives is packed, a second fast graph runs its {calls} attention "
-        "call(s) per document (varlen_attention, RoPE fused); compiled on first use"
+        f"when the mask this graph receives is {which}, another fast graph runs its {calls} attention "
+        f"call(s) {how} (varlen_attention); compiled on first use"
     )
-    module = LazyGraph(work, inductor, report.graph_id, "packed version")
+    module = LazyGraph(work, inductor, report.graph_id, "packed version" if window is None else f"window-{window} version")
     return Version(version_ctx.guards, AdaptedGraph(module, version_ctx.adapters, work, n_args))

@@ -95,6 +95,10 @@ GUARD_ADVICE = {
         "torch._dynamo.config.optimize_ddp = False (graphopt then sees the whole graph); or pack the "
         "batch (DataCollatorWithFlattening) to get the fast path."
     ),
+    "same_window": (
+        "the mask this graph received has no sliding window or another one than the windows this "
+        "graph was built for (those of the graphs compiled before it); the exact masked path runs."
+    ),
     "causal_kind": (
         "the mask this graph received was published as a kind it cannot drop as causal (a sliding "
         "window?); the exact masked path runs."

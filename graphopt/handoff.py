@@ -6,12 +6,22 @@ model's forward splits it too. transformers builds the attention mask once, so t
 builds it returns it, and the graphs of later layers receive it as an input. Those graphs cannot
 prove anything about an input tensor at compile time; they learn what it holds at run time here:
 
-- the graph that builds a mask proven ``causal``, ``causal_padding`` or ``packed_causal``
-  (:mod:`graphopt.masks`) *publishes* the tensor it returns, with the input the mask was proven to
-  be a function of (:func:`publish`, called by :class:`graphopt.passes.mask_elision.PublishMasks`);
+- the graph that builds a mask proven ``causal``, ``causal_padding`` or ``packed_causal``, with or
+  without a sliding window (:mod:`graphopt.masks`), *publishes* the tensor it returns, with the
+  input the mask was proven to be a function of and its window (:func:`publish`, called by
+  :class:`graphopt.passes.mask_elision.PublishMasks`);
 - a graph that receives a mask, and whose only use of it is as SDPA's ``attn_mask`` exactly as
-  received, *looks it up* (:func:`lookup`) before it runs, and takes its fast path only when the
-  mask is known and what it holds makes causal attention exact (:class:`HandedOffMaskGuard`).
+  received, *looks it up* (:func:`lookup`) before it runs, and takes a fast path only when the
+  mask is known and what it holds makes that path exact: causal SDPA for a causal mask
+  (:class:`HandedOffMaskGuard`), per-document attention for a packed one
+  (:class:`HandedOffPackedGuard`), per-document attention with the window for a sliding one
+  (:class:`HandedOffWindowGuard`).
+
+A sliding window is a compile-time argument of the attention that replaces the mask, and the
+receiving graph sees none of the mask's code. So the graph that proves a sliding mask also
+records its window when it is compiled (:func:`expect_window`); graphs compiled after it (those
+that receive its mask are, since they run after it) build one windowed version per window recorded
+(:func:`expected_windows`), each guarded on the published window being its own.
 
 The registry holds tensors weakly (an entry dies with its mask) and records the version counters
 of the mask and of its source input: a mask or input modified in place after publication is not
@@ -34,14 +44,36 @@ _FACTS = WeakIdKeyDictionary()
 _LOCK = threading.Lock()
 
 
+_WINDOWS: set[int] = set()
+
+
+def expect_window(window: int) -> None:
+    """Record, at compile time, that a graph publishes masks with a sliding ``window``."""
+    with _LOCK:
+        _WINDOWS.add(window)
+
+
+def expected_windows() -> list[int]:
+    """The windows of the sliding masks that graphs compiled so far publish, smallest first."""
+    with _LOCK:
+        return sorted(_WINDOWS)
+
+
 class MaskFact:
     """What a published mask holds: ``kind`` (as :class:`graphopt.masks.MaskCandidate` proves it)
     as a function of ``source`` (the 2-D ``attention_mask`` for ``causal_padding``, the
-    ``position_ids`` for ``packed_causal``, None for ``causal``)."""
+    ``position_ids`` for ``packed_causal``, None for ``causal``), and for a sliding kind its
+    ``window``."""
 
-    def __init__(self, mask: torch.Tensor, kind: MaskKind, source: torch.Tensor | None):
+    def __init__(self, mask: torch.Tensor, kind: MaskKind, source: torch.Tensor | None, window: int | None = None):
+        kind = MaskKind(kind)
+        if kind.sliding != (window is not None):
+            need = "needs its window" if kind.sliding else "has no window"
+            raise ValueError(f"publishing a {kind.value} mask with window={window}: a {kind.value} mask {need}")
         self.kind = kind
         self.source = source
+        self.window = window
+        self._length, self._device = mask.shape[-1], mask.device
         self._versions = self._versions_of(mask)
         self._conditions: dict[str, bool] | None = None
         self._cu_seqlens: dict[int, torch.Tensor] = {}
@@ -67,20 +99,29 @@ class MaskFact:
             return self._conditions
 
     def cu_seqlens(self, batch: int) -> torch.Tensor:
-        """The document boundaries of a ``packed_causal`` mask of ``batch`` rows, in the layout of
-        :func:`graphopt.passes.varlen_attention.cu_seqlens_from_position_ids`; computed on the
-        device once per mask (no host read)."""
+        """The document boundaries of the mask's ``batch`` rows, flattened, in the layout of
+        :func:`graphopt.passes.varlen_attention.cu_seqlens_from_position_ids`: the documents of
+        the positions for a packed kind, each row one document otherwise (a padded row's real
+        queries see only its real keys when the batch is right-padded); computed on the device
+        once per mask (no host read)."""
         from graphopt.passes.varlen_attention import cu_seqlens_from_position_ids
 
         with self._lock:
             if batch not in self._cu_seqlens:
-                self._cu_seqlens[batch] = cu_seqlens_from_position_ids(self.source, batch)
+                if self.kind.unwindowed == MaskKind.PACKED_CAUSAL:
+                    cu = cu_seqlens_from_position_ids(self.source, batch)
+                else:  # (B*S + 1,) like the packed layout: rows, then empty documents at T
+                    total = batch * self._length
+                    cu = torch.full((total + 1,), total, dtype=torch.int32, device=self._device)
+                    cu[: batch + 1] = torch.arange(batch + 1, dtype=torch.int32, device=self._device) * self._length
+                self._cu_seqlens[batch] = cu
             return self._cu_seqlens[batch]
 
     def _read(self) -> dict[str, bool]:
-        if self.kind == MaskKind.CAUSAL:
-            return {}
-        if self.kind == MaskKind.CAUSAL_PADDING:
+        kind = self.kind.unwindowed
+        if kind == MaskKind.CAUSAL or self.kind == MaskKind.SLIDING_PACKED_CAUSAL:
+            return {}  # causal; windowed per-document attention is exact at every position
+        if kind == MaskKind.CAUSAL_PADDING:
             on_device = right_padding_guard(self.source, None, ignore_index=-100)
             on_device["no_padding"] = (self.source != 0).all()
         elif self.kind == MaskKind.PACKED_CAUSAL:
@@ -90,10 +131,11 @@ class MaskFact:
         return dict(zip(on_device, torch.stack(list(on_device.values())).tolist()))
 
 
-def publish(mask: torch.Tensor, kind: MaskKind, source: torch.Tensor | None) -> None:
-    """Record that ``mask`` holds the ``kind`` mask of ``source``."""
+def publish(mask: torch.Tensor, kind: MaskKind, source: torch.Tensor | None, window: int | None = None) -> None:
+    """Record that ``mask`` holds the ``kind`` mask of ``source`` (with ``window`` for a sliding
+    kind)."""
     with _LOCK:
-        _FACTS[mask] = MaskFact(mask, kind, source)
+        _FACTS[mask] = MaskFact(mask, kind, source, window)
 
 
 def lookup(mask: torch.Tensor) -> MaskFact | None:
@@ -147,7 +189,39 @@ class HandedOffMaskGuard:
         fact = lookup(mask)
         if fact is None:
             return {"mask_known": False}
+        if fact.kind.sliding:  # causal SDPA would drop its window
+            return {"mask_known": True, "causal_kind": False}
         conditions = {"mask_known": True, **fact.conditions()}
         if fact.kind == MaskKind.CAUSAL_PADDING and self.padded_outputs_unused:
             conditions.pop("no_padding")
+        return conditions
+
+
+class HandedOffWindowGuard:
+    """The guard of a graph version that replaced a received mask with per-document attention
+    over a sliding ``window`` (built for each window in :func:`expected_windows`).
+
+    Conditions: ``mask_known`` (as :class:`HandedOffMaskGuard`), then ``same_window``: the mask
+    was published as a sliding mask of this window, causal, padded or packed, whose source has one
+    row or the mask's rows and the mask's length; then for a padded one the conditions of
+    :class:`HandedOffMaskGuard` (``right_padded``, ``no_empty_rows``, ``no_padding`` unless
+    ``padded_outputs_unused``; each row is one document). Host values only."""
+
+    def __init__(self, window: int, padded_outputs_unused: bool):
+        self.window = window
+        self.padded_outputs_unused = padded_outputs_unused
+
+    def __call__(self, mask: torch.Tensor) -> dict[str, bool]:
+        fact = lookup(mask)
+        if fact is None:
+            return {"mask_known": False}
+        source = fact.source
+        same = fact.kind.sliding and fact.window == self.window and mask.shape[-1] == mask.shape[-2]
+        if same and source is not None:
+            same = source.dim() == 2 and source.shape[0] in (1, mask.shape[0]) and source.shape[1] == mask.shape[-1]
+        if not same:
+            return {"mask_known": True, "same_window": False}
+        conditions = {"mask_known": True, "same_window": True, **fact.conditions()}
+        if self.padded_outputs_unused:
+            conditions.pop("no_padding", None)
         return conditions

@@ -229,15 +229,22 @@ def is_fake_call(args) -> bool:
     return any(isinstance(a, FakeTensor) for a in args)
 
 
+# Conditions that only say a version is not the one for this kind of input (a received mask of
+# another kind or window), not why the batch cannot take a fast path.
+SELECTING_CONDITIONS = frozenset({"same_window", "packed", "causal_kind"})
+
+
 class GuardedDispatch:
     """Run the first version whose guards hold, else the exact fallback.
 
-    ``versions`` are tried in order (the received-packed version, whose guards read no device
-    data, before the fast graph). A version's guards and its adapters' host values come in one
-    device-to-host read. Each call is counted: ``fast_path``, or ``fallback`` with the failed
-    conditions of the last version (``failed:<condition>``); a failed condition is logged once per
-    graph with advice on how to reach the fast path; only the condition that is the cause is
-    reported (see :func:`~graphopt.guards.evaluate_guards`).
+    ``versions`` are tried in order (the received-windowed and received-packed versions, whose
+    guards read no device data of their own, before the fast graph). A version's guards and its
+    adapters' host values come in one device-to-host read. Each call is counted: ``fast_path``, or
+    ``fallback`` with the failed conditions (``failed:<condition>``) of the first version whose
+    failure is not only a :data:`SELECTING_CONDITIONS` one (the version meant for this batch), else
+    of the last; a failed condition is logged once per graph with advice on how to reach the fast
+    path; only the condition that is the cause is reported (see
+    :func:`~graphopt.guards.evaluate_guards`).
 
     A call with fake tensors goes to ``shapes_only``, a version with Dynamo's calling convention.
     """
@@ -254,7 +261,7 @@ class GuardedDispatch:
     def __call__(self, *args):
         if is_fake_call(args):
             return self.shapes_only.shapes(*args)
-        failed: list[str] = []
+        failed: list[str] | None = None
         for version in self.versions:
             request = version.graph.reads(args)
             result = evaluate_guards(version.guards, args, also_read=None if request is None else request.values)
@@ -262,9 +269,10 @@ class GuardedDispatch:
                 inspection.record_runtime("fast_path")
                 host = None if request is None else request.split(result.also_read)
                 return version.graph(*args, host_values=host)
-            failed = result.failed
+            if failed is None or set(failed) <= SELECTING_CONDITIONS:
+                failed = result.failed  # the first version meant for this batch says why
         inspection.record_runtime("fallback")
-        for name in failed:
+        for name in failed or ():
             inspection.record_runtime(f"failed:{name}")
         self._warn(failed)
         return self.fallback(*args)

@@ -46,6 +46,8 @@ class Variant(enum.Enum):
     FAST = "fast"  # every rewrite, behind runtime guards where needed; received masks become causal SDPA
     FALLBACK = "fallback"  # only the rewrites that need no guard: what runs when a guard fails
     RECEIVED_PACKED = "received_packed"  # received packed masks run per document (a second fast graph)
+    # received sliding masks of one window (PassContext.received_window) run per document with it
+    RECEIVED_WINDOWED = "received_windowed"
 
 
 @dataclass
@@ -77,6 +79,8 @@ class PassContext:
         received_rewritten: placeholder indices of the received masks that were rewritten (the
             backend then builds the :attr:`Variant.RECEIVED_PACKED` version too).
         right_padding: the right-padding guard of mask elision, when it registered one.
+        received_window: in the :attr:`Variant.RECEIVED_WINDOWED` version, the sliding window of
+            the received masks it is built for.
         memo: probing results shared by the pipelines run on copies of one graph (the fast graph
             and the exact fallback), keyed by the probed subgraph's code.
     """
@@ -89,6 +93,7 @@ class PassContext:
     memo: dict = field(default_factory=dict)
     received_rewritten: list[int] = field(default_factory=list)
     right_padding: RightPadding | None = None
+    received_window: int | None = None
     _masks: list | None = None
     _losses: tuple | None = None
 
@@ -101,8 +106,9 @@ class PassContext:
     def received_as(self) -> str:
         """How masks received from earlier graphs are rewritten: ``"causal"`` (SDPA with
         ``is_causal=True``, by mask elision) or ``"packed"`` (per-document attention, by varlen
-        attention, the document boundaries an extra input)."""
-        return "packed" if self.variant is Variant.RECEIVED_PACKED else "causal"
+        attention, the document boundaries an extra input; with :attr:`received_window` in the
+        windowed version)."""
+        return "packed" if self.variant in (Variant.RECEIVED_PACKED, Variant.RECEIVED_WINDOWED) else "causal"
 
     def masks(self, gm: fx.GraphModule) -> list:
         """The attention masks of ``gm`` (:func:`graphopt.masks.find_masks`), found once per
@@ -191,20 +197,24 @@ def run_passes(
     *,
     variant: Variant = Variant.FAST,
     memo: dict | None = None,
+    received_window: int | None = None,
 ) -> tuple[fx.GraphModule, PassContext]:
     """Run :func:`enabled_passes` on a copy of ``gm``; returns the copy and the context.
 
     ``gm`` itself is never modified. A pass that raises is undone (its graph changes, guards and
     detached logits are dropped), logged once and reported as a decline naming the exception;
     the passes after it still run. The copy keeps ``gm.meta``. ``memo`` shares probing results
-    with another run on the same graph (see :attr:`PassContext.memo`).
+    with another run on the same graph (see :attr:`PassContext.memo`). ``received_window``: the
+    window of the :attr:`Variant.RECEIVED_WINDOWED` version.
 
     Raises:
         InvalidProgramError: the program is one eager refuses to run (the user's input is wrong).
     """
     work = analysis.copy_graph_module(gm)
     analysis.unshare_checkpoint_bodies(work)
-    ctx = PassContext(options, report, variant=variant, memo={} if memo is None else memo)
+    if (variant is Variant.RECEIVED_WINDOWED) != (received_window is not None):
+        raise ValueError("the received-windowed version, and only it, is built for a received_window")
+    ctx = PassContext(options, report, variant=variant, memo={} if memo is None else memo, received_window=received_window)
     start = time.perf_counter()
     for p in enabled_passes(options):
         work, changed = _apply_undoable(p, work, ctx)

@@ -52,13 +52,17 @@ class PublishMasks(Adapter):
             the received mask), None for a causal mask of no input.
         proof: for a symbolic-size mask, the ``proven_length`` guard that must hold at the call's
             length for the mask to be what ``kind`` says.
+        window: the sliding window of a sliding kind, else None.
     """
 
-    def __init__(self, positions: list[int], kind: MaskKind, input_index: int | None, proof: Guard | None = None):
+    def __init__(
+        self, positions: list[int], kind: MaskKind, input_index: int | None, proof: Guard | None = None, window: int | None = None
+    ):
         self.positions = positions
         self.kind = kind
         self.input_index = input_index
         self.proof = proof
+        self.window = window
 
     def after(self, args, outputs: list) -> None:
         from graphopt import handoff
@@ -66,14 +70,14 @@ class PublishMasks(Adapter):
         if self.proof is not None and not all(self.proof.conditions(args).values()):
             return
         source = None if self.input_index is None else args[self.input_index]
-        kind = self.kind
+        kind, window = self.kind, self.window
         if kind == MaskKind.RECEIVED:
             fact = handoff.lookup(source)
             if fact is None:
                 return
-            kind, source = fact.kind, fact.source
+            kind, source, window = fact.kind, fact.source, fact.window
         for position in self.positions:
-            handoff.publish(outputs[position], kind, source)
+            handoff.publish(outputs[position], kind, source, window)
 
 
 class MaskElision:
@@ -86,13 +90,7 @@ class MaskElision:
             if cand.kind == MaskKind.UNKNOWN:
                 ctx.report.decline(self.name, cand.reason)
                 continue
-            if cand.exported and cand.kind.sliding:
-                ctx.report.decline(
-                    "mask_handoff",
-                    f"{cand.node.name}: a mask with a sliding window of {cand.window} ({cand.kind.value}) is returned "
-                    "to later graphs, which keep it: a window is not handed off yet",
-                )
-            elif cand.exported:
+            if cand.exported:
                 self._export(gm, ctx, cand)
             if cand.kind == MaskKind.RECEIVED:
                 self._received(gm, ctx, cand)
@@ -191,8 +189,14 @@ class MaskElision:
         positions = [i for i, out in enumerate(outputs) if out is cand.node]
         source = None if cand.input is None else ctx.placeholder_index(gm, cand.input)
         proof = proven_length_guard(gm, cand) if cand.seq_symbols and cand.kind != MaskKind.RECEIVED else None
-        ctx.adapt(PublishMasks(positions, cand.kind, source, proof))
-        what = "passed on" if cand.kind == MaskKind.RECEIVED else f"published as {cand.kind}"
+        ctx.adapt(PublishMasks(positions, cand.kind, source, proof, cand.window))
+        if cand.kind.sliding:  # the graphs that receive it build a version for this window
+            from graphopt import handoff
+
+            handoff.expect_window(cand.window)
+        what = "passed on" if cand.kind == MaskKind.RECEIVED else f"published as {cand.kind.value}"
+        if cand.kind.sliding:
+            what += f" with its window of {cand.window}"
         ctx.report.rewrite("mask_handoff", "export", f"{cand.node.name}: returned to later graphs, {what}")
 
     def _received(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> int:

@@ -136,6 +136,10 @@ class Unpad:
         if ctx.adapters_of(PublishMasks):
             ctx.report.decline(self.name, "the graph returns its attention mask to later graphs; the padded layout is kept")
             return None
+        # What the rewrites left unread (a mask no layer uses: all of Gemma 3's layers slide,
+        # yet transformers builds the full mask too) would be tracked, and declined, for nothing.
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
         try:
             plan = _Builder.outer(gm, ctx, guard).build()
         except Decline as e:

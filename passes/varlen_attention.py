@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from graphopt import analysis
 from graphopt.guards import Guard
-from graphopt.handoff import HandedOffPackedGuard
+from graphopt.handoff import HandedOffPackedGuard, HandedOffWindowGuard
 from graphopt.masks import MaskCandidate, MaskKind, _canonical, document_starts
 from graphopt.ops.varlen_attention import apply_rotary
 from graphopt.passes import PassContext, retire_mask
@@ -161,11 +161,17 @@ class VarlenAttention:
         from graphopt.passes.mask_elision import proven_length_guard
 
         index = ctx.placeholder_index(gm, mask)
+        window = ctx.received_window
         guards = [Guard(
             name="handed_off_packed",
             fn=HandedOffPackedGuard(),
             input_indices=(index,),
             description=f"{mask.name} was built by an earlier graph as the block-causal mask of its position_ids",
+        ) if window is None else Guard(
+            name="handed_off_window",
+            fn=HandedOffWindowGuard(window, ctx.options.padded_outputs_unused),
+            input_indices=(index,),
+            description=f"{mask.name} was built by an earlier graph as a mask with a sliding window of {window}",
         )]
         if cand.seq_symbols:
             guards.append(proven_length_guard(gm, cand))
@@ -174,7 +180,7 @@ class VarlenAttention:
         for match, checkpoint in matches:
             if match.sdpa.graph not in inside:
                 inside[match.sdpa.graph] = analysis.add_checkpoint_operand(checkpoint, cu)
-            rewrite_attention(ctx, match, inside[match.sdpa.graph])
+            rewrite_attention(ctx, match, inside[match.sdpa.graph], window=window)
         retire_mask(gm, ctx, cand, guards)
         ctx.received_rewritten.append(index)
         ctx.adapt(ReceivedBoundaries(index, cu.name))

@@ -186,17 +186,49 @@ def test_mask_passed_on_by_a_graph_stays_known():
 
 @pytest.mark.parametrize("kind", [MaskKind.SLIDING_CAUSAL, MaskKind.SLIDING_CAUSAL_PADDING, MaskKind.SLIDING_PACKED_CAUSAL])
 def test_a_sliding_mask_is_never_dropped_as_causal_by_a_graph_that_receives_it(kind):
-    """Mask elision does not publish sliding masks; one published anyway (a future pass) must not
-    pass the receiving graph's guard, whatever its source holds."""
+    """A published sliding mask passes only the guard of a version built for its window, never
+    the causal or the packed one, whatever its source holds."""
     mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
     source = torch.arange(4)[None] if kind == MaskKind.SLIDING_PACKED_CAUSAL else torch.ones(1, 4, dtype=torch.int64)
-    handoff.publish(mask, kind, source)
+    handoff.publish(mask, kind, source, window=2)
     conditions = handoff.HandedOffMaskGuard(padded_outputs_unused=True)(mask)
-    assert conditions["mask_known"] and not all(conditions.values()), conditions
+    assert conditions == {"mask_known": True, "causal_kind": False}, conditions
     assert not all(handoff.HandedOffPackedGuard()(mask).values())
+    assert all(handoff.HandedOffWindowGuard(2, padded_outputs_unused=True)(mask).values())
+    assert handoff.HandedOffWindowGuard(3, padded_outputs_unused=True)(mask) == {"mask_known": True, "same_window": False}
 
 
-def test_a_returned_sliding_mask_is_not_published():
+def test_a_mask_without_a_window_never_passes_a_window_guard():
+    mask = _causal(2, 4)
+    handoff.publish(mask, "causal_padding", torch.ones(2, 4, dtype=torch.long))
+    assert handoff.HandedOffWindowGuard(2, padded_outputs_unused=True)(mask) == {"mask_known": True, "same_window": False}
+
+
+def test_a_sliding_mask_is_published_with_its_window():
+    with pytest.raises(ValueError, match="needs its window"):
+        handoff.publish(_causal(2, 4), MaskKind.SLIDING_CAUSAL, None)
+    with pytest.raises(ValueError, match="has no window"):
+        handoff.publish(_causal(2, 4), MaskKind.CAUSAL, None, window=2)
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        ([[1, 1, 1, 1], [1, 1, 0, 0]], {"right_padded": True, "no_empty_rows": True, "no_padding": False}),
+        ([[1, 1, 1, 1], [0, 0, 1, 1]], {"right_padded": False, "no_empty_rows": False, "no_padding": False}),
+    ],
+    ids=["right", "left"],
+)
+def test_padded_sliding_mask_conditions_and_row_boundaries(rows, expected):
+    """A padded sliding mask runs each row as one document: the padding conditions of a causal
+    padded mask, and boundaries at the rows (the packed layout, padded with T)."""
+    mask = _causal(2, 4)
+    handoff.publish(mask, MaskKind.SLIDING_CAUSAL_PADDING, torch.tensor(rows), window=2)
+    assert handoff.HandedOffWindowGuard(2, padded_outputs_unused=False)(mask) == {"mask_known": True, "same_window": True, **expected}
+    assert handoff.lookup(mask).cu_seqlens(2).tolist() == [0, 4, 8, 8, 8, 8, 8, 8, 8]
+
+
+def test_a_returned_sliding_mask_is_published_with_its_window():
     def fn(q, k, v, am):
         idx = torch.arange(am.shape[1])
         band = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - 3)
@@ -211,5 +243,8 @@ def test_a_returned_sliding_mask_is_not_published():
     gm = capture(fn, *qkv(), torch.ones(B, S, dtype=torch.int64))
     report = GraphReport(graph_id=0, before="", quiet=True)
     _, ctx = run_passes(gm, GraphoptOptions(padded_outputs_unused=True), report)
-    assert ctx.adapters_of(PublishMasks) == [] and "mask_handoff" not in report.counts
+    [published] = ctx.adapters_of(PublishMasks)
+    assert (published.kind, published.window) == (MaskKind.SLIDING_CAUSAL_PADDING, 3)
+    assert report.counts["mask_handoff"] == 1 and 3 in handoff.expected_windows()
+    # its own SDPA reads unrotated q/k: no windowed rewrite here, the mask stays, said
     assert any("sliding window of 3 tokens" in d.reason for d in report.declines)

@@ -128,7 +128,7 @@ class _OutputsOnly(Tagged):
         self.input_names = ()
 
 
-def test_versions_are_tried_in_order_and_the_last_ones_failures_are_counted():
+def test_versions_are_tried_in_order_and_the_fast_ones_failures_are_counted():
     fast, fallback, packed = Recorder("fast"), Recorder("fallback"), Recorder("packed")
 
     def dispatch(first_holds: bool, fast_holds: bool):
@@ -140,6 +140,28 @@ def test_versions_are_tried_in_order_and_the_last_ones_failures_are_counted():
     with graphopt.capture() as report:
         assert dispatch(False, False)(torch.ones(2)) == ["fallback"]
     assert report.runtime == {"fallback": 1, "failed:right_padded": 1}
+
+
+def test_the_version_meant_for_the_batch_says_why_it_fell_back():
+    """A version that only selects another kind of input (``same_window``, ``packed``,
+    ``causal_kind``) does not hide the failure of the version meant for this batch."""
+    fast, fallback, windowed = Recorder("fast"), Recorder("fallback"), Recorder("windowed")
+
+    def dispatch(windowed_fails: str, fast_fails: str):
+        versions = [
+            runtime.Version([_guard(False, windowed_fails)], _adapted(windowed)),
+            runtime.Version([_guard(False, fast_fails)], _adapted(fast)),
+        ]
+        return runtime.GuardedDispatch(versions, _adapted(fallback), 0, shapes_only=_adapted(fast))
+
+    for windowed_fails, fast_fails, cause in [
+        ("right_padded", "causal_kind", "right_padded"),  # a sliding mask, left-padded
+        ("same_window", "right_padded", "right_padded"),  # a full mask, left-padded
+        ("same_window", "causal_kind", "causal_kind"),  # neither is meant for it: the last says
+    ]:
+        with graphopt.capture() as report:
+            assert dispatch(windowed_fails, fast_fails)(torch.ones(2)) == ["fallback"]
+        assert report.runtime == {"fallback": 1, f"failed:{cause}": 1}, (windowed_fails, fast_fails)
 
 
 def test_a_graph_without_guards_counts_its_calls():
@@ -239,6 +261,15 @@ def test_published_masks_reach_the_handoff_registry_and_never_on_fake_calls():
     graph = _adapted(lambda *args: [other], [PublishMasks(positions=[0], kind=MaskKind.CAUSAL, input_index=None)])
     runtime.GuardedDispatch([runtime.Version([], graph)], None, 0, shapes_only=graph)(fake_source)
     assert handoff.lookup(other) is None
+
+
+def test_a_sliding_mask_is_published_and_passed_on_with_its_window():
+    mask, returned, source = torch.ones(1, 1, 4, 4, dtype=torch.bool), torch.ones(1, 1, 4, 4, dtype=torch.bool), torch.ones(1, 4)
+    PublishMasks(positions=[0], kind=MaskKind.SLIDING_CAUSAL_PADDING, input_index=0, window=3).after((source,), [mask])
+    assert (handoff.lookup(mask).kind, handoff.lookup(mask).window) == (MaskKind.SLIDING_CAUSAL_PADDING, 3)
+    PublishMasks(positions=[0], kind=MaskKind.RECEIVED, input_index=0).after((mask,), [returned])
+    fact = handoff.lookup(returned)
+    assert (fact.kind, fact.window, fact.source) == (MaskKind.SLIDING_CAUSAL_PADDING, 3, source)
 
 
 def test_a_received_mask_passed_on_keeps_its_fact_and_an_unknown_one_is_not_published():

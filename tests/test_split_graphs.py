@@ -76,7 +76,7 @@ def test_packed_batch_runs_per_document(split):
     eager, compiled, report = split.step(batch)
     assert_steps_equal(eager, compiled)
     assert report.runtime["received_packed"] == LAYERS and not report.runtime.get("fallback"), report
-    assert any("second fast graph" in n for g in split.compile_reports for n in g.notes), report
+    assert any("another fast graph runs its 1 attention call(s) per document" in n for g in split.compile_reports for n in g.notes), report
 
 
 def test_other_lengths_drop_the_mask(split):
@@ -128,17 +128,28 @@ def test_packed_batch_runs_per_document_in_other_families(family):
     assert report.runtime["received_packed"] == LAYERS and not report.runtime.get("fallback"), report
 
 
-def test_a_received_sliding_mask_is_kept_and_said():
-    """Gemma 3 split per layer, window 4 (shorter than the rows): the full layer's mask is handed
-    off and dropped; the sliding layer's is not published (a window is not handed off yet), so
-    its graph runs the exact masked path, and the report says why."""
+@pytest.mark.parametrize("layout", ["right", "packed"])
+def test_received_sliding_masks_run_per_document_with_their_window(layout):
+    """Gemma 3 split per layer, window 4 (shorter than the rows): the mask graph publishes both
+    masks, the sliding one with its window; each layer's graph runs the version its mask's fact
+    selects: per document (packed) or per row (right-padded) with the window for the sliding
+    layer, without it (packed) or causal SDPA (padded) for the full one."""
     cm = CompiledModel(_split_per_layer(build_tiny_model("gemma3_text", sliding_window=4)), options={"padded_outputs_unused": True})
-    batch = make_batch("packed", seq=24) | {"use_cache": False}
+    batch = make_batch(layout, seq=24) | {"use_cache": False}
     eager, compiled, report = cm.step(batch)
-    assert_steps_equal(eager, compiled)
-    assert any(n == "mask_handoff" and "a window is not handed off yet" in r for n, r in report.declines), report
-    assert report.runtime["received_packed"] == 1, report  # the full layer
-    assert report.runtime["fallback"] == 1 and report.runtime["failed:mask_known"] == 1, report  # the sliding one
+    assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
+    handoffs = [r.detail for g in report.graphs for r in g.rewrites if r.name == "mask_handoff"]
+    assert any("with its window of 4" in d for d in handoffs), handoffs
+    assert report.runtime["fast_path"] >= LAYERS and not report.runtime.get("fallback"), report
+    notes = [n for g in cm.compile_reports for n in g.notes]
+    assert any("per document with the window of 4" in n for n in notes), notes
+    # received_packed counts the calls that took received boundaries: both layers packed, the
+    # sliding one padded (the full one runs causal SDPA)
+    assert report.runtime["received_packed"] == (LAYERS if layout == "packed" else 1), report
+    left = make_batch("left", seq=24) | {"use_cache": False}
+    eager, compiled, report = cm.step(left)
+    assert_steps_equal(eager, compiled, real_positions=real_positions(left))
+    assert report.runtime["fallback"] == LAYERS and report.runtime["failed:right_padded"] == LAYERS, report
 
 
 @pytest.mark.cuda

@@ -95,13 +95,22 @@ WINDOW = 4
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mistral", "gemma3_text"])  # every layer sliding; sliding and full
-def test_sliding_window_layers_are_unpadded(family):
+@pytest.mark.parametrize(
+    "family, overrides",
+    [
+        ("mistral", {}),  # every layer sliding
+        ("gemma3_text", {}),  # sliding and full
+        # every layer sliding: the full mask transformers still builds is left unread
+        ("gemma3_text", {"layer_types": ["sliding_attention", "sliding_attention"]}),
+    ],
+    ids=["mistral", "gemma3", "gemma3-all-sliding"],
+)
+def test_sliding_window_layers_are_unpadded(family, overrides):
     """Mask elision runs a padded sliding layer as per-row windowed varlen attention; unpadding
     gives that attention the packed boundaries (each row's real tokens one document), so a window
     shorter than the rows still holds the same keys. Left padding takes the exact fallback."""
     torch.manual_seed(0)
-    cm = CompiledModel(build_tiny_model(family, sliding_window=WINDOW))
+    cm = CompiledModel(build_tiny_model(family, sliding_window=WINDOW, **overrides))
     batch = right_batch([SEQ, 18, 7])
     report = _check_unpadded(cm, batch)
     sliding = report.rule_counts[("mask_elision", "sdpa_sliding_causal_padding")]
