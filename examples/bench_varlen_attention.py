@@ -3,14 +3,19 @@
 One step attends T packed tokens split into documents of random length (uniform in
 ``--doc-len-range``, the last one truncated), with RoPE from per-document positions. Times are
 medians of ``--repeats`` timed steps after ``--warmup`` untimed ones; the speed-up is against the
-baseline.
+baseline. TFLOP/s counts the useful causal FLOPs only: ``2 Hq (D + Dv) sum_j len_j (len_j + 1) / 2``
+forward, 2.5 times that backward (flash-attention's convention), whatever a kernel computes beyond.
+Each graphopt variant's row names the implementation that ran (``impl``): what ``"auto"`` chose, or
+what an explicit impl resolved to, with ``rope once`` / ``rope in tiles`` for the Triton kernel.
 
 Variants:
     sdpa_mask     baseline: apply_rotary on q and k, then SDPA (enable_gqa) with an explicit (T, T)
                   block-causal bool mask, the shape of what HF runs for packed sequences (the mask
                   is built once, outside the timed step, which flatters the baseline)
-    torch         torch.ops.graphopt.varlen_attention, impl="torch" (CPU only)
+    auto          torch.ops.graphopt.varlen_attention, impl="auto" (what the passes call)
+    torch         the same, impl="torch" (CPU only)
     triton        the same, impl="triton" (CUDA only)
+    flash_attn3   the same, impl="flash_attn3" (CUDA sm_90, when flash_attn_interface imports)
     flash_attn    the same, impl="flash_attn" (CUDA, when flash-attn imports)
     torch_varlen  the same, impl="torch_varlen" (CUDA, when torch.nn.attention.varlen exists)
     varlen_attn   anchor: torch's varlen_attn called directly on q, k, v (attention alone, no
@@ -26,7 +31,6 @@ Examples (on the CPU the defaults shrink to --tokens 4096)::
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -38,21 +42,41 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from graphopt.ops.varlen_attention import _has_torch_varlen, _varlen_attn_options, apply_rotary  # noqa: E402
+import graphopt.ops.varlen_attention as varlen_module  # noqa: E402
+from graphopt.ops.varlen_attention import VarlenCall, VarlenLibraries, apply_rotary, resolve_impl  # noqa: E402
 
-VARIANTS = ("sdpa_mask", "torch", "triton", "flash_attn", "torch_varlen", "varlen_attn")
+VARIANTS = ("sdpa_mask", "auto", "torch", "triton", "flash_attn3", "flash_attn", "torch_varlen", "varlen_attn")
+GRAPHOPT_VARIANTS = ("auto", "torch", "triton", "flash_attn3", "flash_attn", "torch_varlen")
+LIBRARY_OF = {"flash_attn3": "flash_attn3", "flash_attn": "flash_attn", "torch_varlen": "torch_varlen",
+              "varlen_attn": "torch_varlen"}
 
 
 def available(variant: str, device: str) -> bool:
     if variant == "torch":
         return device == "cpu"
-    if variant == "triton":
-        return device == "cuda"
-    if variant == "flash_attn":
-        return device == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    if variant in ("torch_varlen", "varlen_attn"):
-        return device == "cuda" and _has_torch_varlen()
-    return True
+    if variant in ("sdpa_mask", "auto"):
+        return True
+    if device != "cuda":
+        return False
+    return variant not in LIBRARY_OF or getattr(VarlenLibraries.detect(), LIBRARY_OF[variant]) is not None
+
+
+def impl_that_runs(variant: str, inputs: dict) -> str | None:
+    """The implementation a graphopt variant runs on these inputs (None for the others)."""
+    if variant not in GRAPHOPT_VARIANTS:
+        return None
+    q, k, v, cos = inputs["q"], inputs["k"], inputs["v"], inputs["cos"]
+    impl = resolve_impl(variant, VarlenCall.of(q, k, v, -1, 0.0, None))
+    if impl == "triton":
+        once = varlen_module._rotates_before_triton(q, k, v, cos, max(inputs["lengths"]))
+        impl += " (rope once)" if once else " (rope in tiles)"
+    return impl
+
+
+def causal_tflop(lengths: list[int], args: argparse.Namespace) -> float:
+    """Useful forward TFLOP of one step: QK^T and PV over each document's causal pairs."""
+    pairs = sum(n * (n + 1) // 2 for n in lengths)
+    return 2 * args.heads * (args.head_dim + args.head_dim) * pairs / 1e12
 
 
 def make_inputs(args: argparse.Namespace) -> dict:
@@ -118,8 +142,12 @@ def _varlen_attn_anchor(inputs: dict, args: argparse.Namespace, max_seqlen: int)
     """torch's varlen_attn on the (q, k) it is given, as a user without graphopt would call it."""
     from torch.nn.attention.varlen import varlen_attn
 
-    causal, has_gqa, has_scale = _varlen_attn_options()
-    kwargs = dict(causal, **({"scale": args.head_dim**-0.5} if has_scale else {}))
+    params = varlen_module._varlen_attn_params()
+    # torch <= 2.10 takes is_causal, later versions window_size=(-1, 0) for causal
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "scale" in params:
+        kwargs["scale"] = args.head_dim**-0.5
+    has_gqa = "enable_gqa" in params
     groups = args.heads // args.kv_heads
     cu_seqlens = inputs["cu_seqlens"]
 
@@ -160,11 +188,16 @@ def run(variant: str, inputs: dict, args: argparse.Namespace) -> dict:
     def forward_backward():
         torch.autograd.grad(fn(q, k, v), (q, k, v), grad_out)
 
-    return dict(
+    row = dict(
         variant=variant,
+        impl=impl_that_runs(variant, inputs),
         fwd_ms=time_ms(forward, args.device, args.warmup, args.repeats),
         fwd_bwd_ms=time_ms(forward_backward, args.device, args.warmup, args.repeats),
     )
+    tflop = causal_tflop(inputs["lengths"], args)
+    row["fwd_tflops"] = tflop / (row["fwd_ms"] / 1e3)
+    row["fwd_bwd_tflops"] = 3.5 * tflop / (row["fwd_bwd_ms"] / 1e3)
+    return row
 
 
 def run_or_error(variant: str, inputs: dict, args: argparse.Namespace) -> dict:
@@ -206,8 +239,8 @@ def main() -> None:
     )
     results = [run_or_error(variant, inputs, args) for variant in VARIANTS if available(variant, args.device)]
     base = next((row for row in results if "error" not in row), None)
-    print(f"{'variant':<14}{'fwd ms':>10}{'speed-up':>10}{'fwd+bwd ms':>12}{'speed-up':>10}"
-          + (f"   (speed-ups vs {base['variant']})" if base else ""))
+    print(f"{'variant':<14}{'impl':<24}{'fwd ms':>10}{'speed-up':>10}{'TFLOP/s':>9}{'fwd+bwd ms':>12}"
+          f"{'speed-up':>10}{'TFLOP/s':>9}" + (f"   (speed-ups vs {base['variant']})" if base else ""))
     for row in results:
         if "error" in row:
             print(f"{row['variant']:<14}error: {row['error']}")
@@ -215,8 +248,9 @@ def main() -> None:
         row["fwd_speedup"] = base["fwd_ms"] / row["fwd_ms"]
         row["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / row["fwd_bwd_ms"]
         print(
-            f"{row['variant']:<14}{row['fwd_ms']:>10.1f}{row['fwd_speedup']:>9.2f}x"
-            f"{row['fwd_bwd_ms']:>12.1f}{row['fwd_bwd_speedup']:>9.2f}x"
+            f"{row['variant']:<14}{row['impl'] or '-':<24}{row['fwd_ms']:>10.1f}{row['fwd_speedup']:>9.2f}x"
+            f"{row['fwd_tflops']:>9.2f}{row['fwd_bwd_ms']:>12.1f}{row['fwd_bwd_speedup']:>9.2f}x"
+            f"{row['fwd_bwd_tflops']:>9.2f}"
         )
     skipped = [variant for variant in VARIANTS if not available(variant, args.device)]
     if skipped:

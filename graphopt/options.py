@@ -12,7 +12,7 @@ import difflib
 import os
 from dataclasses import dataclass, field
 
-ATTENTION_IMPLS = ("auto", "torch", "triton", "flash_attn", "torch_varlen")
+ATTENTION_IMPLS = ("auto", "torch", "triton", "flash_attn3", "flash_attn", "torch_varlen")  # the op's IMPLS
 
 
 @dataclass(frozen=True)

@@ -6,15 +6,18 @@
 #                                    # with one Inductor cache kept in gpu_check_out/inductor-cache
 #
 # Steps, in this order, each under its own `timeout` and all under one budget (GPU_CHECK_BUDGET_S,
-# default 480 s on a GPU; a step that would start with under 15 s left is skipped and says so):
+# default 480 s on a GPU; a step that would start with under 15 s left is skipped and says so, and
+# a step's limit is cut to what is left). A step that fails or times out is recorded and the next
+# one runs. The short op benchmarks come first, so that a budget cut falls on the last preset:
 #   env            GPU, driver and package versions (env.json)
+#   op-varlen      examples/bench_varlen_attention.py (32768 tokens, 16/4 heads, head dim 128; the
+#                  impl each graphopt variant ran, TFLOP/s of useful causal FLOPs)
+#   op-lce         examples/bench_linear_cross_entropy.py (16384 x 2048 -> 128256; Liger when it imports)
 #   tests-*        pytest on each selection in PYTEST_SELECTIONS below (JUnit XML kept)
 #   explain        python -m graphopt explain --device cuda --dtype bfloat16: one tiny training step
-#   bench-loss     python -m graphopt.bench --config loss   (B=8 S=2048, hidden 2048, vocab 128256)
 #   bench-packed   python -m graphopt.bench --config packed (16384 tokens, hidden 1024, vocab 32000)
 #   bench-padded   python -m graphopt.bench --config padded (B=8 S=2048, hidden 1024, vocab 32000)
-#   op-lce         examples/bench_linear_cross_entropy.py (16384 x 2048 -> 128256; Liger when it imports)
-#   op-varlen      examples/bench_varlen_attention.py (32768 tokens, 16/4 heads, head dim 128)
+#   bench-loss     python -m graphopt.bench --config loss   (B=8 S=2048, hidden 2048, vocab 128256)
 # The model benchmarks run eager, inductor and graphopt, each in its own process with a cold
 # Inductor cache, in bf16 on the GPU.
 #
@@ -36,7 +39,8 @@
 # Output goes to $OUT if it is set, else to gpu_check_out/ (whose logs/ keeps the files unpacked):
 #   gpu_check.tar.gz        every log, JSON result and JUnit report
 #   gpu_check_summary.md    the markdown summary printed at the end: each step's status, wall time
-#                           and key numbers (ms per step per backend, speed-ups, peak memory, op times)
+#                           and key numbers (ms per step per backend, speed-ups, peak memory, op times),
+#                           then the rows for docs/benchmarks.md's GPU tables
 # Both are rewritten after every step, so a run that is cut short still leaves what it did.
 # Exit status: 0 when no step failed or timed out.
 
@@ -207,21 +211,21 @@ fi
 # shellcheck disable=SC2086  # the size variables are word lists on purpose
 {
     run_step env env 60 "$PY" "$LOGS/env_probe.py" "$LOGS/env.json"
+    run_step op-varlen varlen 90 "$PY" examples/bench_varlen_attention.py --device "$DEVICE" --dtype "$DTYPE" \
+        $VARLEN_SIZES --json "$LOGS/op-varlen.json"
+    run_step op-lce lce 120 "$PY" examples/bench_linear_cross_entropy.py --device "$DEVICE" --dtype "$DTYPE" \
+        $LCE_SIZES --json "$LOGS/op-lce.json"
     for selection in "${PYTEST_SELECTIONS[@]}"; do
         name=${selection%%|*}
         run_step "$name" pytest 180 "$PY" -m pytest -q -p no:cacheprovider -o addopts=-ra --junitxml="$LOGS/$name.xml" ${selection#*|}
     done
     run_step explain explain 60 "$PY" -m graphopt explain --device "$DEVICE" --dtype "$DTYPE" --family llama --layout right --seq 64
-    run_step bench-loss bench 150 "$PY" -m graphopt.bench --config loss --device "$DEVICE" --dtype "$DTYPE" \
-        $LOSS_SIZES $BENCH_STEPS --json "$LOGS/bench-loss.json"
     run_step bench-packed bench 120 "$PY" -m graphopt.bench --config packed --device "$DEVICE" --dtype "$DTYPE" \
         $PACKED_SIZES $BENCH_STEPS --json "$LOGS/bench-packed.json"
     run_step bench-padded bench 150 "$PY" -m graphopt.bench --config padded --device "$DEVICE" --dtype "$DTYPE" \
         $PADDED_SIZES $BENCH_STEPS $PADDED_GUARD --json "$LOGS/bench-padded.json"
-    run_step op-lce lce 120 "$PY" examples/bench_linear_cross_entropy.py --device "$DEVICE" --dtype "$DTYPE" \
-        $LCE_SIZES --json "$LOGS/op-lce.json"
-    run_step op-varlen varlen 60 "$PY" examples/bench_varlen_attention.py --device "$DEVICE" --dtype "$DTYPE" \
-        $VARLEN_SIZES --json "$LOGS/op-varlen.json"
+    run_step bench-loss bench 150 "$PY" -m graphopt.bench --config loss --device "$DEVICE" --dtype "$DTYPE" \
+        $LOSS_SIZES $BENCH_STEPS --json "$LOGS/bench-loss.json"
 }
 
 publish

@@ -1,5 +1,6 @@
 """Summary of a ``scripts/gpu_check.sh`` run: one markdown table of every step, then each step's key
-numbers, read from the logs and JSON files the steps wrote.
+numbers, read from the logs and JSON files the steps wrote, then the rows that docs/benchmarks.md's
+GPU section takes (its "What has run on a GPU" table, and one figure per benchmark result).
 
     python scripts/gpu_check_summary.py LOG_DIR [--out summary.md]
 
@@ -149,11 +150,15 @@ def lce_numbers(log_dir: str, step: dict) -> tuple[str, list[str]]:
     return _variant_numbers(log_dir, step, lambda r: f"{r['variant']} {r['median_s'] * 1e3:.1f} ms / {r['peak_mb']:.0f} MB")
 
 
+def _varlen_variant(r: dict) -> str:
+    impl = f" [{r['impl']}]" if r.get("impl") and r["impl"] != r["variant"] else ""
+    rate = f", {r['fwd_bwd_tflops']:.1f} TFLOP/s" if "fwd_bwd_tflops" in r else ""
+    return (f"{r['variant']}{impl} fwd {r['fwd_ms']:.1f} / fwd+bwd {r['fwd_bwd_ms']:.1f} ms "
+            f"({r['fwd_bwd_speedup']:.2f}x{rate})")
+
+
 def varlen_numbers(log_dir: str, step: dict) -> tuple[str, list[str]]:
-    return _variant_numbers(
-        log_dir, step,
-        lambda r: f"{r['variant']} fwd {r['fwd_ms']:.1f} / fwd+bwd {r['fwd_bwd_ms']:.1f} ms ({r['fwd_bwd_speedup']:.2f}x)",
-    )
+    return _variant_numbers(log_dir, step, _varlen_variant)
 
 
 def env_numbers(log_dir: str, step: dict) -> tuple[str, list[str]]:
@@ -164,6 +169,75 @@ def env_numbers(log_dir: str, step: dict) -> tuple[str, list[str]]:
 
 NUMBERS = {"env": env_numbers, "pytest": pytest_numbers, "explain": explain_numbers, "bench": bench_numbers,
            "lce": lce_numbers, "varlen": varlen_numbers}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows for docs/benchmarks.md
+
+
+def run_row(env: dict, steps: list[dict]) -> str:
+    """The run's row of docs/benchmarks.md's "What has run on a GPU" table (date | card | software
+    | graphopt | result)."""
+    software = ", ".join(f"{name} {env[key]}" for key, name in (("torch", "torch"), ("triton", "triton"),
+                         ("transformers", "transformers"), ("flash_attn", "flash-attn"))
+                         if env.get(key) not in (None, "absent"))
+    by_status = {}
+    for step in steps:
+        by_status.setdefault(step["status"], []).append(step["name"])
+    result = f"{len(by_status.get('pass', []))} of {len(steps)} steps passed"
+    for status in ("fail", "timeout", "skipped", "no tests"):
+        if by_status.get(status):
+            result += f"; {status}: {', '.join(by_status[status])}"
+    date = env.get("date_utc", "?").split(" ")[0]
+    return f"| {date} | one {env.get('gpu', '?')} | {software} | commit {env.get('graphopt revision', '?')} | {result} |"
+
+
+def figure_rows(log_dir: str, steps: list[dict]) -> list[str]:
+    """One row per benchmark result (what | shape | time | memory), as the GPU section's figures."""
+    rows = []
+    for step in steps:
+        data = _load_json(log_dir, step["name"]) if step["kind"] in ("bench", "lce", "varlen") else None
+        if not data:
+            continue
+        config = data.get("config", {})
+        if step["kind"] == "varlen":
+            shape = (f"{config.get('dtype')}, T={config.get('tokens')}, {config.get('heads')} query / "
+                     f"{config.get('kv_heads')} KV heads, head dim {config.get('head_dim')}, "
+                     f"{config.get('documents')} documents")
+            for r in data["results"]:
+                what = f"varlen `{r['variant']}`" + (f" ({r['impl']})" if r.get("impl") else "")
+                time = "failed" if "error" in r else (
+                    f"{r['fwd_bwd_ms']:.2f} ms fwd+bwd ({r.get('fwd_bwd_tflops', float('nan')):.1f} TFLOP/s), "
+                    f"{r['fwd_ms']:.2f} ms fwd")
+                rows.append(f"| {what} | {shape} | {time} | |")
+        elif step["kind"] == "lce":
+            shape = ", ".join(f"{k}={config[k]}" for k in ("dtype", "tokens", "hidden", "vocab") if k in config)
+            for r in data["results"]:
+                time = "failed" if "error" in r else f"{r['median_s'] * 1e3:.1f} ms fwd+bwd"
+                memory = "" if "error" in r else f"{r['peak_mb']:.0f} MB peak"
+                rows.append(f"| loss `{r['variant']}` | {shape} | {time} | {memory} |")
+        else:
+            results = data.get("results", {})
+            graphopt, inductor = results.get("graphopt", {}), results.get("inductor", {})
+            if "median_step_s" not in graphopt or "median_step_s" not in inductor:
+                continue
+            arguments = step["command"].split("graphopt.bench", 1)[-1].split(" --json")[0].strip()
+            rows.append(
+                f"| `{step['name'].removeprefix('bench-')}` preset, graphopt vs inductor | `{arguments}` | "
+                f"{graphopt['median_step_s'] * 1e3:.1f} vs {inductor['median_step_s'] * 1e3:.1f} ms "
+                f"(**{inductor['median_step_s'] / graphopt['median_step_s']:.2f}x**) | "
+                f"{graphopt['peak_mb']:.0f} vs {inductor['peak_mb']:.0f} MB peak |"
+            )
+    return rows
+
+
+def docs_rows(log_dir: str, env: dict, steps: list[dict]) -> list[str]:
+    out = ["## For docs/benchmarks.md", "", "What has run on a GPU:", "",
+           "| date | card | software | graphopt | result |", "| --- | --- | --- | --- | --- |", run_row(env, steps), ""]
+    figures = figure_rows(log_dir, steps)
+    if figures:
+        out += ["Figures:", "", "| what | shape | time | memory |", "| --- | --- | --- | --- |", *figures, ""]
+    return out
 
 
 def summarize(log_dir: str) -> str:
@@ -191,7 +265,11 @@ def summarize(log_dir: str) -> str:
             details.append("")
     total = sum(s["wall"] for s in steps)
     out += ["", f"{len(steps)} steps, {total:.0f} s in all.", ""]
-    return "\n".join(out + details)
+    try:
+        rows = docs_rows(log_dir, env, steps)
+    except Exception as e:  # a broken result must not hide the step table
+        rows = [f"(docs rows not built: {type(e).__name__}: {e})", ""]
+    return "\n".join(out + details + rows)
 
 
 def main(argv: list[str] | None = None) -> int:

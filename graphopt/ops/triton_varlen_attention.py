@@ -52,7 +52,11 @@ with ``cos``/``sin`` read at the A columns: HF tables give both members of a pai
 (``cat(f, f)`` or each frequency repeated twice), which the op's contract requires. Scores are
 ``q_A k_A^T + q_B k_B^T + q_P k_P^T``. Q/K tiles are rotated in fp32 right after loading, then
 rounded to the input dtype for the matmuls; dQ/dK are accumulated per group in fp32 and un-rotated
-before the single store, so rotated Q/K and rotated dQ/dK never touch global memory.
+before the single store, so rotated Q/K and rotated dQ/dK never touch global memory. That costs a
+re-rotation of every Q/K tile each time a program loads it (for every query head and every tile
+pair a document's band holds), with cos/sin re-read each time. ``HAS_ROTARY`` is False for R = 0:
+no rotary groups at all, every channel in P, so a call whose q/k were rotated once before the
+kernels (``varlen_attention.py`` decides when that is cheaper) runs the plain attention kernels.
 
 Backward: a preprocess kernel computes ``delta = rowsum(dO * O)`` (Hq, T) fp32; the dK/dV kernel
 owns one key tile of one kv head and loops over the Hq/Hkv query heads of its group (GQA without
@@ -129,15 +133,17 @@ def _load_rotated_pair(x_ptr, stride_t, rows, row_mask, cos_ptr, sin_ptr, stride
 
 @triton.jit
 def _store_unrotated(out_ptr, stride_t, rows, row_mask, cos_ptr, sin_ptr, stride_cos, stride_sin,
-                     col_a, col_b, pair_mask, g_a, g_b, g_p, cols_p, pass_mask, HAS_PASS: tl.constexpr):
+                     col_a, col_b, pair_mask, g_a, g_b, g_p, cols_p, pass_mask, HAS_ROTARY: tl.constexpr,
+                     HAS_PASS: tl.constexpr):
     """Store the gradient w.r.t. the unrotated input: un-rotate (g_A, g_B), pass g_P through."""
-    cos = _load_cols(cos_ptr, stride_cos, rows, row_mask, col_a, pair_mask)
-    sin = _load_cols(sin_ptr, stride_sin, rows, row_mask, col_a, pair_mask)
     dtype = out_ptr.dtype.element_ty
     base = out_ptr + rows.to(tl.int64)[:, None] * stride_t
-    mask = row_mask[:, None] & pair_mask[None, :]
-    tl.store(base + col_a[None, :], (g_a * cos + g_b * sin).to(dtype), mask=mask)
-    tl.store(base + col_b[None, :], (g_b * cos - g_a * sin).to(dtype), mask=mask)
+    if HAS_ROTARY:
+        cos = _load_cols(cos_ptr, stride_cos, rows, row_mask, col_a, pair_mask)
+        sin = _load_cols(sin_ptr, stride_sin, rows, row_mask, col_a, pair_mask)
+        mask = row_mask[:, None] & pair_mask[None, :]
+        tl.store(base + col_a[None, :], (g_a * cos + g_b * sin).to(dtype), mask=mask)
+        tl.store(base + col_b[None, :], (g_b * cos - g_a * sin).to(dtype), mask=mask)
     if HAS_PASS:
         tl.store(base + cols_p[None, :], g_p.to(dtype), mask=row_mask[:, None] & pass_mask[None, :])
 
@@ -167,7 +173,8 @@ def varlen_attention_fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cos, stride_sin, stride_ot, stride_oh,
     n_tokens, head_dim, rotary_dim, value_dim, group_size, qk_scale_log2, window, softcap_log2,
-    INTERLEAVED: tl.constexpr, HAS_PASS: tl.constexpr, IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_ROTARY: tl.constexpr, HAS_PASS: tl.constexpr, IEEE_FP32: tl.constexpr,
+    UPCAST: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -199,10 +206,11 @@ def varlen_attention_fwd_kernel(
     q_head = q_ptr + head * stride_qh
     k_head = k_ptr + kv_head * stride_kh
     v_head = v_ptr + kv_head * stride_vh
-    q_a, q_b = _load_rotated_pair(q_head, stride_qt, offs_m, m_mask, cos_ptr, sin_ptr, stride_cos,
-                                  stride_sin, col_a, col_b, pair_mask)
-    q_a = q_a.to(dtype)
-    q_b = q_b.to(dtype)
+    if HAS_ROTARY:
+        q_a, q_b = _load_rotated_pair(q_head, stride_qt, offs_m, m_mask, cos_ptr, sin_ptr, stride_cos,
+                                      stride_sin, col_a, col_b, pair_mask)
+        q_a = q_a.to(dtype)
+        q_b = q_b.to(dtype)
     if HAS_PASS:
         q_p = _load_cols(q_head, stride_qt, offs_m, m_mask, cols_p, pass_mask).to(dtype)
 
@@ -220,11 +228,12 @@ def varlen_attention_fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
-        k_a, k_b = _load_rotated_pair(k_head, stride_kt, offs_n, n_mask, cos_ptr, sin_ptr, stride_cos,
-                                      stride_sin, col_a, col_b, pair_mask)
         s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        s = _dot(q_a, tl.trans(k_a.to(dtype)), s, IEEE_FP32, UPCAST)
-        s = _dot(q_b, tl.trans(k_b.to(dtype)), s, IEEE_FP32, UPCAST)
+        if HAS_ROTARY:
+            k_a, k_b = _load_rotated_pair(k_head, stride_kt, offs_n, n_mask, cos_ptr, sin_ptr, stride_cos,
+                                          stride_sin, col_a, col_b, pair_mask)
+            s = _dot(q_a, tl.trans(k_a.to(dtype)), s, IEEE_FP32, UPCAST)
+            s = _dot(q_b, tl.trans(k_b.to(dtype)), s, IEEE_FP32, UPCAST)
         if HAS_PASS:
             k_p = _load_cols(k_head, stride_kt, offs_n, n_mask, cols_p, pass_mask).to(dtype)
             s = _dot(q_p, tl.trans(k_p), s, IEEE_FP32, UPCAST)
@@ -270,7 +279,8 @@ def varlen_attention_bwd_dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     n_tokens, head_dim, rotary_dim, value_dim, group_size, scale, qk_scale_log2, window, softcap_log2,
-    INTERLEAVED: tl.constexpr, HAS_PASS: tl.constexpr, IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_ROTARY: tl.constexpr, HAS_PASS: tl.constexpr, IEEE_FP32: tl.constexpr,
+    UPCAST: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -299,17 +309,18 @@ def varlen_attention_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_mask = offs_dv < value_dim
 
-    k_a, k_b = _load_rotated_pair(k_ptr + kv_head * stride_kh, stride_kt, offs_n, n_mask, cos_ptr, sin_ptr,
-                                  stride_cos, stride_sin, col_a, col_b, pair_mask)
-    k_a = k_a.to(dtype)
-    k_b = k_b.to(dtype)
+    if HAS_ROTARY:
+        k_a, k_b = _load_rotated_pair(k_ptr + kv_head * stride_kh, stride_kt, offs_n, n_mask, cos_ptr, sin_ptr,
+                                      stride_cos, stride_sin, col_a, col_b, pair_mask)
+        k_a = k_a.to(dtype)
+        k_b = k_b.to(dtype)
+        dk_a = tl.zeros([BLOCK_N, BLOCK_HALF], tl.float32)
+        dk_b = tl.zeros([BLOCK_N, BLOCK_HALF], tl.float32)
     if HAS_PASS:
         k_p = _load_cols(k_ptr + kv_head * stride_kh, stride_kt, offs_n, n_mask, cols_p, pass_mask).to(dtype)
         dk_p = tl.zeros([BLOCK_N, BLOCK_PASS], tl.float32)
     v = _load_cols(v_ptr + kv_head * stride_vh, stride_vt, offs_n, n_mask, offs_dv, dv_mask).to(dtype)
 
-    dk_a = tl.zeros([BLOCK_N, BLOCK_HALF], tl.float32)
-    dk_b = tl.zeros([BLOCK_N, BLOCK_HALF], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for g in range(0, group_size):
         head = kv_head * group_size + g
@@ -317,13 +328,14 @@ def varlen_attention_bwd_dkdv_kernel(
         for start_m in range(n_first, q_hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_mask = offs_m < q_hi
-            q_a, q_b = _load_rotated_pair(q_head, stride_qt, offs_m, m_mask, cos_ptr, sin_ptr, stride_cos,
-                                          stride_sin, col_a, col_b, pair_mask)
-            q_a = q_a.to(dtype)
-            q_b = q_b.to(dtype)
             s_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            s_t = _dot(k_a, tl.trans(q_a), s_t, IEEE_FP32, UPCAST)
-            s_t = _dot(k_b, tl.trans(q_b), s_t, IEEE_FP32, UPCAST)
+            if HAS_ROTARY:
+                q_a, q_b = _load_rotated_pair(q_head, stride_qt, offs_m, m_mask, cos_ptr, sin_ptr, stride_cos,
+                                              stride_sin, col_a, col_b, pair_mask)
+                q_a = q_a.to(dtype)
+                q_b = q_b.to(dtype)
+                s_t = _dot(k_a, tl.trans(q_a), s_t, IEEE_FP32, UPCAST)
+                s_t = _dot(k_b, tl.trans(q_b), s_t, IEEE_FP32, UPCAST)
             if HAS_PASS:
                 q_p = _load_cols(q_head, stride_qt, offs_m, m_mask, cols_p, pass_mask).to(dtype)
                 s_t = _dot(k_p, tl.trans(q_p), s_t, IEEE_FP32, UPCAST)
@@ -341,16 +353,20 @@ def varlen_attention_bwd_dkdv_kernel(
                 capped = z_t / softcap_log2
                 ds_t = ds_t * (1.0 - capped * capped)
             ds_t = ds_t.to(dtype)
-            dk_a = _dot(ds_t, q_a, dk_a, IEEE_FP32, UPCAST)
-            dk_b = _dot(ds_t, q_b, dk_b, IEEE_FP32, UPCAST)
+            if HAS_ROTARY:
+                dk_a = _dot(ds_t, q_a, dk_a, IEEE_FP32, UPCAST)
+                dk_b = _dot(ds_t, q_b, dk_b, IEEE_FP32, UPCAST)
             if HAS_PASS:
                 dk_p = _dot(ds_t, q_p, dk_p, IEEE_FP32, UPCAST)
 
     if not HAS_PASS:
         dk_p = dk_a  # unused placeholder: _store_unrotated skips the pass group
+    if not HAS_ROTARY:
+        dk_a = dk_p  # unused placeholders: _store_unrotated skips the rotary groups
+        dk_b = dk_p
     _store_unrotated(dk_ptr + kv_head * stride_dkh, stride_dkt, offs_n, n_mask, cos_ptr, sin_ptr, stride_cos,
                      stride_sin, col_a, col_b, pair_mask, dk_a * scale, dk_b * scale, dk_p * scale, cols_p,
-                     pass_mask, HAS_PASS)
+                     pass_mask, HAS_ROTARY, HAS_PASS)
     dv_offsets = offs_n.to(tl.int64)[:, None] * stride_dvt + kv_head * stride_dvh + offs_dv[None, :]
     tl.store(dv_ptr + dv_offsets, dv.to(dv_ptr.dtype.element_ty), mask=n_mask[:, None] & dv_mask[None, :])
 
@@ -361,7 +377,8 @@ def varlen_attention_bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
     stride_dot, stride_doh, stride_dqt, stride_dqh,
     n_tokens, head_dim, rotary_dim, value_dim, group_size, scale, qk_scale_log2, window, softcap_log2,
-    INTERLEAVED: tl.constexpr, HAS_PASS: tl.constexpr, IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr,
+    INTERLEAVED: tl.constexpr, HAS_ROTARY: tl.constexpr, HAS_PASS: tl.constexpr, IEEE_FP32: tl.constexpr,
+    UPCAST: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     BLOCK_DV: tl.constexpr,
@@ -394,10 +411,11 @@ def varlen_attention_bwd_dq_kernel(
     q_head = q_ptr + head * stride_qh
     k_head = k_ptr + kv_head * stride_kh
     v_head = v_ptr + kv_head * stride_vh
-    q_a, q_b = _load_rotated_pair(q_head, stride_qt, offs_m, m_mask, cos_ptr, sin_ptr, stride_cos,
-                                  stride_sin, col_a, col_b, pair_mask)
-    q_a = q_a.to(dtype)
-    q_b = q_b.to(dtype)
+    if HAS_ROTARY:
+        q_a, q_b = _load_rotated_pair(q_head, stride_qt, offs_m, m_mask, cos_ptr, sin_ptr, stride_cos,
+                                      stride_sin, col_a, col_b, pair_mask)
+        q_a = q_a.to(dtype)
+        q_b = q_b.to(dtype)
     if HAS_PASS:
         q_p = _load_cols(q_head, stride_qt, offs_m, m_mask, cols_p, pass_mask).to(dtype)
         dq_p = tl.zeros([BLOCK_M, BLOCK_PASS], tl.float32)
@@ -405,18 +423,20 @@ def varlen_attention_bwd_dq_kernel(
     lse_log2 = tl.load(lse_ptr + head * n_tokens + offs_m, mask=m_mask, other=0.0) * LOG2E
     delta = tl.load(delta_ptr + head * n_tokens + offs_m, mask=m_mask, other=0.0)
 
-    dq_a = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
-    dq_b = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
+    if HAS_ROTARY:
+        dq_a = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
+        dq_b = tl.zeros([BLOCK_M, BLOCK_HALF], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
-        k_a, k_b = _load_rotated_pair(k_head, stride_kt, offs_n, n_mask, cos_ptr, sin_ptr, stride_cos,
-                                      stride_sin, col_a, col_b, pair_mask)
-        k_a = k_a.to(dtype)
-        k_b = k_b.to(dtype)
         s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        s = _dot(q_a, tl.trans(k_a), s, IEEE_FP32, UPCAST)
-        s = _dot(q_b, tl.trans(k_b), s, IEEE_FP32, UPCAST)
+        if HAS_ROTARY:
+            k_a, k_b = _load_rotated_pair(k_head, stride_kt, offs_n, n_mask, cos_ptr, sin_ptr, stride_cos,
+                                          stride_sin, col_a, col_b, pair_mask)
+            k_a = k_a.to(dtype)
+            k_b = k_b.to(dtype)
+            s = _dot(q_a, tl.trans(k_a), s, IEEE_FP32, UPCAST)
+            s = _dot(q_b, tl.trans(k_b), s, IEEE_FP32, UPCAST)
         if HAS_PASS:
             k_p = _load_cols(k_head, stride_kt, offs_n, n_mask, cols_p, pass_mask).to(dtype)
             s = _dot(q_p, tl.trans(k_p), s, IEEE_FP32, UPCAST)
@@ -430,13 +450,17 @@ def varlen_attention_bwd_dq_kernel(
             capped = z / softcap_log2
             ds = ds * (1.0 - capped * capped)
         ds = ds.to(dtype)
-        dq_a = _dot(ds, k_a, dq_a, IEEE_FP32, UPCAST)
-        dq_b = _dot(ds, k_b, dq_b, IEEE_FP32, UPCAST)
+        if HAS_ROTARY:
+            dq_a = _dot(ds, k_a, dq_a, IEEE_FP32, UPCAST)
+            dq_b = _dot(ds, k_b, dq_b, IEEE_FP32, UPCAST)
         if HAS_PASS:
             dq_p = _dot(ds, k_p, dq_p, IEEE_FP32, UPCAST)
 
     if not HAS_PASS:
         dq_p = dq_a  # unused placeholder: _store_unrotated skips the pass group
+    if not HAS_ROTARY:
+        dq_a = dq_p  # unused placeholders: _store_unrotated skips the rotary groups
+        dq_b = dq_p
     _store_unrotated(dq_ptr + head * stride_dqh, stride_dqt, offs_m, m_mask, cos_ptr, sin_ptr, stride_cos,
                      stride_sin, col_a, col_b, pair_mask, dq_a * scale, dq_b * scale, dq_p * scale, cols_p,
-                     pass_mask, HAS_PASS)
+                     pass_mask, HAS_ROTARY, HAS_PASS)

@@ -64,22 +64,70 @@ Implementations (``impl``):
                         blocked attention of this file instead: query blocks against only the key
                         range the causal window reaches, fp32 scores (fp64 for fp64), the
                         backward recomputing each block from the saved lse; cost follows
-                        sum(len_j * min(len_j, window)).
+                        sum(len_j * min(len_j, window)). No head-dim limit.
     ``"triton"``        CUDA (CPU tensors under TRITON_INTERPRET=1, for tests). Flash attention
-                        over token tiles with RoPE fused into the Q/K tile loads and dQ/dK
-                        un-rotated in registers; window (loop bounds), softcap and sinks in the
-                        kernels; see ``triton_varlen_attention.py``.
-    ``"flash_attn"``    CUDA, needs the ``flash-attn`` package: ``apply_rotary`` then
+                        over token tiles, window (loop bounds), softcap and sinks in the kernels,
+                        fp32/bf16/fp16, D and Dv <= 128; see ``triton_varlen_attention.py``. RoPE
+                        either fused into the Q/K tile loads (dQ/dK un-rotated in registers) or
+                        applied once before the kernels, whichever ``rotate_before_triton`` finds
+                        cheaper (below).
+    ``"flash_attn3"``   CUDA sm_90, needs flash-attn 3 (``flash_attn_interface``, built from
+                        flash-attn's ``hopper/``): ``apply_rotary`` then its
                         ``flash_attn_varlen_func(causal=True, window_size=(window - 1, 0),
                         softcap=softcap)``; autograd through both.
+    ``"flash_attn"``    CUDA, needs the ``flash-attn`` (2) package: the same call of its
+                        ``flash_attn_varlen_func``.
     ``"torch_varlen"``  CUDA, needs ``torch.nn.attention.varlen.varlen_attn``: same RoPE handling,
-                        ``window_size=(window - 1, 0)`` (versions that take ``window_size``).
-    ``"auto"``          ``"triton"`` on CUDA, ``"torch"`` elsewhere. The CUDA default is
-                        provisional until the impls are measured against each other on a GPU.
+                        ``window_size=(window - 1, 0)`` (versions that take ``window_size``),
+                        ``enable_gqa``.
+    ``"auto"``          ``"torch"`` off CUDA; on CUDA the policy below.
 
-Neither library takes sinks, and ``varlen_attn`` takes no softcap (nor a window before it grew
-``window_size``): asked for arguments it cannot take, ``"flash_attn"`` / ``"torch_varlen"``
-resolve to ``"triton"`` (``resolve_impl``), which takes all three.
+The libraries get every argument their signature has, checked at first use
+(``inspect.signature``, as releases added ``window_size``, ``softcap``, ``deterministic``), and
+``deterministic=True`` when ``torch.use_deterministic_algorithms`` is on (the Triton backward is
+deterministic by construction: no atomics). They take one head dim: when D != Dv (DeepSeek's MLA,
+D = 192, Dv = 128) the narrower side is zero-padded to max(D, Dv) and the output sliced, which is
+exact (MLA: 1.2x the attention FLOPs of a native D != Dv kernel).
+
+Dispatch on CUDA (``choose_cuda_impl``, a pure function of ``VarlenCall``: capability, dtype, D,
+Dv, GQA, window, softcap, sinks, deterministic mode; and of ``VarlenLibraries``: which libraries
+import and the parameters their varlen function takes; each reason to decline is in
+``unsupported``). The first of these that takes the call runs:
+
+    1. flash-attn 3   sm_90 only, bf16/fp16, head dims <= 256 (multiples of 8). Public figures:
+                      about 600-750 TFLOP/s bf16 forward on an H100 (FA3 paper), 1.5-2x FA2.
+    2. flash-attn 2   sm_80+, bf16/fp16, head dims <= 256, window since 2.3, softcap since 2.6:
+                      about 350 TFLOP/s forward on an H100 (35% of its peak, FA3 paper), up to
+                      230 on an A100 (FA2 paper).
+    3. varlen_attn    torch's wrapper of the same FA2 kernels (no softcap; windows and GQA in the
+                      versions with ``window_size`` / ``enable_gqa``): FA2's speed, after flash-
+                      attn 2 because the package is the newer build and takes more options.
+    4. Triton         everything else it takes: sinks (no library has them), fp32, GPUs below
+                      sm_80, a deterministic backward where the library has no such flag.
+                      Behind FA2: its backward runs 9 matmuls per tile pair to flash's 7
+                      (issue 21 relates that to a measured 1.23x gap); not timed since.
+
+None takes the call (for example fp32 or sinks with D = 192): a RuntimeError names each
+implementation's reason. An explicit library impl that is installed but cannot take the call
+resolves to ``"triton"`` if the kernel takes it. The choice is logged once per distinct call and
+library set at DEBUG on ``graphopt.ops.varlen_attention`` (``TORCH_LOGS="+graphopt"``). It happens
+in the op's ``CompositeImplicitAutograd`` body, so a trace records the chosen path; every path
+returns the same (T, Hq, Dv) tensor in q's dtype, and off CUDA (fake, meta) ``"auto"`` is
+``"torch"``, whose fake needs no library.
+
+RoPE for the Triton kernel: once, or in the tiles (``rotate_before_triton``). In the tiles, each
+program rotates every Q/K tile it loads and re-reads its cos/sin rows: a K row is rotated once per
+query head and per query tile of its document that reaches it, and so on in the backward. Once
+before the call, torch rotates q and k (a fused pointwise pass under compile), the kernels get
+R = 0 tables (``HAS_ROTARY`` off: no rotary column groups), and autograd applies the rotation's
+transpose to dq/dk. The model compares, per token, the bytes of that pass (forward and backward)
+with the cos/sin re-reads and rotation FLOPs of the tiles, for documents of ``max_seqlen`` tokens
+(a symbolic ``max_seqlen`` counts as unbounded: no guard, and re-rotating grows with length while
+rotating once costs one pass). At T = 32768, Hq/Hkv = 16/4, D = R = 128, bf16 with fp32 tables,
+the pass moves about 738 MB, forward and backward: an estimated 0.15 ms at an H200's 4.8 TB/s,
+0.22 ms at an H100's 3.35 TB/s. Not timed on a GPU. Rounding: rotating once rounds the rotated q/k to q's dtype in torch's op order (HF's
+exactly, with tables in q's dtype) and rounds dq/dk once more before their transpose; both ways
+are tested against the fp64 reference at the same tolerances.
 
 Ops:
     ``graphopt::varlen_attention``             the public op, ``CompositeImplicitAutograd``: picks
@@ -96,16 +144,20 @@ included. ``dsinks`` is (Hq,) in sinks' dtype, or (0,) fp32 without sinks.
 """
 
 import bisect
+import dataclasses
 import functools
-import importlib.util
+import importlib
 import inspect
 import itertools
+import logging
 import math
 import os
 
 import torch
 import triton
 from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.library import triton_op, wrap_triton
 
@@ -116,7 +168,7 @@ from graphopt.ops.triton_varlen_attention import (
     varlen_attention_fwd_kernel,
 )
 
-IMPLS = ("auto", "torch", "triton", "flash_attn", "torch_varlen")
+IMPLS = ("auto", "torch", "triton", "flash_attn3", "flash_attn", "torch_varlen")
 TORCH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TRITON_MAX_HEAD_DIM = 128
@@ -725,7 +777,9 @@ def _check_triton(q: torch.Tensor, v: torch.Tensor) -> None:
     torch._check(q.dtype in TRITON_DTYPES, lambda: f"impl='triton' supports fp32/bf16/fp16, got {q.dtype}")
     torch._check(
         q.shape[2] <= TRITON_MAX_HEAD_DIM and v.shape[2] <= TRITON_MAX_HEAD_DIM,
-        lambda: f"impl='triton' supports head dims up to {TRITON_MAX_HEAD_DIM}, got D={q.shape[2]}, Dv={v.shape[2]}",
+        lambda: f"impl='triton' supports head dims up to {TRITON_MAX_HEAD_DIM}, got D={q.shape[2]}, Dv={v.shape[2]}; "
+        "impl='auto' runs larger ones (bf16/fp16) on flash-attn 3 (sm_90), flash-attn 2 or torch's varlen_attn, "
+        "impl='torch' (CPU) has no limit",
     )
     if q.device.type == "cpu" and not _interpreting():
         raise RuntimeError(
@@ -773,6 +827,7 @@ def _triton_meta(q: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, interleave
     head_dim, rotary_dim = q.shape[2], cos.shape[1]
     return dict(
         INTERLEAVED=interleaved,
+        HAS_ROTARY=rotary_dim > 0,
         HAS_PASS=rotary_dim < head_dim,
         IEEE_FP32=q.dtype == torch.float32,
         UPCAST=q.device.type == "cpu" and q.dtype != torch.float32,
@@ -793,7 +848,8 @@ def _triton_options(window: int, softcap: float) -> tuple[tuple, dict]:
 # together, V's) is wider than 64, as for D <= 64 with R = D or R = D / 2; "wide" otherwise (D = 80,
 # 96, 128; R = 0 at any D). Each fits the shared memory a block can opt in to on sm_80 (163 KB) and
 # sm_90 (227 KB) and compiles without register spills for both, except on sm_80 in fp32 (dK/dV with
-# R = 0: 8-12 B; dQ at D = 64, R = 32 interleaved, with window and softcap: 8 B).
+# R = 0: 8-12 B; dQ at D = 64, R = 32 interleaved, with window and softcap: 8 B) and, for q/k rotated
+# before the kernels (R = 0) at D = 64 with Dv = 32 and window + softcap, on sm_90 in fp32 (4-36 B).
 # ``tests/ops/test_kernel_resources.py`` compiles every one ahead of time and prints the table
 # (docs/benchmarks.md). fp32's IEEE dots run on FMA units with their operands in
 # registers, so fp32 tiles are smaller. Chosen to fit, not timed: provisional until measured on a GPU.
@@ -813,16 +869,22 @@ _GPU_CONFIGS = {
 }
 
 
+def _gpu_config(dtype: torch.dtype, meta: dict, kernel: str) -> tuple[int, int, int, int]:
+    """``_GPU_CONFIGS``' (BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` ("fwd", "dkdv",
+    "dq") for ``dtype`` and the channel blocks in ``meta`` (``_triton_meta``'s)."""
+    qk_width = (2 * meta["BLOCK_HALF"] if meta["HAS_ROTARY"] else 0) + (meta["BLOCK_PASS"] if meta["HAS_PASS"] else 0)
+    width = "narrow" if max(qk_width, meta["BLOCK_DV"]) <= 64 else "wide"
+    precision = "fp32" if dtype == torch.float32 else "16-bit"
+    return _GPU_CONFIGS[(kernel, precision, width)]
+
+
 def _triton_config(q: torch.Tensor, meta: dict, kernel: str) -> dict:
-    """``BLOCK_M``, ``BLOCK_N``, ``num_warps`` and ``num_stages`` of ``kernel`` ("fwd", "dkdv",
-    "dq") for ``q``'s dtype and the channel blocks in ``meta`` (``_triton_meta``'s). 16x16 under
-    the interpreter, so that small test shapes cross tiles and documents."""
+    """``BLOCK_M``, ``BLOCK_N``, ``num_warps`` and ``num_stages`` of ``kernel`` for ``q``: the GPU
+    configuration, or 16x16 under the interpreter, so that small test shapes cross tiles and
+    documents."""
     if q.device.type == "cpu":
         return dict(BLOCK_M=16, BLOCK_N=16)
-    qk_width = 2 * meta["BLOCK_HALF"] + (meta["BLOCK_PASS"] if meta["HAS_PASS"] else 0)
-    width = "narrow" if max(qk_width, meta["BLOCK_DV"]) <= 64 else "wide"
-    precision = "fp32" if q.dtype == torch.float32 else "16-bit"
-    block_m, block_n, num_warps, num_stages = _GPU_CONFIGS[(kernel, precision, width)]
+    block_m, block_n, num_warps, num_stages = _gpu_config(q.dtype, meta, kernel)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -964,48 +1026,53 @@ varlen_attention_triton_fwd.register_autograd(
 
 
 # ---------------------------------------------------------------------------------------------
-# impl="flash_attn" / "torch_varlen": RoPE in torch, then a library varlen kernel; plain autograd
+# impl="flash_attn3" / "flash_attn" / "torch_varlen": RoPE in torch, then a library varlen kernel
 # ---------------------------------------------------------------------------------------------
 
 
+def _signature_params(module: str, function: str) -> frozenset[str] | None:
+    """The parameter names of ``module.function``, or None when the module does not import (or a
+    broken build fails to load its extension)."""
+    try:
+        fn = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError, OSError):
+        return None
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # no Python signature: call it with the arguments all versions take
+        return frozenset()
+
+
 @functools.cache
-def _varlen_attn_params() -> frozenset[str]:
-    """The parameter names of this torch's ``varlen_attn`` (its signature changed across versions)."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    return frozenset(inspect.signature(varlen_attn).parameters)
+def _flash_attn3_params() -> frozenset[str] | None:
+    """FA3's ``flash_attn_interface.flash_attn_varlen_func`` parameters (built from flash-attn's
+    ``hopper/``; ``window_size``, ``softcap`` and ``deterministic`` came in over its releases)."""
+    return _signature_params("flash_attn_interface", "flash_attn_varlen_func")
 
 
 @functools.cache
-def _flash_attn_params() -> frozenset[str]:
-    """The parameter names of the installed ``flash_attn_varlen_func`` (softcap since 2.6)."""
-    from flash_attn import flash_attn_varlen_func
+def _flash_attn_params() -> frozenset[str] | None:
+    """flash-attn 2's ``flash_attn_varlen_func`` parameters (``window_size`` since 2.3, ``softcap``
+    since 2.6)."""
+    return _signature_params("flash_attn", "flash_attn_varlen_func")
 
-    return frozenset(inspect.signature(flash_attn_varlen_func).parameters)
+
+@functools.cache
+def _varlen_attn_params() -> frozenset[str] | None:
+    """torch's ``varlen_attn`` parameters (``is_causal`` up to 2.10, then ``window_size``; ``scale``,
+    ``enable_gqa``)."""
+    return _signature_params("torch.nn.attention.varlen", "varlen_attn")
 
 
 def _has_torch_varlen() -> bool:
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _varlen_attn_params() is not None
 
 
-def _library_takes(impl: str, window: int, softcap: float, sinks: torch.Tensor | None) -> bool:
-    """Whether the library behind ``impl`` ("flash_attn" / "torch_varlen") can compute these
-    options: neither takes sinks; ``varlen_attn`` takes no softcap, and a window only through
-    ``window_size``. A library that is not installed "takes" them: its availability check raises."""
-    if sinks is not None:
-        return False
-    if impl == "flash_attn":
-        if importlib.util.find_spec("flash_attn") is None:
-            return True
-        params = _flash_attn_params()
-        return (window == -1 or "window_size" in params) and (softcap == 0.0 or "softcap" in params)
-    if softcap != 0.0:
-        return False
-    return window == -1 or not _has_torch_varlen() or "window_size" in _varlen_attn_params()
+def _device_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device; None elsewhere or when no GPU is visible (fake CUDA tensors)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
 
 
 def _library_window(window: int) -> tuple[int, int]:
@@ -1013,38 +1080,338 @@ def _library_window(window: int) -> tuple[int, int]:
     return (-1, 0) if window == -1 else (window - 1, 0)
 
 
+def _pad_channels(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x (T, H, C) zero-padded to ``width`` channels (C <= width)."""
+    return x if x.shape[2] == width else torch.nn.functional.pad(x, (0, width - x.shape[2]))
+
+
+def _narrowed(out: torch.Tensor, value_dim: int) -> torch.Tensor:
+    """The first ``value_dim`` channels of a library's output, contiguous (callers ``view`` it)."""
+    return out if out.shape[2] == value_dim else out[..., :value_dim].contiguous()
+
+
 def _library_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, scale, interleaved, impl, window, softcap):
+    """RoPE once in torch, then the library's causal varlen attention; autograd through both.
+
+    The libraries want one head dim: when D != Dv the narrower of q/k and v is zero-padded to
+    max(D, Dv) and the output sliced back, which is exact (zero channels add exact zeros to the
+    scores, and padded value channels only make output channels that are dropped).
+    """
     check_inputs(q, k, v, cos, sin, cu_seqlens)
     _require_frozen_tables(cos, sin)
     # Per-token tables: positions restart per document because the caller built them that way,
     # so no per-sequence rotary (flash-attn's own assumes positions restart at each cu_seqlens).
     q_rot = apply_rotary(q, cos, sin, interleaved)
     k_rot = apply_rotary(k, cos, sin, interleaved)
-    if impl == "flash_attn":
-        from flash_attn import flash_attn_varlen_func
+    value_dim = v.shape[2]
+    width = max(q.shape[2], value_dim)
+    q_rot, k_rot, v = (_pad_channels(x, width) for x in (q_rot, k_rot, v))
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if impl in ("flash_attn3", "flash_attn"):
+        if impl == "flash_attn3":
+            from flash_attn_interface import flash_attn_varlen_func
 
-        options = {}  # only what is set, so that older flash-attn versions get their own call
+            options = {}
+        else:
+            from flash_attn import flash_attn_varlen_func
+
+            options = {"dropout_p": 0.0}
+        # only what is set, so that older releases get the call they take
         if window != -1:
             options["window_size"] = _library_window(window)
         if softcap > 0.0:
             options["softcap"] = softcap
-        return flash_attn_varlen_func(
-            q_rot, k_rot, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-            dropout_p=0.0, softmax_scale=scale, causal=True, **options,
+        if deterministic:
+            options["deterministic"] = True
+        out = flash_attn_varlen_func(
+            q_rot, k_rot, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, softmax_scale=scale, causal=True,
+            **options,
         )
+        out = out[0] if isinstance(out, tuple) else out  # FA3's first releases returned (out, lse)
+        return _narrowed(out, value_dim)
     from torch.nn.attention.varlen import varlen_attn
 
     params = _varlen_attn_params()
-    # torch <= 2.10 takes is_causal (resolve_impl sends windows elsewhere there); later versions
+    # torch <= 2.10 takes is_causal (the policy sends windows elsewhere there); later versions
     # take window_size=(-1, 0) for causal.
     kwargs = {"window_size": _library_window(window)} if "window_size" in params else {"is_causal": True}
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
     if "scale" in params:
         kwargs["scale"] = scale
-    else:  # its fixed scale is 1/sqrt(D): fold ours into q
-        q_rot = q_rot * (scale * math.sqrt(q.shape[2]))
-    return varlen_attn(q_rot, k_rot, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    else:  # its fixed scale is 1/sqrt(its head dim): fold ours into q
+        q_rot = q_rot * (scale * math.sqrt(width))
+    out = varlen_attn(q_rot, k_rot, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    return _narrowed(out, value_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which implementation runs a call: one pure policy over the call and the libraries present
+# ---------------------------------------------------------------------------------------------
+
+log = logging.getLogger(__name__)
+
+LIBRARY_IMPLS = ("flash_attn3", "flash_attn", "torch_varlen")
+CUDA_PREFERENCE = ("flash_attn3", "flash_attn", "torch_varlen", "triton")  # the module docstring says why
+LIBRARY_DTYPES = (torch.bfloat16, torch.float16)
+LIBRARY_MAX_HEAD_DIM = 256
+LIBRARY_NAMES = {
+    "flash_attn3": "flash-attn 3 (flash_attn_interface)",
+    "flash_attn": "flash-attn 2 (flash_attn)",
+    "torch_varlen": "torch's varlen_attn",
+    "triton": "graphopt's Triton kernel",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VarlenLibraries:
+    """The varlen attention libraries this process can call: each one's parameter names, None when
+    it does not import."""
+
+    flash_attn3: frozenset[str] | None = None
+    flash_attn: frozenset[str] | None = None
+    torch_varlen: frozenset[str] | None = None
+
+    @classmethod
+    def detect(cls) -> "VarlenLibraries":
+        return cls(_flash_attn3_params(), _flash_attn_params(), _varlen_attn_params())
+
+
+@dataclasses.dataclass(frozen=True)
+class VarlenCall:
+    """Everything about one call that the choice of implementation reads."""
+
+    device_type: str
+    capability: tuple[int, int] | None  # CUDA (major, minor); None off CUDA
+    dtype: torch.dtype
+    head_dim: int  # D of q/k
+    value_dim: int  # Dv of v
+    gqa: bool  # Hq != Hkv
+    window: bool
+    softcap: bool
+    sinks: bool
+    deterministic: bool  # torch.are_deterministic_algorithms_enabled()
+
+    @classmethod
+    def of(cls, q, k, v, window: int, softcap: float, sinks) -> "VarlenCall":
+        return cls(
+            q.device.type, _device_capability(q.device), q.dtype, int(q.shape[2]), int(v.shape[2]),
+            q.shape[1] != k.shape[1], window != -1, softcap > 0.0, sinks is not None,
+            torch.are_deterministic_algorithms_enabled(),
+        )
+
+
+def unsupported(impl: str, call: VarlenCall, libraries: VarlenLibraries) -> str | None:
+    """Why ``impl`` ("triton" or a library impl) cannot compute ``call`` on CUDA; None if it can."""
+    width = max(call.head_dim, call.value_dim)
+    if impl == "triton":
+        if call.dtype not in TRITON_DTYPES:
+            return f"takes fp32/bf16/fp16, not {call.dtype}"
+        if width > TRITON_MAX_HEAD_DIM:
+            return f"takes head dims up to {TRITON_MAX_HEAD_DIM}"
+        return None
+    params = getattr(libraries, impl)
+    if params is None:
+        return "does not import"
+    if impl != "torch_varlen" and params and not {"softmax_scale", "causal"} <= params:
+        return "has a signature without softmax_scale/causal"
+    if call.sinks:
+        return "takes no sinks"
+    if call.capability is None:
+        return "needs a CUDA GPU"
+    if impl == "flash_attn3" and call.capability[0] != 9:
+        return f"runs on sm_90 only, not sm_{call.capability[0]}{call.capability[1]}"
+    if call.capability < (8, 0):
+        return f"needs sm_80 or newer, not sm_{call.capability[0]}{call.capability[1]}"
+    if call.dtype not in LIBRARY_DTYPES:
+        return f"takes bf16/fp16, not {call.dtype}"
+    if width > LIBRARY_MAX_HEAD_DIM:
+        return f"takes head dims up to {LIBRARY_MAX_HEAD_DIM}"
+    if impl != "flash_attn" and width % 8:  # flash-attn 2's Python wrapper pads to a multiple of 8 itself
+        return "takes head dims that are multiples of 8"
+    if call.softcap and (impl == "torch_varlen" or "softcap" not in params):
+        return "takes no softcap"
+    if call.window and "window_size" not in params:
+        return "takes no window_size"
+    if call.gqa and impl == "torch_varlen" and "enable_gqa" not in params:
+        return "takes no enable_gqa"
+    if call.deterministic and "deterministic" not in params:
+        return "has no deterministic backward"
+    return None
+
+
+def choose_cuda_impl(call: VarlenCall, libraries: VarlenLibraries) -> str:
+    """The first implementation of ``CUDA_PREFERENCE`` that computes ``call``; raises (naming why
+    each one declines) when none does."""
+    reasons = {}
+    for impl in CUDA_PREFERENCE:
+        reasons[impl] = unsupported(impl, call, libraries)
+        if reasons[impl] is None:
+            return impl
+    raise RuntimeError(f"graphopt::varlen_attention: no CUDA implementation takes {_describe(call)}: " + _reasons(reasons))
+
+
+def _describe(call: VarlenCall) -> str:
+    flags = [name for name in ("window", "softcap", "sinks", "gqa", "deterministic") if getattr(call, name)]
+    return f"{call.dtype}, D={call.head_dim}, Dv={call.value_dim}" + "".join(f", {flag}" for flag in flags)
+
+
+def _reasons(reasons: dict) -> str:
+    return "; ".join(f"{LIBRARY_NAMES[impl]} {reason}" for impl, reason in reasons.items())
+
+
+def _unavailable(impl: str, call: VarlenCall, libraries: VarlenLibraries) -> None:
+    """Raise the error of an explicit library impl that does not import or cannot run on this device."""
+    install = {"flash_attn3": "build flash-attn's hopper/ package (sm_90)",
+               "flash_attn": "pip install flash-attn, CUDA only",
+               "torch_varlen": f"not in torch {torch.__version__}; upgrade torch"}[impl]
+    if getattr(libraries, impl) is None:
+        raise RuntimeError(
+            f"graphopt::varlen_attention impl={impl!r} needs {LIBRARY_NAMES[impl]} ({install}); "
+            "or use impl='auto' / 'triton' (CUDA) / 'torch' (CPU)"
+        )
+    if call.device_type != "cuda":
+        raise RuntimeError(f"graphopt::varlen_attention impl={impl!r} runs on CUDA only; use impl='torch' on the CPU")
+
+
+_logged_choices: set = set()
+
+
+def _log_choice(impl: str, call: VarlenCall, libraries: VarlenLibraries, chosen: str) -> None:
+    """DEBUG, once per distinct (requested impl, call, libraries): what runs and why not the others."""
+    key = (impl, call, libraries)
+    if key in _logged_choices:
+        return
+    _logged_choices.add(key)
+    if impl == "auto":
+        passed_over = CUDA_PREFERENCE[: CUDA_PREFERENCE.index(chosen)]
+    else:
+        passed_over = () if impl == chosen else (impl,)
+    why = {other: unsupported(other, call, libraries) for other in passed_over}
+    log.debug(
+        "varlen_attention impl=%r on %s (sm_%s) -> %r%s", impl, _describe(call),
+        "".join(map(str, call.capability or ("?",))), chosen, f" ({_reasons(why)})" if why else "",
+    )
+
+
+def resolve_impl(impl: str, call: VarlenCall, libraries: VarlenLibraries | None = None) -> str:
+    """The concrete implementation ``impl`` means for ``call``; raises if none can run it.
+
+    ``"auto"`` is ``"torch"`` off CUDA and ``choose_cuda_impl`` on CUDA. An explicit library impl
+    that is not installed, or asked off CUDA, raises; one that cannot compute the call (sinks, a
+    softcap ``varlen_attn`` lacks, fp32, ...) resolves to ``"triton"`` where the kernel takes it and
+    raises otherwise. An explicit ``"triton"`` on CUDA beyond the kernel (fp64, head dims over 128)
+    raises, naming what would take it. ``libraries`` defaults to ``VarlenLibraries.detect()``, read
+    only for CUDA calls and library impls.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"graphopt::varlen_attention: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch" or (impl == "triton" and call.device_type != "cuda"):
+        return impl
+    if impl == "auto" and call.device_type != "cuda":
+        return "torch"
+    libraries = VarlenLibraries.detect() if libraries is None else libraries
+    if impl in LIBRARY_IMPLS:
+        _unavailable(impl, call, libraries)
+    if impl == "auto":
+        chosen = choose_cuda_impl(call, libraries)
+    elif unsupported(impl, call, libraries) is None:
+        chosen = impl
+    elif unsupported("triton", call, libraries) is None:
+        chosen = "triton"  # an explicit library impl asked for what only the kernel takes
+    else:
+        others = {other: unsupported(other, call, libraries) for other in dict.fromkeys((impl, *CUDA_PREFERENCE))}
+        raise RuntimeError(
+            f"graphopt::varlen_attention impl={impl!r} cannot take {_describe(call)}: {_reasons(others)}"
+            + _advice(others)
+        )
+    _log_choice(impl, call, libraries, chosen)
+    return chosen
+
+
+def _advice(reasons: dict) -> str:
+    takers = [impl for impl, reason in reasons.items() if reason is None]
+    if takers:
+        return f"; impl={takers[0]!r} (or 'auto') takes it"
+    return "; cast q/k/v to bf16/fp16 for the libraries, or run impl='torch' on the CPU"
+
+
+# ---------------------------------------------------------------------------------------------
+# impl="triton": RoPE in the tiles, or once before the kernels
+# ---------------------------------------------------------------------------------------------
+
+# Cost constants of rotate_before_triton (GPU figures, public or stated assumptions):
+ROTATION_FLOPS_PER_HBM_BYTE = 20.0  # fp32 FMA-unit FLOP/s over HBM B/s: H100 SXM 67 TFLOP/s / 3.35 TB/s
+TABLE_REREAD_DISCOUNT = 2.0  # a cos/sin byte re-read by a tile (an L2 hit, mostly) costs 1/2 an HBM byte
+
+
+def _tile_visits(document_length: float, block: int) -> float:
+    """How often, on average, one row of a causal document is loaded by the tiles of the other side
+    of length ``block`` (each row is seen by the tiles from itself to the document's end)."""
+    return max(1.0, (document_length / block + 1.0) / 2.0)
+
+
+def rotate_before_triton(
+    n_heads: int, n_kv_heads: int, head_dim: int, rotary_dim: int, itemsize: int, table_itemsize: int,
+    document_length: float, tiles: tuple[int, int, int],
+) -> bool:
+    """Whether rotating q/k once in torch is cheaper than re-rotating them in the kernels' tiles.
+
+    Per token, forward and backward together, in HBM-byte equivalents:
+
+    * once: rotating q and k (read, write, D channels each) plus the cos/sin rows, forward; the
+      transpose on dq/dk, backward: ``2 * (2 (Hq + Hkv) D itemsize + 2 R table_itemsize)``;
+    * in the tiles: every Q/K row rotation re-reads its cos/sin row (``R table_itemsize`` bytes, at
+      ``1 / TABLE_REREAD_DISCOUNT``) and spends 3R fp32 FLOPs (at ``ROTATION_FLOPS_PER_HBM_BYTE``).
+      Rotations per token: the forward rotates Q once and each K row once per visiting query tile
+      and query head; dK/dV rotates K once, each Q row once per visiting key tile, and un-rotates
+      dK; dQ rotates Q once, K per visiting query tile and head, and un-rotates dQ::
+
+          Hq (4 + visits(fwd rows) + visits(dkdv keys) + visits(dq rows)) + 2 Hkv
+
+      with ``visits(block) = max(1, (document_length / block + 1) / 2)`` and ``tiles`` = (forward
+      BLOCK_M, dK/dV BLOCK_N, dQ BLOCK_M).
+
+    FLOPs of the tensor cores and the unchanged loads of Q/K/V are the same both ways. False for
+    ``rotary_dim == 0`` (nothing to rotate).
+    """
+    if rotary_dim == 0:
+        return False
+    once = 2 * (2 * (n_heads + n_kv_heads) * head_dim * itemsize + 2 * rotary_dim * table_itemsize)
+    visits = sum(_tile_visits(document_length, block) for block in tiles)
+    rotations = n_heads * (4 + visits) + 2 * n_kv_heads
+    per_rotation = rotary_dim * table_itemsize / TABLE_REREAD_DISCOUNT + 3 * rotary_dim / ROTATION_FLOPS_PER_HBM_BYTE
+    return rotations * per_rotation > once
+
+
+def _document_length_bound(max_seqlen) -> float:
+    """``max_seqlen`` as a number when it is one; a symbolic size (dynamic shapes) counts as
+    unbounded, so that no guard is added: rotating once costs at most one pass, re-rotating
+    in the tiles grows with the documents' length."""
+    return float(int(max_seqlen)) if is_concrete_int(max_seqlen) else math.inf
+
+
+def _rotates_before_triton(q, k, v, cos, max_seqlen) -> bool:
+    """``rotate_before_triton`` for this call, with the GPU tiles ``_triton_config`` would give."""
+    meta = _triton_meta(q, v, cos, False)
+    tiles = tuple(_gpu_config(q.dtype, meta, kernel)[index] for kernel, index in (("fwd", 0), ("dkdv", 1), ("dq", 0)))
+    return rotate_before_triton(
+        q.shape[1], k.shape[1], q.shape[2], cos.shape[1], q.element_size(), cos.element_size(),
+        _document_length_bound(max_seqlen), tiles,
+    )
+
+
+def _triton_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, scale, interleaved, window, softcap, sinks):
+    """The ``"triton"`` impl: RoPE in the tiles, or (``_rotates_before_triton``) once in torch with
+    R = 0 tables, autograd then taking dq/dk through the rotation's transpose."""
+    if _rotates_before_triton(q, k, v, cos, max_seqlen):
+        check_inputs(q, k, v, cos, sin, cu_seqlens)
+        _require_frozen_tables(cos, sin)
+        q, k = apply_rotary(q, cos, sin, interleaved), apply_rotary(k, cos, sin, interleaved)
+        cos, sin = cos[:, :0], sin[:, :0]
+    return torch.ops.graphopt.varlen_attention_triton_fwd(
+        q, k, v, cos, sin, cu_seqlens, scale, interleaved, window, softcap, sinks
+    )[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1052,43 +1419,13 @@ def _library_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, scale, interleave
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_impl(
-    impl: str, device: torch.device, window: int = -1, softcap: float = 0.0, sinks: torch.Tensor | None = None
-) -> str:
-    """The concrete implementation ``impl`` means on ``device`` for these options; raises if it
-    cannot run there.
-
-    ``"flash_attn"`` / ``"torch_varlen"`` asked for options their library cannot take
-    (``_library_takes``: sinks; softcap with ``varlen_attn``) resolve to ``"triton"``.
-    """
-    if impl not in IMPLS:
-        raise ValueError(f"graphopt::varlen_attention: impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    library = impl in ("flash_attn", "torch_varlen")
-    if library and device.type == "cuda" and not _library_takes(impl, window, softcap, sinks):
-        return "triton"  # it takes every option
-    if impl == "flash_attn":
-        if importlib.util.find_spec("flash_attn") is None:
-            raise RuntimeError(
-                "graphopt::varlen_attention impl='flash_attn' needs the flash-attn package "
-                "(pip install flash-attn, CUDA only); or use impl='triton' (CUDA) / 'torch' (CPU)"
-            )
-        if device.type != "cuda":
-            raise RuntimeError(
-                "graphopt::varlen_attention impl='flash_attn' runs on CUDA only; use impl='torch' on the CPU"
-            )
-    if impl == "torch_varlen":
-        if not _has_torch_varlen():
-            raise RuntimeError(
-                "graphopt::varlen_attention impl='torch_varlen' needs torch.nn.attention.varlen.varlen_attn "
-                f"(not in torch {torch.__version__}); upgrade torch or use impl='triton'"
-            )
-        if device.type != "cuda":
-            raise RuntimeError(
-                "graphopt::varlen_attention impl='torch_varlen' runs on CUDA only; use impl='torch' on the CPU"
-            )
-    return impl
+def _metadata_only(q: torch.Tensor) -> bool:
+    """Whether the op runs only for its output's metadata: plain fake tensors (Dynamo's example
+    values, a pass annotating the node it inserted) with no trace recording the decomposition
+    (AOTAutograd's functional tensors, make_fx's proxy mode). The output's shape, dtype, device and
+    autograd then come from the ``"torch"`` impl's fake, so they never depend on which library
+    would run, and no library is called on fake tensors."""
+    return is_fake(q) and not isinstance(q, FunctionalTensor) and get_proxy_mode() is None
 
 
 def varlen_attention(
@@ -1117,11 +1454,11 @@ def varlen_attention(
         max_seqlen: upper bound on a document's length (may be loose, e.g. T).
         scale: softmax scale.
         interleaved: pairwise rotary layout instead of rotate_half.
-        impl: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"flash_attn"`` | ``"torch_varlen"``.
-            ``"auto"`` is ``"torch"`` on the CPU and ``"triton"`` on CUDA; the CUDA choice is
-            provisional until the impls are measured against each other on a GPU.
-            ``"flash_attn"`` / ``"torch_varlen"`` become ``"triton"`` for options their
-            library cannot take (sinks; softcap with ``varlen_attn``).
+        impl: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"flash_attn3"`` | ``"flash_attn"`` |
+            ``"torch_varlen"``. ``"auto"`` is ``"torch"`` on the CPU and, on CUDA, the first of
+            flash-attn 3, flash-attn 2, torch's ``varlen_attn`` and the Triton kernel that takes
+            the call (``choose_cuda_impl``). An explicit library impl becomes ``"triton"`` for a
+            call its library cannot take (sinks; softcap with ``varlen_attn``; fp32).
         window: -1 (unlimited), or >= 1: query t sees keys t - window < s <= t of its document
             (transformers' ``sliding_window``, flash-attn's ``window_size=(window - 1, 0)``).
         softcap: > 0 caps the scaled scores Gemma-2 style, ``softcap * tanh(z / softcap)``.
@@ -1133,14 +1470,17 @@ def varlen_attention(
 
     Raises:
         ValueError: ``window`` not -1 and < 1, ``softcap`` < 0, or an unknown ``impl``.
+        RuntimeError: no implementation that ``impl`` allows takes the call (``resolve_impl``).
     """
     check_options(q, window, softcap, sinks)
-    impl = resolve_impl(impl, q.device, window, softcap, sinks)
-    args = (q, k, v, cos, sin, cu_seqlens, scale, interleaved, window, softcap, sinks)
+    impl = resolve_impl(impl, VarlenCall.of(q, k, v, window, softcap, sinks))
+    if _metadata_only(q):
+        impl = "torch"  # every impl returns the same (T, Hq, Dv) tensor; this fake reads no library
     if impl == "torch":
+        args = (q, k, v, cos, sin, cu_seqlens, scale, interleaved, window, softcap, sinks)
         return torch.ops.graphopt.varlen_attention_torch_fwd(*args)[0]
     if impl == "triton":
-        return torch.ops.graphopt.varlen_attention_triton_fwd(*args)[0]
+        return _triton_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, scale, interleaved, window, softcap, sinks)
     return _library_varlen(q, k, v, cos, sin, cu_seqlens, max_seqlen, scale, interleaved, impl, window, softcap)
 
 

@@ -20,9 +20,10 @@ with an absolute tolerance as large as its values; never looser than the table.
 import pytest
 import torch
 
+import graphopt.ops.varlen_attention as varlen_module
 from graphopt.ops.linear_cross_entropy import default_chunk_size
 from graphopt.ops.triton_cross_entropy import MAX_BLOCK_V
-from graphopt.ops.varlen_attention import varlen_attention_reference
+from graphopt.ops.varlen_attention import VarlenCall, VarlenLibraries, choose_cuda_impl, varlen_attention_reference
 from tests.support.varlen_cases import leaves, make_case, options
 from tests.support.tolerances import tol
 
@@ -78,11 +79,11 @@ def varlen_reference_by_document(case: dict) -> tuple[torch.Tensor, ...]:
     return tuple(results) + (() if sinks is None else (dsinks,))
 
 
-def assert_varlen_matches_reference(case: dict) -> None:
+def assert_varlen_matches_reference(case: dict, impl: str = "triton") -> None:
     dtype = case["q"].dtype
     out = varlen_attention(
         case["q"], case["k"], case["v"], case["cos"], case["sin"], case["cu_seqlens"], case["q"].shape[0],
-        case["scale"], case["interleaved"], "triton", *options(case),
+        case["scale"], case["interleaved"], impl, *options(case),
     )
     got = (out, *torch.autograd.grad(out, leaves(case), case["grad_out"]))
     want = varlen_reference_by_document(case)
@@ -132,6 +133,39 @@ def test_varlen_attention_realistic_sliding_window_with_sinks_bf16():
     case = make_case(REALISTIC_LENGTHS, hq=16, hkv=4, d=128, r=128, dtype=torch.bfloat16, device=CUDA, window=128,
                      sinks=True)
     assert_varlen_matches_reference(case)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rotate_first", [True, False], ids=["rope_once", "rope_in_tiles"])
+@pytest.mark.parametrize("case_name", ["gqa_d128_half", "mqa_partial_interleaved_dv64"])
+def test_varlen_attention_triton_rope_once_or_in_tiles_bf16(monkeypatch, case_name, rotate_first):
+    monkeypatch.setattr(varlen_module, "_rotates_before_triton", lambda *args: rotate_first)
+    assert_varlen_matches_reference(make_case(**TILE_CROSSING[case_name], dtype=torch.bfloat16, device=CUDA))
+
+
+# auto on this GPU: whatever the policy picks for the libraries installed here is right.
+AUTO_CASES = {
+    "gqa_d128": dict(lengths=[1, 63, 64, 65, 127, 129, 5, 33, 200], hq=8, hkv=2, d=128, r=128),
+    "gqa_d128_window_softcap": dict(lengths=[300, 17, 129], hq=8, hkv=2, d=128, r=128, window=100, softcap=5.0),
+    "mla_d192_dv128": dict(lengths=[300, 17, 129], hq=8, hkv=8, d=192, r=64, dv=128),
+    "sinks": dict(lengths=[31, 97, 1, 190, 66], hq=4, hkv=1, d=96, r=32, dv=64, window=64, sinks=True),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case_name", list(AUTO_CASES))
+def test_varlen_attention_auto_bf16(case_name):
+    case = make_case(**AUTO_CASES[case_name], dtype=torch.bfloat16, device=CUDA)
+    window, softcap, sinks = options(case)
+    key = VarlenCall.of(case["q"], case["k"], case["v"], window, softcap, sinks)
+    try:
+        chosen = choose_cuda_impl(key, VarlenLibraries.detect())
+    except RuntimeError as error:  # nothing installed here takes it: the op must say so too
+        with pytest.raises(RuntimeError, match="no CUDA implementation takes"):
+            assert_varlen_matches_reference(case, "auto")
+        pytest.skip(str(error))
+    print(f"{case_name}: impl='auto' -> {chosen!r}")
+    assert_varlen_matches_reference(case, "auto")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from graphopt.ops.varlen_attention import (
     _has_torch_varlen,
     _plan_buckets,
     apply_rotary,
-    resolve_impl,
     varlen_attention_reference,
 )
 from tests.support.varlen_cases import LONG_OPTION_CASES, OPTION_CASES, leaves, make_case, options
@@ -410,21 +409,6 @@ def test_sinks_of_the_wrong_shape_raise():
     case = make_case([5, 11], hq=4, hkv=2, d=16, r=16)
     with pytest.raises(RuntimeError, match=r"sinks must be \(Hq,\)"):
         run_op(case | dict(sinks=torch.zeros(2, requires_grad=True)), "torch")
-
-
-CUDA_DEVICE = torch.device("cuda")  # resolve_impl only reads the device type: no GPU needed
-
-
-@pytest.mark.parametrize("impl", ["flash_attn", "torch_varlen"])
-def test_library_impls_resolve_to_triton_for_sinks(impl):
-    assert resolve_impl(impl, CUDA_DEVICE, sinks=torch.zeros(4)) == "triton"
-
-
-@needs_torch_varlen
-def test_torch_varlen_resolves_to_triton_for_softcap_and_keeps_windows():
-    assert resolve_impl("torch_varlen", CUDA_DEVICE, softcap=30.0) == "triton"
-    want = "torch_varlen" if "window_size" in varlen_module._varlen_attn_params() else "triton"
-    assert resolve_impl("torch_varlen", CUDA_DEVICE, window=4096) == want
 
 
 def test_library_window_is_flash_attn_window_size():
