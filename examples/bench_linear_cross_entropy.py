@@ -13,6 +13,15 @@ Variants (those that cannot run here are listed as not available and skipped):
     torch_chunked       F.linear_cross_entropy(..., options=LinearCrossEntropyOptions()) (torch >= 2.13)
     liger               Liger-Kernel's LigerFusedLinearCrossEntropyLoss (CUDA, when liger_kernel imports)
 
+Beside each time the table prints the achieved TFLOP/s of the three GEMMs (6 N V H FLOPs, for every
+variant), and for the graphopt variants the op's modelled HBM bytes and FLOPs per call (its cost
+model, ``graphopt.ops.linear_cross_entropy.linear_cross_entropy_cost``, at the chunk size it used)
+and the time that model takes at the device's limits (``roofline_seconds``): "x limit" is the
+measured time over that, 1.0 being the limit. The model is the CUDA Triton path's; the torch
+path's fp32 work buffers (and, on the CPU, its upcast copies) are not in it. The limits are known for H100 (990 dense bf16
+TFLOP/s, 3.35 TB/s) and H200 (990, 4.8 TB/s); ``--peak-tflops``/``--peak-tbs`` give them for other
+devices.
+
 Examples::
 
     python examples/bench_linear_cross_entropy.py --device cpu --dtype float32 \
@@ -57,10 +66,7 @@ def _loss_fn(variant: str, args: argparse.Namespace):
 
         return reference if variant == "reference" else torch.compile(reference)  # compiled in the warm-up
     if variant in ("graphopt_torch", "graphopt_triton"):
-        sys.path.insert(0, REPO_ROOT)
-        from graphopt.ops.linear_cross_entropy import default_chunk_size
-
-        chunk = args.chunk_size or default_chunk_size(args.tokens, args.vocab)
+        chunk = args.chunk
         impl = variant.removeprefix("graphopt_")
 
         def graphopt_loss(h, w, t):
@@ -100,6 +106,12 @@ def run_variant(args: argparse.Namespace) -> dict:
     target = torch.randint(0, args.vocab, (args.tokens,), generator=generator).to(device)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
+    args.chunk = 0
+    if args.variant.startswith("graphopt_"):
+        sys.path.insert(0, REPO_ROOT)
+        from graphopt.ops.linear_cross_entropy import auto_chunk_size
+
+        args.chunk = args.chunk_size or auto_chunk_size(hidden, weight, args.variant.removeprefix("graphopt_"))
     loss_fn = _loss_fn(args.variant, args)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -126,7 +138,41 @@ def run_variant(args: argparse.Namespace) -> dict:
         "peak_mb": peak_mb,
         "peak_kind": "cuda_max_allocated" if device == "cuda" else "ru_maxrss",
         "loss": loss.item(),
+        "chunk_size": args.chunk,
+        "device_name": torch.cuda.get_device_name(device) if device == "cuda" else "cpu",
     }
+
+
+# Dense bf16/fp16 tensor-core FLOP/s and HBM bytes/s, by device name.
+DEVICE_LIMITS = {"H100": (990e12, 3.35e12), "H200": (990e12, 4.8e12)}
+
+
+def device_limits(name: str, args: argparse.Namespace) -> tuple[float, float] | None:
+    """(FLOP/s, bytes/s) of the device: ``--peak-tflops``/``--peak-tbs``, else by name, else None."""
+    known = next((limits for key, limits in DEVICE_LIMITS.items() if key in name), None)
+    if args.peak_tflops and args.peak_tbs:
+        return args.peak_tflops * 1e12, args.peak_tbs * 1e12
+    return known
+
+
+def modelled_work(row: dict, args: argparse.Namespace) -> dict:
+    """The cost-model columns of a result row: GEMM TFLOP/s for every variant; for graphopt's, the
+    op's modelled bytes, FLOPs, the time at the device's limits and the measured time's ratio to it."""
+    sys.path.insert(0, REPO_ROOT)
+    from graphopt.ops.linear_cross_entropy import linear_cross_entropy_cost, roofline_seconds
+
+    gemm_flops = 6 * args.tokens * args.hidden * args.vocab
+    work = {"gemm_tflops_per_s": gemm_flops / row["median_s"] / 1e12}
+    if row.get("chunk_size"):
+        element_size = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+        phases = linear_cross_entropy_cost(args.tokens, args.hidden, args.vocab, element_size, row["chunk_size"])
+        work.update(model_bytes=sum(p["bytes"] for p in phases), model_flops=sum(p["flops"] for p in phases),
+                    model_phases=phases)
+        limits = device_limits(row.get("device_name", ""), args)
+        if limits is not None:
+            work["limit_s"] = roofline_seconds(phases, *limits)
+            work["x_limit"] = row["median_s"] / work["limit_s"]
+    return work
 
 
 def main() -> None:
@@ -136,7 +182,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=128256)
-    parser.add_argument("--chunk-size", type=int, default=0, help="graphopt tokens per chunk (0: default_chunk_size)")
+    parser.add_argument("--chunk-size", type=int, default=0,
+                        help="graphopt tokens per chunk (0: the op's choice for the device, auto_chunk_size)")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's dense 16-bit TFLOP/s")
+    parser.add_argument("--peak-tbs", type=float, default=0.0, help="the device's HBM TB/s")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variant", choices=VARIANTS, action="append",
@@ -168,7 +217,9 @@ def main() -> None:
         if proc.returncode != 0:
             results.append({"variant": variant, "error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]})
             continue
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row.update(modelled_work(row, args))
+        results.append(row)
 
     config = dict(device=args.device, dtype=args.dtype, tokens=args.tokens, hidden=args.hidden,
                   vocab=args.vocab, torch=torch.__version__, threads=torch.get_num_threads())
@@ -176,12 +227,19 @@ def main() -> None:
         print(json.dumps({"config": config, "results": results, "not_available": skipped}, indent=2))
         return
     print(" ".join(f"{k}={v}" for k, v in config.items()))
-    print(f"{'variant':<19} {'median fwd+bwd':>15} {'peak MB':>9} {'loss':>10}")
+    print(f"{'variant':<19} {'median fwd+bwd':>15} {'peak MB':>9} {'loss':>10} {'GEMM TFLOP/s':>13} "
+          f"{'chunk':>6} {'model GB':>9} {'model TFLOP':>12} {'limit ms':>9} {'x limit':>8}")
     for row in results:
         if "error" in row:
             print(f"{row['variant']:<19} error: {row['error']}")
-        else:
-            print(f"{row['variant']:<19} {row['median_s'] * 1e3:>12.1f} ms {row['peak_mb']:>9.0f} {row['loss']:>10.5f}")
+            continue
+        line = (f"{row['variant']:<19} {row['median_s'] * 1e3:>12.1f} ms {row['peak_mb']:>9.0f} {row['loss']:>10.5f} "
+                f"{row['gemm_tflops_per_s']:>13.3g}")
+        if "model_bytes" in row:
+            line += f" {row['chunk_size']:>6} {row['model_bytes'] / 1e9:>9.2f} {row['model_flops'] / 1e12:>12.3g}"
+            if "limit_s" in row:
+                line += f" {row['limit_s'] * 1e3:>9.1f} {row['x_limit']:>8.2f}"
+        print(line)
     if skipped:
         print(f"not available here: {', '.join(skipped)}")
     if args.json:

@@ -115,15 +115,17 @@ class FusedCrossEntropy:
         return ""
 
     def _rewrite(self, gm: fx.GraphModule, ctx: PassContext, loss: LossInfo) -> None:
-        from graphopt.ops.linear_cross_entropy import default_chunk_size  # registers the op
+        import graphopt.ops.linear_cross_entropy  # noqa: F401 - registers the op
 
         graph = gm.graph
         h_val, w_val = analysis.example_value(loss.hidden), analysis.example_value(loss.weight)
         dtype = analysis.example_value(loss.linear).dtype  # autocast's, when it is on
         vocab, hidden_size = (analysis.hint(s) for s in w_val.shape)
         n_tokens = loss.batch * loss.seq
-        # Not capped by this compile's token count: a dynamic graph serves larger batches later.
-        chunk = ctx.options.cross_entropy_chunk_size or default_chunk_size(2**31, vocab)
+        # 0: the op picks the chunk per call from the device and the shapes (auto_chunk_size: the
+        # CPU's 64 MB rule, a GPU's GEMM-sized rule), so a dynamic graph serving larger batches
+        # later, or a graph compiled on one device and run on another, gets the right one.
+        chunk = ctx.options.cross_entropy_chunk_size
         compute_grad = bool(h_val.requires_grad or w_val.requires_grad)
         extra = {}
         if loss.logit_scale != 1.0:
@@ -209,7 +211,8 @@ class FusedCrossEntropy:
         ctx.report.rewrite(
             self.name,
             f"{loss.reduction}{'_scaled' if loss.logit_scale != 1.0 else ''}{'_softcap' if loss.softcap else ''}",
-            f"{loss.ce.name}: lm_head + cross_entropy over {n_tokens} tokens x {vocab} vocab, chunks of {chunk}",
+            f"{loss.ce.name}: lm_head + cross_entropy over {n_tokens} tokens x {vocab} vocab, "
+            + (f"chunks of {chunk}" if chunk else "chunks sized per device by the op"),
         )
         if keep_logits:
             ctx.report.note(

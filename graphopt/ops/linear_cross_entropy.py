@@ -38,16 +38,49 @@ CPUs, and cuBLAS may pick another kernel for fewer rows). Normalization (``loss_
 every target ignored, ``loss_sum`` is 0 and the gradients are 0; the caller's mean is then
 0/0 = NaN, as in eager.
 
-Memory model. Tokens are processed ``chunk_size`` at a time through one reused (chunk, V) buffer in
-the input dtype. When the logits are not returned, the buffer receives the chunk's logits and then
-its gradient, in place. When they are, the matmul writes the chunk's logits straight into the
-returned tensor and the buffer receives only the gradient. The
-``"torch"`` path adds one fp32 (chunk, V) work buffer for bf16/fp16 inputs and two for softcap (the
-upcast and the tanh); fp32 without softcap needs none. When ``compute_grad``, ``grad_hidden`` (N, H)
-in the input dtype lives too, and, unless ``compute_grad_weight=False``, an fp32 (V, H)
-``grad_weight`` accumulator (cast to the input dtype once at the end). A returned ``logits`` adds
-the (N, V) output. ``default_chunk_size`` picks a chunk of about 64 MB per (chunk, V) buffer, at
-most 256 rows.
+Chunks. ``chunk_size`` tokens at a time; ``chunk_size=0`` lets the op pick per device at run time:
+:func:`default_chunk_size` on the CPU (one fp32 (chunk, V) buffer of about 64 MB, at most 256
+rows), :func:`gpu_chunk_size` on CUDA (sized for the GEMMs from the SM count and a memory budget:
+1024 rows at N=16384, H=2048, V=128256 on an H100/H200).
+
+Memory model. Tokens go through one reused (chunk, V) buffer in the input dtype. When the logits
+are not returned, the buffer receives the chunk's logits and then its gradient, in place. When they
+are, the matmul writes the chunk's logits straight into the returned tensor and the buffer receives
+only the gradient. The ``"torch"`` path adds one fp32 (chunk, V) work buffer for bf16/fp16 inputs
+and two for softcap (the upcast and the tanh); fp32 without softcap needs none; the Triton path
+needs none. When ``compute_grad``, an fp32 ``grad_hidden`` (N, H) lives too, and, unless
+``compute_grad_weight=False``, the fp32 (V, H) weight-gradient accumulator (4 * V * H bytes: 1.05
+GB at V=128256, H=2048); the ``_fwd`` op returns both as they are and the backward rounds each
+once into the gradient in the input dtype. Extra memory of a bf16 call at that shape on CUDA: the
+accumulator 1.05 GB + grad_hidden 134 MB + one 263 MB chunk buffer during the forward; the
+accumulator, grad_hidden and the bf16 gradients (525 + 67 MB) at the end of the backward, about
+1.8 GB (the 16-bit gradients plus the fp32 accumulators, i.e. 3x the weight gradient, is the
+price of eager's accuracy; Liger's 0.69 GB accumulates in bf16). On the CPU, 16-bit inputs add an
+fp32 copy of W per call and of each chunk's gradient (torch has no 16-bit GEMM with an fp32
+output there). A returned ``logits`` adds the (N, V) output. Nothing of size (V, H) is allocated
+per chunk (except on a torch whose ``addmm`` refuses an fp32 ``self`` with 16-bit operands: see
+:func:`accumulate_fp32_gemm_`).
+
+Cost model (:func:`linear_cross_entropy_cost`; the Triton path with the weight gradient, no
+returned logits), with e bytes per element of the input dtype and ``c = ceil(N / chunk)`` chunks::
+
+    FLOPs   3 GEMMs of 2 N V H                                        (logits, grad_hidden, grad_weight)
+    bytes   logits GEMM       c V H e  +  N H e  +  N V e            (W per chunk, hidden, logits written)
+            cross-entropy     2 N V e                                (one read, the gradient written; the
+                                                                      second pass reads L2)
+            grad-hidden GEMM  N V e  +  c V H e  +  N H 4            (grad_hidden written in fp32)
+            grad-weight GEMM  N V e  +  N H e  +  (2c - 1) V H 4      (the fp32 accumulator read and written
+                                                                      per chunk, the first chunk only writes)
+            backward          (V H + N H) (4 + e)                    (both fp32 gradients rounded once)
+
+At N=16384, H=2048, V=128256 bf16, 1024-row chunks (c = 16): 25.8 TFLOP and 72.4 GB, the
+grad-weight GEMM's accumulator 32.6 GB of it. :func:`roofline_seconds` (each phase bounded by the
+larger of FLOPs / peak and bytes / bandwidth) gives 28.2 ms on an H200 (990 dense bf16 TFLOP/s,
+4.8 TB/s) and 31.4 ms on an H100 (3.35 TB/s: its grad-weight GEMM is bandwidth-bound). The design
+predicts, with cuBLAS at ~75% of peak on these GEMMs, about 37 ms forward + backward on an H200
+(the target is <= 40 ms; not yet measured), and extra memory as above (the gradients, the fp32
+accumulator and one chunk buffer). ``examples/bench_linear_cross_entropy.py`` prints these
+figures beside the measured time.
 
 Autograd. ``compute_grad=True`` computes ``grad_hidden`` and ``grad_weight`` (d loss_sum / d input)
 during the forward, chunk by chunk: per chunk one matmul for the logits, then
@@ -63,9 +96,15 @@ The backward only multiplies the saved gradients by the incoming 0-dim gradient 
 Precision. The loss is read from the fp32 ``log_softmax`` as eager's ``cross_entropy`` does, and
 ``dz = exp(log_softmax) - onehot`` is stored in the input dtype before its two matmuls, as eager
 autograd does after the ``.float()``; with a ``logit_scale`` it is then multiplied by the scale in
-the input dtype, as eager's backward of ``logits * logit_scale`` does. ``grad_weight`` is
-accumulated across chunks in fp32 (bf16/fp16: each chunk's matmul result, rounded to the input
-dtype, is added to the fp32 accumulator).
+the input dtype, as eager's backward of ``logits * logit_scale`` does. Both gradient GEMMs write
+fp32 (:func:`mm_fp32_`; ``grad_weight`` accumulated across chunks by the GEMM itself,
+:func:`accumulate_fp32_gemm_`): exact products of the 16-bit operands, fp32 sums, and one rounding
+to the input dtype at the end, after the scaling by the incoming gradient, as eager's single
+``dz.T @ hidden`` and ``dz @ weight`` GEMMs accumulate in fp32 and round once. Eager scales dz
+before its GEMMs (``dz / count`` rounded to the input dtype), the op after them; and the order of
+the fp32 sums differs. fp32 inputs compute exactly what they did before this scheme. Tests bound
+the error of the loss and both gradients against float64 by 1.5x eager's, in norm and in max,
+over 16 chunks of adversarial bf16 inputs.
 
 Out-of-range targets (not in ``[0, V)`` and not ``ignore_index``) fail ``torch._assert_async``: a
 RuntimeError on CPU, a device-side assert on CUDA, as ``F.cross_entropy`` does.
@@ -108,13 +147,97 @@ _MAX_CHUNK_ROWS = 256
 
 
 def default_chunk_size(n_tokens: int, vocab: int) -> int:
-    """Tokens per chunk: one (chunk, V) fp32 buffer of about 64 MB, at most 256 rows.
+    """Tokens per chunk on the CPU: one (chunk, V) fp32 buffer of about 64 MB, at most 256 rows.
 
     Rounded down to a multiple of 16 rows (matmul-friendly), at least 16, at most ``n_tokens``
-    (and at least 1).
+    (and at least 1). GPUs use :func:`gpu_chunk_size`.
     """
     chunk = min(_MAX_CHUNK_ROWS, max(16, (_CHUNK_BYTES // (4 * vocab)) // 16 * 16))
     return max(1, min(chunk, n_tokens))
+
+
+# GPU chunks (gpu_chunk_size). The weight-gradient GEMM reads and writes the fp32 (V, H)
+# accumulator once per chunk, 8 bytes per element for 2 * rows FLOPs: rows / 4 FLOPs per byte.
+# H100/H200 tensor cores need about 990 TFLOP/s / 3.35-4.8 TB/s = 206-296 FLOPs per HBM byte, so
+# 1024 rows keep that GEMM compute-bound whatever H is.
+_GPU_MIN_ROWS = 1024
+# The grad-hidden GEMM (rows, V) @ (V, H) has only rows * H outputs: with at least one 128 x 128
+# output tile per SM it occupies every SM without cuBLAS splitting its long V reduction.
+_GEMM_TILE_ROWS, _GEMM_TILE_OUTPUTS = 128, 128 * 128
+# The chunk buffers' share of device memory, at most.
+_GPU_BUFFER_SHARE = 1 / 64
+
+
+def gpu_chunk_size(n_tokens: int, hidden: int, vocab: int, row_bytes: int, device_properties) -> int:
+    """Tokens per chunk on a GPU, from its SM count and memory (a pure function of its arguments).
+
+    Args:
+        n_tokens, hidden, vocab: N, H, V of the call.
+        row_bytes: bytes the chunk's buffers take per row (V times the bytes per logit of each
+            (chunk, V) buffer the path allocates).
+        device_properties: anything with ``multi_processor_count`` and ``total_memory`` (bytes),
+            e.g. ``torch.cuda.get_device_properties(device)``.
+
+    The rows wanted are the larger of ``_GPU_MIN_ROWS`` (the weight-gradient GEMM stays
+    compute-bound) and ``SMs * 128 * 128 / H`` (the grad-hidden GEMM has a 128 x 128 output tile per
+    SM), capped so the buffers take at most 1/64 of the device memory (at least 16 rows). The
+    tokens are then cut into that many chunks of equal size, rounded up to a multiple of 128 rows
+    (whole GEMM tiles; of 16 below 128 rows; never one chunk more), at most ``n_tokens``.
+
+    N=16384, H=2048, V=128256 bf16 on an H100 or H200 (132 SMs): 1056 rows wanted, 16 chunks of
+    1024 rows, a 263 MB (1024, V) bf16 buffer.
+    """
+    fill_rows = -(-device_properties.multi_processor_count * _GEMM_TILE_OUTPUTS // hidden)
+    budget_rows = int(device_properties.total_memory * _GPU_BUFFER_SHARE) // max(1, row_bytes)
+    rows = max(16, min(max(_GPU_MIN_ROWS, fill_rows), budget_rows))
+    n_chunks = -(-n_tokens // rows)
+    rows = -(-n_tokens // max(1, n_chunks))
+    tile = _GEMM_TILE_ROWS if rows >= _GEMM_TILE_ROWS else 16
+    rows = -(-rows // tile) * tile
+    return max(1, min(rows, n_tokens))
+
+
+def auto_chunk_size(
+    hidden: torch.Tensor, weight: torch.Tensor, impl: str = "auto", softcap: float = 0.0, scattered: bool = False
+) -> int:
+    """The chunk size the op picks for ``chunk_size=0``: :func:`gpu_chunk_size` on CUDA (the
+    device's properties are cached by torch: no device sync), :func:`default_chunk_size` elsewhere.
+    ``scattered``: the logits are returned at ``logits_rows`` (one more (chunk, V) buffer)."""
+    use_triton = impl == "triton" or (impl == "auto" and hidden.is_cuda)
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    if hidden.device.type != "cuda":
+        return default_chunk_size(n_tokens, vocab)
+    per_logit = hidden.element_size() * (2 if scattered else 1)
+    if not use_triton:  # the torch twin's fp32 work buffers: the upcast, and two for softcap
+        per_logit += 4 * ((hidden.dtype != torch.float32) + 2 * (softcap > 0.0))
+    return gpu_chunk_size(n_tokens, hidden.shape[1], vocab, vocab * per_logit,
+                          torch.cuda.get_device_properties(hidden.device))
+
+
+def linear_cross_entropy_cost(
+    n_tokens: int, hidden: int, vocab: int, element_size: int, chunk_size: int, compute_grad: bool = True
+) -> list[dict]:
+    """The modelled work of one call of the Triton path, forward + the backward's scaling, per
+    phase: ``[{"phase", "flops", "bytes"}, ...]`` (HBM bytes; ``compute_grad_weight`` and no
+    returned logits). The formulas are the module docstring's "Cost model"."""
+    n, h, v, e = n_tokens, hidden, vocab, element_size
+    chunks = -(-n // chunk_size)
+    gemm_flops = 2 * n * v * h
+    phases = [dict(phase="logits GEMM", flops=gemm_flops, bytes=chunks * v * h * e + n * h * e + n * v * e),
+              dict(phase="cross-entropy", flops=0, bytes=(2 if compute_grad else 1) * n * v * e)]
+    if compute_grad:
+        phases += [
+            dict(phase="grad-hidden GEMM", flops=gemm_flops, bytes=n * v * e + chunks * v * h * e + n * h * 4),
+            dict(phase="grad-weight GEMM", flops=gemm_flops, bytes=n * v * e + n * h * e + (2 * chunks - 1) * v * h * 4),
+            dict(phase="backward scaling", flops=0, bytes=(v * h + n * h) * (4 + e)),
+        ]
+    return phases
+
+
+def roofline_seconds(phases: list[dict], flops_per_s: float, bytes_per_s: float) -> float:
+    """The time ``phases`` (:func:`linear_cross_entropy_cost`) take at a device's limits: each
+    phase as long as the larger of its FLOPs and its bytes take, the phases one after another."""
+    return sum(max(p["flops"] / flops_per_s, p["bytes"] / bytes_per_s) for p in phases)
 
 
 def linear_cross_entropy_reference(
@@ -230,7 +353,7 @@ def _check_inputs(
     )
     torch._check(softcap >= 0.0, lambda: f"softcap must be >= 0 (0 disables it), got {softcap}")
     torch._check(math.isfinite(logit_scale), lambda: f"logit_scale must be finite, got {logit_scale}")
-    torch._check(chunk_size >= 1, lambda: f"chunk_size must be >= 1, got {chunk_size}")
+    torch._check(chunk_size >= 0, lambda: f"chunk_size must be >= 1, or 0 to pick one per device, got {chunk_size}")
     torch._check(logits in LOGITS_MODES, lambda: f"logits must be one of {LOGITS_MODES}, got {logits!r}")
     torch._check(impl in IMPLS, lambda: f"impl must be one of {IMPLS}, got {impl!r}")
 
@@ -259,9 +382,9 @@ def linear_cross_entropy_fwd(
             With ``logits_rows`` (N,) int64: (``logits_len``, V) zeros with token i's logits in
             row ``logits_rows[i]`` (the unpadded graph writes them straight to their padded
             positions; rows may repeat, the last write wins).
-        grad_hidden: (N, H) input dtype, d loss_sum / d hidden, if ``compute_grad``, else (0,).
-        grad_weight: (V, H) input dtype, d loss_sum / d weight, if ``compute_grad`` and
-            ``compute_grad_weight``, else (0,).
+        grad_hidden: (N, H) fp32, d loss_sum / d hidden, if ``compute_grad``, else (0,).
+        grad_weight: (V, H) fp32, d loss_sum / d weight, if ``compute_grad`` and
+            ``compute_grad_weight``, else (0,). The backward rounds both to the input dtype.
     """
     _check_inputs(hidden, weight, target, softcap, chunk_size, logits, impl, logit_scale, logits_rows)
     vocab = weight.shape[0]
@@ -271,6 +394,8 @@ def linear_cross_entropy_fwd(
         "graphopt::linear_cross_entropy: a target is outside [0, V) and is not ignore_index",
     )
     use_triton = impl == "triton" or (impl == "auto" and hidden.is_cuda)
+    if chunk_size == 0:
+        chunk_size = auto_chunk_size(hidden, weight, impl, softcap, logits != "none" and logits_rows is not None)
     return _chunked_loss_and_grads(
         hidden, weight, target, ignore_index, softcap, chunk_size, logits != "none", compute_grad,
         compute_grad and compute_grad_weight, logit_scale,
@@ -293,10 +418,15 @@ def _chunked_loss_and_grads(
     loss_step,
     logits_rows: torch.Tensor | None = None,
     logits_len: int = 0,
+    accumulate_=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunk loop of ``graphopt::linear_cross_entropy_fwd`` (same outputs), with the per-chunk
-    loss step (:func:`cross_entropy_loss_and_grad_torch` or its Triton twin) chosen by the caller.
-    A plain function, so tests can watch the aten ops it runs."""
+    loss step (:func:`cross_entropy_loss_and_grad_torch` or its Triton twin) chosen by the caller,
+    and the weight-gradient accumulation (default :func:`accumulate_fp32_gemm_`) replaceable by
+    tests. A plain function, so tests can watch the aten ops it runs.
+
+    On an accelerator it reads nothing back to the host: every branch is on Python values."""
+    accumulate_ = accumulate_ or accumulate_fp32_gemm_
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     # Outputs must not alias each other, so each absent one is its own (0,) tensor.
@@ -306,8 +436,16 @@ def _chunked_loss_and_grads(
         chunk_out = hidden.new_empty((min(chunk_size, n_tokens), vocab))
     else:
         out_logits = hidden.new_empty((n_tokens, vocab) if keep_logits else (0,))
-    grad_hidden = hidden.new_empty(hidden.shape if compute_grad else (0,))
-    grad_weight_acc = weight.new_zeros(weight.shape, dtype=torch.float32) if compute_grad_weight else None
+    # Both gradients in fp32, written by the GEMMs, rounded once in the backward. Where torch has no
+    # 16-bit GEMM with an fp32 output (the CPU), the 16-bit operands are upcast exactly: W once per
+    # call, each chunk's gradient once for its two GEMMs.
+    fp32_out = hidden.dtype == torch.float32 or _gemm_writes_fp32(hidden.device)
+    weight32 = weight if fp32_out or not compute_grad else weight.float()
+    grad_hidden = hidden.new_empty(hidden.shape if compute_grad else (0,), dtype=torch.float32)
+    # every element written by the first chunk's GEMM (beta = 0); zeros when there is none
+    grad_weight = weight.new_empty(weight.shape if compute_grad_weight else (0,), dtype=torch.float32)
+    if compute_grad_weight and n_tokens == 0:
+        grad_weight.zero_()
     # One (chunk, V) buffer for every chunk, so no chunk allocates (and page-faults) its own: the
     # logits chunk when they are not returned (its gradient then overwrites it in place), else the
     # gradient of the returned logits chunk, which must survive.
@@ -331,13 +469,66 @@ def _chunked_loss_and_grads(
         if compute_grad:
             if logit_scale != 1.0:
                 grad.mul_(logit_scale)  # eager's backward of logits * logit_scale, in the input dtype
-            torch.mm(grad, weight, out=grad_hidden[start:end])
-        if compute_grad_weight and grad.dtype == torch.float32:
-            grad_weight_acc.addmm_(grad.t(), hidden_chunk)
-        elif compute_grad_weight:  # rounded to the input dtype per chunk, as eager's backward matmul rounds it
-            grad_weight_acc += torch.mm(grad.t(), hidden_chunk)
-    grad_weight = grad_weight_acc.to(weight.dtype) if compute_grad_weight else weight.new_empty((0,))
+            grad = grad if fp32_out else grad.float()
+            mm_fp32_(grad_hidden[start:end], grad, weight32)
+        if compute_grad_weight:
+            accumulate_(grad_weight, grad.t(), hidden_chunk if fp32_out else hidden_chunk.float(), start == 0)
     return loss_sum, out_logits, grad_hidden, grad_weight
+
+
+def mm_fp32_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out = a @ b`` into fp32 ``out``: fp32 operands, or 16-bit ones through the GEMM with an
+    fp32 output (:func:`_gemm_writes_fp32`), fp32 accumulation either way."""
+    if a.dtype == torch.float32:
+        torch.mm(a, b, out=out)
+    else:
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+
+def accumulate_fp32_gemm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """``acc = a @ b`` if ``first``, else ``acc += a @ b``, accumulated in fp32 ``acc`` by the GEMM
+    itself, with no (V, H) temporary.
+
+    fp32 operands (fp32 inputs, or 16-bit ones upcast where torch has no 16-bit GEMM with an fp32
+    output, the CPU): ``addmm_``.
+    bf16/fp16 operands: cuBLAS with 16-bit inputs and an fp32 C = D (``torch.addmm(...,
+    out_dtype=torch.float32, out=acc)``), at the speed of the 16-bit GEMM. Either way the products
+    of the 16-bit values are exact and summed in fp32. ``beta = 0`` on the first chunk: ``acc`` may
+    hold garbage, which is then never read. A torch whose ``addmm`` refuses the fp32 ``self`` gets
+    ``acc += mm(a, b, out_dtype=float32)``: the same sums, through a (V, H) fp32 temporary.
+    """
+    beta = 0.0 if first else 1.0
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b, beta=beta)
+    elif _gemm_writes_fp32(acc.device, "addmm"):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, beta=beta, out=acc)
+    elif first:
+        torch.mm(a, b, out_dtype=torch.float32, out=acc)
+    else:  # a torch whose addmm refuses an fp32 self: the same sums, through a (V, H) fp32 temporary
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+
+
+_FP32_OUT_GEMM: dict = {}
+
+
+def _gemm_writes_fp32(device: torch.device, op: str = "mm") -> bool:
+    """Whether this torch's ``mm`` (``op="mm"``) or ``addmm`` (``"addmm"``, with an fp32 ``self``)
+    takes 16-bit operands and writes an fp32 ``out`` on ``device``: ``mm.dtype_out`` /
+    ``addmm.dtype_out``, on CUDA and meta, not on the CPU; some releases refuse ``addmm``'s fp32
+    ``self``. Probed once per device on 16 x 16 tensors: a refusal raises on the host, no value is
+    read back."""
+    if (device, op) not in _FP32_OUT_GEMM:
+        acc = torch.zeros(16, 16, device=device)
+        a = torch.zeros(16, 16, device=device, dtype=torch.bfloat16)
+        try:
+            if op == "mm":
+                torch.mm(a, a, out_dtype=torch.float32, out=acc)
+            else:
+                torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            _FP32_OUT_GEMM[device, op] = True
+        except (RuntimeError, TypeError):
+            _FP32_OUT_GEMM[device, op] = False
+    return _FP32_OUT_GEMM[device, op]
 
 
 @linear_cross_entropy_fwd.register_fake
@@ -350,8 +541,8 @@ def _(hidden, weight, target, ignore_index, softcap, chunk_size, logits, compute
         out_logits = hidden.new_empty((0,))
     else:
         out_logits = hidden.new_empty((n_tokens if logits_rows is None else logits_len, vocab))
-    grad_hidden = hidden.new_empty(hidden.shape if compute_grad else (0,))
-    grad_weight = weight.new_empty(weight.shape if compute_grad and compute_grad_weight else (0,))
+    grad_hidden = hidden.new_empty(hidden.shape if compute_grad else (0,), dtype=torch.float32)
+    grad_weight = weight.new_empty(weight.shape if compute_grad and compute_grad_weight else (0,), dtype=torch.float32)
     return loss_sum, out_logits, grad_hidden, grad_weight
 
 
@@ -376,14 +567,16 @@ def _setup_context(ctx, inputs, output):
     ctx.logits_grad = logits_mode == "differentiable"
     ctx.ignore_index = ignore_index
     ctx.logit_scale = logit_scale
+    ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
     ctx.scattered = logits_rows is not None and ctx.logits_grad
     saved = (grad_hidden, grad_weight, target) + ((hidden, weight) if ctx.logits_grad else ())
     ctx.save_for_backward(*saved, *((logits_rows,) if ctx.scattered else ()))
 
 
-def _scale(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """``grad * grad_loss`` rounded once to ``grad``'s dtype (grad_loss stays fp32, e.g. 1/count)."""
-    return (grad.float() * grad_loss).to(grad.dtype)
+def _scale(grad: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 ``grad * grad_loss`` (grad_loss stays fp32, e.g. 1/count) rounded once to ``dtype``,
+    written straight into the result (no temporary)."""
+    return torch.mul(grad, grad_loss, out=grad.new_empty(grad.shape, dtype=dtype))
 
 
 def _backward(ctx, grad_loss, grad_logits, _grad_grad_hidden, _grad_grad_weight):
@@ -403,8 +596,8 @@ def _backward(ctx, grad_loss, grad_logits, _grad_grad_hidden, _grad_grad_weight)
         # the caller's mean gives grad_loss = 1/0 = inf, and 0 * inf would be NaN).
         any_valid = (target != ctx.ignore_index).any()
         grad_loss = torch.where(any_valid, grad_loss, torch.zeros_like(grad_loss))
-        d_hidden = _scale(grad_hidden, grad_loss)
-        d_weight = _scale(grad_weight, grad_loss) if ctx.compute_grad_weight else None
+        d_hidden = _scale(grad_hidden, grad_loss, ctx.hidden_dtype)
+        d_weight = _scale(grad_weight, grad_loss, ctx.weight_dtype) if ctx.compute_grad_weight else None
     if grad_logits is not None and ctx.logits_grad:
         hidden, weight = hidden_weight
         logits_d_hidden, logits_d_weight = torch.ops.graphopt.logits_backward(

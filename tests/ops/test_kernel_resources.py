@@ -62,6 +62,15 @@ def test_every_kernel_dtype_and_target_is_compiled(report):
     assert expected <= compiled, sorted(expected - compiled)
 
 
+def test_cross_entropy_runs_one_pass_and_two_pass_rows(report):
+    """The cross-entropy kernel is compiled in both shapes the launcher picks: a row in one block
+    (small vocabularies) and the two-pass loop with the largest block (16 warps)."""
+    configs = {row["config"] for row in report["rows"] if row["config"].startswith("xent ")}
+    for dtype in ("fp32", "bf16", "fp16"):
+        assert any(f"xent {dtype} " in c and "+SINGLE_PASS" in c for c in configs), (dtype, sorted(configs))
+        assert any(f"xent {dtype} V16384 w16 " in c and "+SINGLE_PASS" not in c for c in configs), dtype
+
+
 def test_every_configuration_compiles(report):
     errors = [f"{row['target']} {row['config']}: {row['error']}" for row in report["rows"] if row["error"]]
     assert not errors, "\n\n".join(errors)

@@ -50,6 +50,7 @@ import re
 import sys
 import tempfile
 import time
+import types
 
 import torch
 import triton
@@ -60,7 +61,7 @@ from triton.runtime.jit import MockTensor, create_function_from_signature
 
 import graphopt.ops.triton_cross_entropy as cross_entropy_module
 import graphopt.ops.varlen_attention as varlen_module
-from graphopt.ops.linear_cross_entropy import default_chunk_size
+from graphopt.ops.linear_cross_entropy import gpu_chunk_size
 
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
 # cudaDevAttrMaxSharedMemoryPerBlockOptin: H100 227 KB, A100 163 KB (CUDA C++ Programming Guide,
@@ -107,10 +108,11 @@ class VarlenCase:
 
 
 # (D, Dv, R, interleaved): full rotary per head dim, partial interleaved rotary (GLM, Cohere-like),
-# no rotary (R = 0: every channel passes through), and D != Dv. D = 192 and 256 are beyond the
+# no rotary (R = 0: every channel passes through; also what the Triton path's rotate-once mode
+# launches, narrow tiles at D = 64), and D != Dv. D = 192 and 256 are beyond the
 # op's TRITON_MAX_HEAD_DIM: they are listed to show that the launcher refuses them.
 VARLEN_LAYOUTS = [(64, 64, 64, False), (80, 80, 80, False), (96, 96, 96, False), (128, 128, 128, False),
-                  (128, 128, 64, True), (64, 64, 32, True), (128, 128, 0, False), (128, 64, 128, False),
+                  (128, 128, 64, True), (64, 64, 32, True), (128, 128, 0, False), (64, 64, 0, False), (128, 64, 128, False),
                   (192, 128, 64, False), (256, 256, 256, False)]
 VARLEN_OPTIONS = [dict(), dict(window=4096, softcap=50.0, sinks=True)]
 
@@ -139,9 +141,16 @@ class CrossEntropyCase:
         return f"{DTYPE_NAMES[self.dtype]} V{self.vocab} {grad}" + (" softcap" if self.softcap else "")
 
 
+# Vocabularies: 8000 and 16384 are one pass (a row in one block), the others two (Llama 2, GPT-2,
+# Llama 3, Qwen 2, Gemma).
+CROSS_ENTROPY_VOCABS = (8000, 16384, 32000, 50257, 128256, 151936, 262144)
+# An H100's properties, to cut the chunks as the op does on one (rows only change divisibility).
+H100 = dict(multi_processor_count=132, total_memory=80 * 2**30, L2_cache_size=50 * 2**20)
+
+
 def cross_entropy_cases() -> list[CrossEntropyCase]:
     return [CrossEntropyCase(dtype, vocab, softcap, with_grad) for dtype in DTYPE_NAMES
-            for vocab in (32000, 128256, 151936) for softcap in (0.0, 30.0) for with_grad in (True, False)]
+            for vocab in CROSS_ENTROPY_VOCABS for softcap in (0.0, 30.0) for with_grad in (True, False)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +203,7 @@ def record_varlen(case: VarlenCase) -> list:
 
 def record_cross_entropy(case: CrossEntropyCase) -> list:
     """The per-chunk launch of ``linear_cross_entropy``'s Triton path (chunks as it cuts them)."""
-    rows = default_chunk_size(16384, case.vocab)
+    rows = gpu_chunk_size(16384, 2048, case.vocab, case.vocab * case.dtype.itemsize, types.SimpleNamespace(**H100))
     logits = meta(rows, case.vocab, dtype=case.dtype)
     target = torch.empty(rows, dtype=torch.int64, device="meta")
     grad = logits if case.with_grad else None  # in place, as the op does when the logits are not kept
@@ -262,7 +271,7 @@ SHORT_NAMES = {"varlen_attention_fwd_kernel": "fwd", "varlen_attention_bwd_prepr
                "varlen_attention_bwd_dkdv_kernel": "dkdv", "varlen_attention_bwd_dq_kernel": "dq",
                "_cross_entropy_loss_and_grad_kernel": "xent"}
 LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_HALF", "BLOCK_PASS", "BLOCK_DV", "BLOCK_V")
-FLAG_KEYS = ("INTERLEAVED", "HAS_PASS", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_SINKS", "COMPUTE_GRAD")
+FLAG_KEYS = ("INTERLEAVED", "HAS_PASS", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_SINKS", "COMPUTE_GRAD", "SINGLE_PASS")
 
 
 def describe_launch(kernel, args: tuple, kwargs: dict, spec: dict) -> str:
