@@ -268,6 +268,35 @@ def erase_dead(graph: fx.Graph, candidates: Iterable[fx.Node]) -> int:
     return erased
 
 
+_IN_PLACE_FUNCTIONS = frozenset({
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+})
+
+
+def _may_write(node: fx.Node) -> bool:
+    """Whether ``node`` may have an effect besides its value: FX's impure nodes, in-place ops
+    (``copy_``, ``x[i] = v``, ``+=``), ``out=`` calls, mutating ops, higher-order ops."""
+    if node.op not in ("call_function", "call_method") or node.is_impure():
+        return True
+    if node.op == "call_function" and getattr(node.target, "__module__", None) in ("operator", "_operator"):
+        return node.target in _IN_PLACE_FUNCTIONS  # operator.and_ is not in place, operator.iand is
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if isinstance(name, str) and name.endswith("_") and not name.endswith("__"):
+        return True
+    if "out" in node.kwargs or isinstance(node.target, torch._ops.HigherOrderOperator):
+        return True
+    return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
+
+
+def erase_unused(graph: fx.Graph) -> int:
+    """Erase the nodes whose values nothing reads and that have no other effect (see
+    ``_may_write``), transitively; returns how many. Unlike ``Graph.eliminate_dead_code``, a write
+    into a buffer (``buf = x.new_empty(...); buf[..., :d].copy_(y)``, DeepSeek-V3's keys) and the
+    values it reads stay."""
+    return erase_dead(graph, [n for n in graph.nodes if not _may_write(n)])
+
+
 # ``node.meta`` key a pass sets on the document boundaries it builds for
 # ``graphopt::varlen_attention`` when each (B, S) row is one document (``cu = arange(B + 1) * S``,
 # mask elision's windowed rewrite of a right-padded batch): later passes (unpad) may then give

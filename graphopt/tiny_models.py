@@ -15,6 +15,9 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "co
 # Families whose point is their sliding-window layers, built only with ``sliding_window=W``
 # (tests of windowed attention); layer 0 slides, layer 1 attends fully.
 WINDOWED_FAMILIES = ("gemma3_text", "cohere2", "exaone4", "gpt_oss")
+# Families whose attention is not plain "RoPE then SDPA" (see ``_variant_fields``): DeepSeek-V3's
+# multi-head latent attention and Llama 4's NoPE layers, chunked layers and qk norm after RoPE.
+VARIANT_FAMILIES = ("deepseek_v3", "llama4_text")
 
 # How each family rotates q/k, read in transformers 5.23 ``models/<family>/modeling_<family>.py``.
 #   "half":        rotate_half pairs dim i with dim i + d/2 (slice, neg, cat) and cos/sin are cat((f, f)).
@@ -22,7 +25,9 @@ WINDOWED_FAMILIES = ("gemma3_text", "cohere2", "exaone4", "gpt_oss")
 #                  cos/sin repeat each frequency twice (repeat_interleave).
 # "partial" is the fraction of head_dim that is rotated in the tiny config; the rest passes through.
 # Cohere also upcasts q/k to fp32 around the rotation. SmolLM3 skips RoPE on every 4th layer (NoPE),
-# which never happens with the 2 tiny layers.
+# which never happens with the 2 tiny layers unless a test asks for it (``no_rope_layers=[1, 0]``:
+# layer 1 without RoPE). DeepSeek-V3 rotates only the last qk_rope_head_dim channels of each head
+# (q = cat(q_nope, rope(q_pe))); Llama 4 rotates adjacent pairs as complex products.
 ROTARY_LAYOUT = {
     "llama": {"layout": "half", "partial": 1.0},
     "mistral": {"layout": "half", "partial": 1.0},
@@ -38,6 +43,8 @@ ROTARY_LAYOUT = {
     "cohere2": {"layout": "interleaved", "partial": 1.0},
     "exaone4": {"layout": "half", "partial": 1.0},
     "gpt_oss": {"layout": "half", "partial": 1.0},
+    "deepseek_v3": {"layout": "interleaved", "partial": 8 / 24},  # rope_interleave, qk_rope_head_dim 8 of 24
+    "llama4_text": {"layout": "interleaved", "partial": 1.0},
 }
 
 TINY_DIMS = dict(
@@ -72,6 +79,9 @@ def _window_fields(family: str, window: int | None, fields: dict) -> dict:
             "sliding_window": fields["max_position_embeddings"],
             "layer_types": ["full_attention"] * fields["num_hidden_layers"],
         }
+    if family == "smollm3":
+        # SmolLM3 slides on its NoPE layers only (none by default: pass no_rope_layers too).
+        return {} if window is None else {"use_sliding_window": True, "sliding_window": window}
     if family in WINDOWED_FAMILIES:
         if window is None:
             raise ValueError(f"tiny {family} is built with sliding_window=W only")
@@ -79,6 +89,33 @@ def _window_fields(family: str, window: int | None, fields: dict) -> dict:
         return {"sliding_window": window, "layer_types": ["sliding_attention", "full_attention"], **experts}
     if window is not None:
         raise ValueError(f"tiny {family} has no sliding-window variant here")
+    return {}
+
+
+def _variant_fields(family: str) -> dict:
+    """Config defaults of the ``VARIANT_FAMILIES``, as small as they build.
+
+    - deepseek_v3: MLA with no q LoRA, a kv latent of 16, per head 16 channels without RoPE and 8
+      with (qk head dim 24; its ``head_dim`` is the rotary dim, which sizes the tables) and values
+      of 12; as many kv heads as query heads (MLA expands the latent per head); layer 0 dense,
+      layer 1 a mixture of 4 routed experts (2 per token).
+    - llama4_text: layer 0 with RoPE (as complex products) and the qk L2 norm after it, chunked
+      attention over chunks of 8 tokens; layer 1 without RoPE (and without the norm), full
+      attention with Llama 4's position-dependent query temperature; 4 experts per layer, 1 per
+      token. ``attention_chunk_size=None`` makes both layers full attention.
+    """
+    if family == "deepseek_v3":
+        return {
+            "num_key_value_heads": TINY_DIMS["num_attention_heads"], "q_lora_rank": None, "kv_lora_rank": 16,
+            "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "head_dim": 8, "v_head_dim": 12, "n_routed_experts": 4,
+            "num_experts_per_tok": 2, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+            "moe_intermediate_size": 32,
+        }
+    if family == "llama4_text":
+        return {
+            "no_rope_layers": [1, 0], "attention_chunk_size": 8, "num_local_experts": 4, "num_experts_per_tok": 1,
+            "intermediate_size_mlp": TINY_DIMS["intermediate_size"],
+        }
     return {}
 
 
@@ -90,15 +127,19 @@ def tiny_config(family: str, **overrides):
     the vocabulary, which Phi3, SmolLM3 and GLM4 need to build), dropout is 0, tie_word_embeddings
     keeps the family's default, and no layer uses a sliding window. ``sliding_window=W`` builds the
     family's windowed variant instead (mistral, phi3: every layer; qwen2: layers >= 1; gemma2 and
-    the ``WINDOWED_FAMILIES``: alternate layers, layer 0 sliding). Other ``overrides`` are passed to the config as they are.
+    the ``WINDOWED_FAMILIES``: alternate layers, layer 0 sliding; smollm3: its NoPE layers, given
+    by ``no_rope_layers``). The ``VARIANT_FAMILIES`` take their defaults from ``_variant_fields``.
+    Other ``overrides`` are passed to the config as they are.
     """
     from transformers import AutoConfig
 
-    if family not in FAMILIES + WINDOWED_FAMILIES:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES + WINDOWED_FAMILIES}")
+    known = FAMILIES + WINDOWED_FAMILIES + VARIANT_FAMILIES
+    if family not in known:
+        raise ValueError(f"unknown family {family!r}; expected one of {known}")
     window = overrides.pop("sliding_window", None)
     fields = dict(TINY_DIMS, pad_token_id=PAD_TOKEN_ID, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID)
     fields["attention_dropout"] = 0.0
+    fields.update(_variant_fields(family))
     fields.update(overrides)
     fields.setdefault("head_dim", fields["hidden_size"] // fields["num_attention_heads"])
     if family == "gemma2":

@@ -142,7 +142,7 @@ class MaskElision:
             if why is None:
                 checkpoint = cand.checkpoints.get(user)
                 tables = outer if checkpoint is None else body_tables(checkpoint, outer)
-                match = match_attention(user.graph.owning_module, user, tables)
+                match = match_attention(user.graph.owning_module, user, tables, allow_unfused=True)
                 why = match if isinstance(match, str) else None
             if why is not None:
                 ctx.report.decline(
@@ -156,7 +156,7 @@ class MaskElision:
 
     def _rewrite_windowed(self, ctx: PassContext, match, cand: MaskCandidate) -> None:
         """``match``'s SDPA becomes ``graphopt::varlen_attention`` with each row one document and
-        ``cand``'s window, RoPE fused. Exact at real positions of a right-padded row (its real
+        ``cand``'s window, RoPE fused where it is proven. Exact at real positions of a right-padded row (its real
         queries see only real keys within the window); a row without padding is exact everywhere."""
         from graphopt.passes.varlen_attention import rewrite_attention
 
@@ -181,7 +181,10 @@ class MaskElision:
             self.name, f"sdpa_{cand.kind.value}",
             f"{name}: attn_mask={cand.node.name} -> per-row attention with window {cand.window} (varlen_attention)",
         )
-        ctx.report.rewrite("rope_fusion", "interleaved" if match.interleaved else "half", f"{name}: RoPE applied inside varlen_attention")
+        if match.fused:
+            ctx.report.rewrite("rope_fusion", "interleaved" if match.interleaved else "half", f"{name}: RoPE applied inside varlen_attention")
+        else:
+            ctx.report.note(f"mask_elision: {name} runs per row with RoPE not fused ({match.unfused})")
 
     def _export(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> None:
         """Record ``cand``, a mask the graph returns, for publication to the graphs that receive it."""

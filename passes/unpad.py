@@ -12,7 +12,7 @@ right-padding guard holds, graphopt knows where the real tokens are: row ``b`` h
 2. runs every token-wise op on (1, T) instead of (B, S) (shape arguments are rewritten where they
    name the batch or sequence dimension), RoPE at each token's own position (0..L_b - 1, exactly
    the positions of the padded graph), and attention as per-document causal varlen attention
-   (:mod:`graphopt.passes.varlen_attention`'s op, RoPE fused); a sliding-window layer, which mask
+   (:mod:`graphopt.passes.varlen_attention`'s op, RoPE fused where it is proven); a sliding-window layer, which mask
    elision already runs as that op with each padded row one document, keeps its window and takes
    the packed boundaries;
 3. scores the loss on the packed tokens: the targets the padded graph computes (HF's label shift
@@ -136,10 +136,11 @@ class Unpad:
         if ctx.adapters_of(PublishMasks):
             ctx.report.decline(self.name, "the graph returns its attention mask to later graphs; the padded layout is kept")
             return None
-        # What the rewrites left unread (a mask no layer uses: all of Gemma 3's layers slide,
-        # yet transformers builds the full mask too) would be tracked, and declined, for nothing.
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
+        # What nothing reads (a mask no layer uses: all of Gemma 3's layers slide, yet
+        # transformers builds the full mask too) would be tracked, and declined, for nothing.
+        # Writes into buffers stay (analysis.erase_unused).
+        if analysis.erase_unused(gm.graph):
+            gm.recompile()
         try:
             plan = _Builder.outer(gm, ctx, guard).build()
         except Decline as e:
@@ -584,9 +585,14 @@ class _Builder:
         for name in ("q", "k", "v"):
             if self._t(arguments[name]) != ("BS", None, None):
                 self._decline(node, f"reads a {name} laid out as {self._t(arguments[name])}, not (tokens, heads, dim)")
-        for name in ("cos", "sin"):
-            if self._t(arguments[name]) != ("BS", None):
-                self._decline(node, f"reads a rotary table {name} laid out as {self._t(arguments[name])}, not (tokens, dim)")
+        if analysis.hint(analysis.example_value(arguments["cos"]).shape[-1]) == 0:  # RoPE not fused: (T, 0) tables
+            q = self._new(arguments["q"])
+            tokens = self.graph.call_method("size", (q, 0))
+            arguments["cos"] = arguments["sin"] = self.graph.call_method("new_zeros", (q, (tokens, 0)))
+        else:
+            for name in ("cos", "sin"):
+                if self._t(arguments[name]) != ("BS", None):
+                    self._decline(node, f"reads a rotary table {name} laid out as {self._t(arguments[name])}, not (tokens, dim)")
         if self._t(arguments.get("sinks")):
             self._decline(node, "reads attention sinks that depend on token values")
         arguments["cu_seqlens"] = self.cu
@@ -645,16 +651,16 @@ class _Builder:
     # -- attention and outputs -------------------------------------------------------------------
 
     def _varlen(self) -> None:
-        """Each SDPA on the tokens becomes per-row varlen attention with RoPE fused, proven on the
+        """Each SDPA on the tokens becomes per-row varlen attention, RoPE fused where proven on the
         padded graph exactly as the packed-sequence pass proves it."""
         for sdpa in self.sdpas:
-            match = match_attention(self.gm, sdpa, self.tables)
+            match = match_attention(self.gm, sdpa, self.tables, allow_unfused=True)
             if isinstance(match, str):
                 raise Decline(f"{sdpa.name}: {match}")
             rewrite_attention(self.ctx, match.mapped(lambda n: self.env[n]), self.cu, report=False)
             self.attention_calls += 1
         if self.sdpas:
-            self.rewritten.append("attention per row (varlen, RoPE fused)")
+            self.rewritten.append("attention per row (varlen)")
 
     def _output(self, node: fx.Node) -> None:
         if self.is_body:  # packed values go back to the caller

@@ -16,6 +16,15 @@ document boundaries are derived once per graph, on the device and with static sh
 :func:`cu_seqlens_from_position_ids`, using the same rule the mask was proven to follow, so the
 rewrite is exact for every ``position_ids`` and needs no runtime guard.
 
+Where q and k are not proven RoPE of a projection (a layer without RoPE, a norm after RoPE as in
+Llama 4, MLA's ``cat(q_nope, rope(q_pe))``, a RoPE written as complex products), per-document
+attention is just as exact, since the mask alone says which keys a query sees: the op then reads
+the SDPA's own q and (unrepeated) k/v with empty rotary tables, RoPE not fused, and the report
+notes why::
+
+    sdpa(q, k, repeat_kv(xv), attn_mask=block_causal(position_ids))
+        -> graphopt::varlen_attention(q, k, xv, empty, empty, cu_seqlens, S, scale, False)
+
 A mask received from an earlier graph (:mod:`graphopt.handoff`) is rewritten the same way in the
 ``"packed"`` version of the graph (``PassContext.received_as``): the rotary tables are then inputs
 too, and the document boundaries arrive as an extra input, computed from the ``position_ids`` the
@@ -24,11 +33,12 @@ mask was published with, behind a :class:`~graphopt.handoff.HandedOffPackedGuard
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from graphopt import analysis
 from graphopt.guards import Guard
@@ -66,25 +76,36 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch: int) -> torc
 
 @dataclass
 class AttentionMatch:
-    """An SDPA call proven to be causal attention over rotated q/k and (repeated) v."""
+    """An SDPA call proven to be attention over rotated q/k and (repeated) v, or, with ``cos`` and
+    ``sin`` None, over its own q and k (RoPE not fused, ``unfused`` says why) and (repeated) v."""
 
     sdpa: fx.Node
-    xq: fx.Node  # (B, Hq, S, D), before RoPE
-    xk: fx.Node  # (B, Hkv, S, D), before RoPE and the head repeat
+    xq: fx.Node  # (B, Hq, S, D), before RoPE (the SDPA's query when RoPE is not fused)
+    xk: fx.Node  # (B, Hkv, S, D), before RoPE and the head repeat (after RoPE when not fused)
     xv: fx.Node  # (B, Hkv, S, Dv)
-    cos: fx.Node  # (B|1, 1, S, R) rotary tables
-    sin: fx.Node
+    cos: fx.Node | None  # (B|1, 1, S, R) rotary tables; None: RoPE not fused
+    sin: fx.Node | None
     interleaved: bool
     fp32_tables: bool  # the rotation runs in fp32 on upcast q/k (Cohere): pass the tables as fp32
     scale: float
     region: list[fx.Node]  # nodes that become dead after the rewrite
+    unfused: str | None = None  # why RoPE is not fused (a decline reason of the RoPE proof)
+
+    @property
+    def fused(self) -> bool:
+        """Whether RoPE runs inside the op (the rotary tables are known)."""
+        return self.cos is not None
 
     def mapped(self, counterpart: Callable[[fx.Node], fx.Node]) -> AttentionMatch:
         """This match in a copy of its graph: ``counterpart`` gives each node's copy."""
+        def table(node: fx.Node | None) -> fx.Node | None:
+            return None if node is None else counterpart(node)
+
         return AttentionMatch(
             sdpa=counterpart(self.sdpa), xq=counterpart(self.xq), xk=counterpart(self.xk), xv=counterpart(self.xv),
-            cos=counterpart(self.cos), sin=counterpart(self.sin), interleaved=self.interleaved,
+            cos=table(self.cos), sin=table(self.sin), interleaved=self.interleaved,
             fp32_tables=self.fp32_tables, scale=self.scale, region=[counterpart(n) for n in self.region],
+            unfused=self.unfused,
         )
 
 
@@ -116,8 +137,10 @@ class VarlenAttention:
                 self._received(gm, ctx, cand)
             if cand.kind.unwindowed != MaskKind.PACKED_CAUSAL:
                 continue
-            if cand.additive_users:
-                ctx.report.decline(self.name, "packed eager attention (softmax of scores + mask) is not rewritten; the mask is kept")
+            if cand.additive_users:  # eager attention (softcap, sinks): graphopt.passes.eager_attention
+                from graphopt.passes.eager_attention import rewrite_packed_eager
+
+                rewrite_packed_eager(gm, ctx, cand)
                 continue
             matches = self._matches(ctx, cand, TableAnalysis(gm, {cand.input}))
             if not matches:
@@ -137,7 +160,7 @@ class VarlenAttention:
         for sdpa in cand.sdpa_users:
             checkpoint = cand.checkpoints.get(sdpa)
             tables = outer if checkpoint is None else body_tables(checkpoint, outer)
-            match = match_attention(sdpa.graph.owning_module, sdpa, tables)
+            match = match_attention(sdpa.graph.owning_module, sdpa, tables, allow_unfused=True)
             if isinstance(match, str):
                 ctx.report.decline(self.name, f"{sdpa.name}: {match}")
             else:
@@ -213,12 +236,13 @@ def rewrite_attention(
     ctx: PassContext, match: AttentionMatch, cu_seqlens: fx.Node, *, report: bool = True, window: int | None = None
 ) -> None:
     """Replace ``match.sdpa`` by ``graphopt::varlen_attention`` of the unrotated q/k/v and the
-    rotary tables of ``match`` (RoPE fused, no head repeat), and erase what is left dead of the
-    region. ``cu_seqlens``, a node of the SDPA's graph: the int32 document boundaries over the
-    B*S tokens flattened (:func:`cu_seqlens_from_position_ids`). With a ``window``, each query
-    sees its last ``window`` keys of its document (a sliding mask). ``report``: report the
-    rewrite (``varlen_attention`` and ``rope_fusion``); a pass that reports it as its own passes
-    False."""
+    rotary tables of ``match`` (RoPE fused, no head repeat), or of its q, k and v with empty
+    (B*S, 0) tables when RoPE is not fused, and erase what is left dead of the region.
+    ``cu_seqlens``, a node of the SDPA's graph: the int32 document boundaries over the B*S tokens
+    flattened (:func:`cu_seqlens_from_position_ids`). With a ``window``, each query sees its last
+    ``window`` keys of its document (a sliding mask). ``report``: report the rewrite
+    (``varlen_attention``, and ``rope_fusion`` or a note saying why RoPE is not fused); a pass
+    that reports it as its own passes False."""
     graph = match.sdpa.graph
     new: list[fx.Node] = []
 
@@ -237,11 +261,15 @@ def rewrite_attention(
             t = call("call_method", "transpose", x, 1, 2)
             flat.append(call("call_method", "flatten", call("call_method", "contiguous", t), 0, 1))
         tables = []
-        for table in (match.cos, match.sin):  # (B|1, 1, S, R) -> (B*S, R)
+        for table in (match.cos, match.sin) if match.fused else ():  # (B|1, 1, S, R) -> (B*S, R)
             if match.fp32_tables:
                 table = call("call_method", "float", table)
             expanded = call("call_method", "expand", table, batch, 1, seq, -1)
             tables.append(call("call_method", "flatten", call("call_method", "select", expanded, 1, 0), 0, 1))
+        if not match.fused:  # R = 0: the op rotates nothing
+            tokens = call("call_method", "size", flat[0], 0)
+            empty = call("call_method", "new_zeros", flat[0], (tokens, 0))
+            tables = [empty, empty]
         options = () if window is None else (window,)  # the op's window argument (default -1: none)
         out = call(
             "call_function", torch.ops.graphopt.varlen_attention.default,
@@ -254,17 +282,27 @@ def rewrite_attention(
     match.sdpa.replace_all_uses_with(result)
     graph.erase_node(match.sdpa)
     analysis.erase_dead(graph, match.region)
-    if not report:  # the caller (graphopt.passes.unpad) reports the rewrite as its own
+    if report:  # else the caller (graphopt.passes.unpad, mask elision) reports the rewrite as its own
+        _report_rewrite(ctx, match, window)
+
+
+def _report_rewrite(ctx: PassContext, match: AttentionMatch, window: int | None) -> None:
+    """``varlen_attention/sdpa_packed[_sliding][_unfused]``, and ``rope_fusion/<layout>`` where
+    RoPE runs inside the op, else a note with the reason it does not."""
+    name = match.sdpa.name
+    rule = "sdpa_packed" if window is None else "sdpa_packed_sliding"
+    what = "block-causal mask" if window is None else f"block-causal mask with a sliding window of {window}"
+    into = "per-document attention" if window is None else f"per-document attention, window {window}"
+    if match.fused:
+        ctx.report.rewrite(VarlenAttention.name, rule, f"{name}: {what} -> {into}")
+        layout = "interleaved" if match.interleaved else "half"
+        ctx.report.rewrite("rope_fusion", layout, f"{name}: RoPE applied inside varlen_attention")
         return
-    if window is None:
-        ctx.report.rewrite(VarlenAttention.name, "sdpa_packed", f"{match.sdpa.name}: block-causal mask -> per-document attention")
-    else:
-        ctx.report.rewrite(
-            VarlenAttention.name, "sdpa_packed_sliding",
-            f"{match.sdpa.name}: block-causal mask with a sliding window of {window} -> per-document attention, window {window}",
-        )
-    layout = "interleaved" if match.interleaved else "half"
-    ctx.report.rewrite("rope_fusion", layout, f"{match.sdpa.name}: RoPE applied inside varlen_attention")
+    ctx.report.rewrite(VarlenAttention.name, f"{rule}_unfused", f"{name}: {what} -> {into} over its own q and k")
+    ctx.report.note(
+        f"varlen_attention: {name} runs per document with RoPE not fused ({match.unfused}): "
+        "q and k enter varlen_attention as the SDPA received them"
+    )
 
 
 class TableAnalysis:
@@ -276,6 +314,9 @@ class TableAnalysis:
     - ``hidden``: the other nodes whose values depend on an input.
     - ``token_inputs``: the placeholders, sources aside, that carry tokens or trainable state
       (int ids, parameters); float buffers such as ``inv_freq`` do not.
+    - ``written``: the storages that an in-place op of the graph writes into (DeepSeek-V3 builds
+      its key with ``new_empty`` and two ``key[..., a:b].copy_(...)``): a probe of the function
+      that computes a node of such a storage would not see the write, so none is probed.
 
     A node descends from the sources when its value depends on a source placeholder (the
     positions input, or a checkpoint body's placeholders that receive tables). With
@@ -304,6 +345,25 @@ class TableAnalysis:
         self.token_inputs = {
             p for p in gm.graph.nodes if p.op == "placeholder" and p not in sources and _carries_tokens(p)
         }
+        self.written = {
+            storage for n in gm.graph.nodes if analysis.is_mutation(n) and n.args
+            for storage in [_storage(n.args[0])] if storage is not None
+        }
+
+    def written_in_place(self, nodes: Iterable[fx.Node]) -> bool:
+        """Whether an in-place op writes into the storage of one of ``nodes`` (or of a view of it)."""
+        return any(_storage(n) in self.written for n in nodes)
+
+
+def _storage(node) -> StorageWeakRef | None:
+    """The storage of ``node``'s tensor value (views share it), or None."""
+    val = analysis.example_value(node) if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    try:
+        return StorageWeakRef(val.untyped_storage())
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def body_tables(checkpoint: fx.Node, outer: TableAnalysis) -> TableAnalysis:
@@ -335,7 +395,10 @@ def _dominators(node: fx.Node, tables: TableAnalysis):
     """Hidden-dependent ancestors of ``node`` (nearest first) through which every path from the
     graph's token/parameter inputs to ``node`` passes."""
     order = {n: i for i, n in enumerate(node.graph.nodes)}
-    ancestors = [n for n in analysis.backward_slice(node) if n in tables.hidden and n is not node]
+    ancestors = [
+        n for n in analysis.backward_slice(node)
+        if n in tables.hidden and n is not node and isinstance(analysis.example_value(n), torch.Tensor)
+    ]
     ancestors.sort(key=order.__getitem__, reverse=True)
     tried = 0
     for cand in ancestors:
@@ -381,7 +444,7 @@ def _probe_rope(gm, node: fx.Node, x: fx.Node, leaves: list[fx.Node], others: Se
     """(cos, sin, interleaved) such that node == rope(x, cos, sin), or None. ``others`` are further
     inputs of the region (the key, when one op rotates query and key): ``node`` must not depend on
     them, which two draws of their values check."""
-    if len(leaves) != 2:
+    if len(leaves) != 2 or not isinstance(analysis.example_value(x), torch.Tensor):
         return None
     for leaf in leaves:  # HF's unsqueeze_dim=1 layout: (B|1, 1, S, R)
         lv = analysis.example_value(leaf)
@@ -432,24 +495,35 @@ def _probe_repeat(gm, node: fx.Node, x: fx.Node, n_rep: int) -> bool:
 def _unrepeated(gm, node: fx.Node, tables: TableAnalysis, heads: int) -> tuple[fx.Node, list[fx.Node]] | None:
     """The (B, Hkv, S, D) tensor that ``node`` repeats up to ``heads`` heads (``repeat_kv``), or
     ``node`` itself when it is not such a repeat (no GQA, or SDPA's ``enable_gqa``)."""
-    node_heads = analysis.hint(analysis.example_value(node).shape[1])
-    for dom in _dominators(node, tables):
+    val = analysis.example_value(node)
+    if not isinstance(val, torch.Tensor) or val.dim() != 4:
+        return None
+    node_heads = analysis.hint(val.shape[1])
+    for dom in () if tables.written_in_place([node]) else _dominators(node, tables):
         val = analysis.example_value(dom)
-        if not isinstance(val, torch.Tensor) or val.dim() != 4:
+        if val.dim() != 4:
             continue
         kv_heads = analysis.hint(val.shape[1])
-        if 0 < kv_heads < node_heads and node_heads % kv_heads == 0 and _probe_repeat(gm, node, dom, node_heads // kv_heads):
-            _, region = _region_leaves(node, dom, tables)
+        if not (0 < kv_heads < node_heads and node_heads % kv_heads == 0):
+            continue
+        _, region = _region_leaves(node, dom, tables)
+        if not tables.written_in_place([dom, *region]) and _probe_repeat(gm, node, dom, node_heads // kv_heads):
             return dom, region
     if heads % node_heads == 0:
         return node, []
     return None
 
 
-def match_attention(gm: fx.GraphModule, sdpa: fx.Node, tables: TableAnalysis) -> AttentionMatch | str:
+def match_attention(
+    gm: fx.GraphModule, sdpa: fx.Node, tables: TableAnalysis, *, allow_unfused: bool = False
+) -> AttentionMatch | str:
     """The proof that ``sdpa``, a node of ``gm``, attends over RoPE of q and k and (head-repeated)
     v, found by probing (see the module docstring) with ``tables``, ``gm``'s
-    :class:`TableAnalysis`; else why not, a decline reason. Its mask is the caller's to prove."""
+    :class:`TableAnalysis`; else why not, a decline reason. Its mask is the caller's to prove.
+
+    With ``allow_unfused``, q and k not proven RoPE of a projection are taken as the SDPA
+    receives them (RoPE not fused, the reason in ``unfused``): only the shapes and the head
+    repeat of k/v are proven then."""
     args = analysis.sdpa_arguments(sdpa)
     if args["dropout_p"] not in (0, 0.0):
         return "attention dropout is not supported by varlen_attention"
@@ -463,20 +537,44 @@ def match_attention(gm: fx.GraphModule, sdpa: fx.Node, tables: TableAnalysis) ->
         return "the attention scale is not a constant"
 
     rope_q = _find_rope(gm, q, tables)
-    if rope_q is None:
-        return "could not prove the query is RoPE of a projection"
-    xq, cos, sin, interleaved, region_q, fp32_math = rope_q
-
+    if rope_q is None and not allow_unfused:
+        return _NO_ROPE_QUERY
     k_src = _unrepeated(gm, k, tables, heads)
     v_src = _unrepeated(gm, v, tables, heads)
     if k_src is None or v_src is None:
         return "could not prove key/value are a head repeat of projections"
     k_embed, region_k = k_src
     xv, region_v = v_src
+    why = _shapes_mismatch(q, k_embed, xv)
+    if why is not None:
+        return why
+    rope = _NO_ROPE_QUERY if rope_q is None else _rope_of_key(gm, rope_q, k_embed, xv, qv, tables)
+    if isinstance(rope, str) and not allow_unfused:
+        return rope
+    if isinstance(rope, str):
+        return AttentionMatch(
+            sdpa=sdpa, xq=q, xk=k_embed, xv=xv, cos=None, sin=None, interleaved=False, fp32_tables=False,
+            scale=float(scale), region=list(dict.fromkeys(region_k + region_v)), unfused=rope,
+        )
+    xk, cos, sin, interleaved, fp32_math, region_rope = rope
+    xq, region_q = rope_q[0], rope_q[4]
+    return AttentionMatch(
+        sdpa=sdpa, xq=xq, xk=xk, xv=xv, cos=cos, sin=sin, interleaved=interleaved, fp32_tables=fp32_math,
+        scale=float(scale), region=list(dict.fromkeys(region_q + region_k + region_rope + region_v)),
+    )
+
+
+_NO_ROPE_QUERY = "could not prove the query is RoPE of a projection"
+
+
+def _rope_of_key(gm, rope_q, k_embed: fx.Node, xv: fx.Node, qv: torch.Tensor, tables: TableAnalysis):
+    """(xk, cos, sin, interleaved, fp32_math, region) when ``k_embed`` is RoPE of a projection by
+    the query's tables (``rope_q``, :func:`_find_rope`'s), else why not."""
+    xq, cos, sin, interleaved, _, fp32_math = rope_q
     rope_k = _find_rope(gm, k_embed, tables)
     if rope_k is None:
         return "could not prove the key is RoPE of a projection"
-    xk, cos_k, sin_k, interleaved_k, region_k2, fp32_math_k = rope_k
+    xk, cos_k, sin_k, interleaved_k, region_k, fp32_math_k = rope_k
     if (cos_k, sin_k, interleaved_k, fp32_math_k) != (cos, sin, interleaved, fp32_math):
         return "query and key use different rotary tables"
     if not _dtype(xq) == _dtype(xk) == _dtype(xv):
@@ -485,10 +583,26 @@ def match_attention(gm: fx.GraphModule, sdpa: fx.Node, tables: TableAnalysis) ->
         tv = analysis.example_value(table)
         if tv.dim() != 4 or analysis.hint(tv.shape[1]) != 1 or analysis.hint(tv.shape[0]) not in (1, analysis.hint(qv.shape[0])):
             return f"rotary table {table.name} is {tuple(tv.shape)}, not (batch, 1, seq, rotary_dim)"
-    return AttentionMatch(
-        sdpa=sdpa, xq=xq, xk=xk, xv=xv, cos=cos, sin=sin, interleaved=interleaved, fp32_tables=fp32_math,
-        scale=float(scale), region=list(dict.fromkeys(region_q + region_k + region_k2 + region_v)),
+    return xk, cos, sin, interleaved, fp32_math, region_k
+
+
+def _shapes_mismatch(q: fx.Node, k: fx.Node, v: fx.Node) -> str | None:
+    """Why (B, Hq, S, D) q, (B, Hkv, S, D) k and (B, Hkv, S, Dv) v, with Hkv dividing Hq, do not
+    fit varlen_attention, or None when they do."""
+    qv, kv, vv = (analysis.example_value(n) for n in (q, k, v))
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (kv, vv)):
+        return "key/value are not (batch, heads, seq, dim)"
+    fits = (
+        all(_same_size(a, b) for a, b in zip((*qv.shape[:1], *qv.shape[2:]), (*kv.shape[:1], *kv.shape[2:])))
+        and all(_same_size(a, b) for a, b in zip(kv.shape[:3], vv.shape[:3]))
+        and analysis.hint(kv.shape[1]) > 0 and analysis.hint(qv.shape[1]) % analysis.hint(kv.shape[1]) == 0
+        and qv.dtype == kv.dtype == vv.dtype
     )
+    if not fits:
+        shapes = ", ".join(str(tuple(t.shape)) for t in (qv, kv, vv))
+        dtypes = ", ".join(str(t.dtype) for t in (qv, kv, vv))
+        return f"query, key and value are {shapes} ({dtypes}), not (B, Hq, S, D), (B, Hkv, S, D), (B, Hkv, S, Dv) of one dtype"
+    return None
 
 
 def _find_rope(gm, node: fx.Node, tables: TableAnalysis):
@@ -497,6 +611,8 @@ def _find_rope(gm, node: fx.Node, tables: TableAnalysis):
     once (Cohere), which the op reproduces when given fp32 tables."""
     for dom in _dominators(node, tables):
         leaves, region = _region_leaves(node, dom, tables)
+        if tables.written_in_place([node, dom, *region]):
+            continue
         found = _probe_rope(gm, node, dom, leaves)
         if found is not None:
             cos, sin, interleaved = found
@@ -523,6 +639,8 @@ def _find_rope_among_inputs(gm, node: fx.Node, tables: TableAnalysis):
     else:
         return None
     leaves, region = _region_leaves(node, set(hidden), tables)
+    if tables.written_in_place([node, *hidden, *region]):
+        return None
     for x in hidden:
         found = _probe_rope(gm, node, x, leaves, others=[o for o in hidden if o is not x])
         if found is not None:

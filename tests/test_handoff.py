@@ -246,5 +246,6 @@ def test_a_returned_sliding_mask_is_published_with_its_window():
     [published] = ctx.adapters_of(PublishMasks)
     assert (published.kind, published.window) == (MaskKind.SLIDING_CAUSAL_PADDING, 3)
     assert report.counts["mask_handoff"] == 1 and 3 in handoff.expected_windows()
-    # its own SDPA reads unrotated q/k: no windowed rewrite here, the mask stays, said
-    assert any("sliding window of 3 tokens" in d.reason for d in report.declines)
+    # its own SDPA (q/k without RoPE) runs per row with the window, RoPE not fused
+    assert [(r.name, r.rule) for r in report.rewrites].count(("mask_elision", "sdpa_sliding_causal_padding")) == 1, report.rewrites
+    assert any("RoPE not fused" in n for n in report.notes), report.notes

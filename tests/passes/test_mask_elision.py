@@ -116,10 +116,10 @@ def test_padded_outputs_unused_elides_in_eval():
     assert report.counts["mask_elision"] == N_LAYERS and report.runtime["fast_path"] == 1
 
 
-def test_a_sliding_mask_whose_attention_is_not_over_rotated_queries_is_kept():
-    """SDPA has no window argument: a sliding mask is dropped only where its attention can run as
-    windowed per-row varlen attention, which needs q/k proven RoPE of a projection. Here q and k
-    are plain inputs: declined with the reason, the mask kept, no guard registered. (Windowed
+def test_a_sliding_mask_over_queries_without_rope_runs_per_row_unfused():
+    """SDPA has no window argument: a sliding mask is dropped where its attention runs as windowed
+    per-row varlen attention. Here q and k are plain inputs (no RoPE to fuse): the op reads them
+    as they are, behind the right-padding guard, and a note says RoPE is not fused. (Windowed
     layers of real models are tested in tests/passes/test_sliding_windows.py.)"""
     from graphopt.inspection import GraphReport
     from graphopt.options import GraphoptOptions
@@ -131,12 +131,21 @@ def test_a_sliding_mask_whose_attention_is_not_over_rotated_queries_is_kept():
         band = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - 3)
         return band[None, None] & am.bool()[:, None, None, :]
 
-    gm = capture(sdpa_with(sliding), *qkv(), torch.ones(B, S, dtype=torch.int64))
+    args = (*qkv(), torch.ones(B, S, dtype=torch.int64))
+    gm = capture(sdpa_with(sliding), *args)
     report = GraphReport(graph_id=0, before="", quiet=True)
     work, ctx = run_passes(gm, GraphoptOptions(padded_outputs_unused=True), report)
-    assert report.counts.get("mask_elision", 0) == 0 and ctx.guards == []
-    assert any("a sliding window of 3 tokens" in d.reason and "cannot run as windowed per-row attention" in d.reason for d in report.declines), report.declines
-    assert "attn_mask" in work.code
+    assert [(r.name, r.rule) for r in report.rewrites] == [("mask_elision", "sdpa_sliding_causal_padding")], report.rewrites
+    assert [g.name for g in ctx.guards] == ["right_padding"]
+    assert any("RoPE not fused" in n for n in report.notes), report.notes
+    assert "attn_mask" not in work.code and "graphopt.varlen_attention" in work.code
+    am = args[-1].clone()
+    am[1, S // 2 :] = 0  # right padding: equal at the real queries of every row
+    by_name = dict(zip("qkv", args[:-1]), am=am)
+    inputs = [by_name[p.name.removeprefix("l_").removesuffix("_")] for p in gm.graph.find_nodes(op="placeholder")]
+    (expected,), (got,) = gm(*inputs), work(*inputs)
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1, :, : S // 2], expected[1, :, : S // 2])
 
 
 def test_eager_sliding_layers_add_a_constant_banded_mask():

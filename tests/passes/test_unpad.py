@@ -282,3 +282,25 @@ def test_packing_indices_follow_the_rows():
 )
 def test_view_tags(in_shape, in_tags, out_shape, expected):
     assert _view_tags(list(in_shape), in_tags, list(out_shape), 2, 6) == expected
+
+
+def test_only_unread_values_without_effects_are_erased_before_unpadding():
+    """Unpad first erases what nothing reads (an unused mask), never a write into a buffer whose
+    node has no users (DeepSeek-V3 fills its key with copy_ into new_empty)."""
+    import torch.fx as fx
+
+    from graphopt import analysis
+
+    def fn(x):
+        buf = x.new_empty(4, 6)
+        buf[:, :3].copy_(x)
+        buf[:, 3:].mul_(0).add_(x * 2)
+        unused = (x.sum(-1) <= 3) & (x.amax(-1) > 0)  # noqa: F841
+        return buf
+
+    gm = fx.symbolic_trace(fn)
+    assert analysis.erase_unused(gm.graph) == 5  # sum, le, amax, gt and the &
+    gm.recompile()
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(gm(x), fn(x), rtol=0, atol=0)
+    assert "copy_" in gm.code and "add_" in gm.code and "amax" not in gm.code

@@ -1,0 +1,140 @@
+"""Packed batches over attention that is not "RoPE then SDPA": layers without RoPE (EXAONE 4's and
+Cohere 2's full layers, SmolLM3's and Llama 4's NoPE layers), a norm after RoPE (Llama 4's qk
+norm), RoPE as complex products (Llama 4) and multi-head latent attention (DeepSeek-V3: q =
+cat(q_nope, rope(q_pe)), a key written in place, qk head dim 24 and value head dim 12).
+
+The mask alone says which keys a query sees, so these layers run per-document attention too, over
+the SDPA's own q and k with RoPE not fused (``varlen_attention/sdpa_packed[_sliding]_unfused``,
+and a note saying why); layers whose RoPE is proven keep it fused. Eager HF vs
+``backend="graphopt"`` on one training step, comparing the loss, the logits and every parameter
+gradient, with each layer's rewrite asserted; windows (4) and chunks (8) are shorter than some
+documents. Also checkpointed (DeepSeek-V3) and split into a graph per layer (SmolLM3, the mask
+received from an earlier graph); padded batches and a cache still get no per-document attention.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphopt.tiny_models import build_tiny_model, make_batch
+from tests.support.harness import CompiledModel, assert_steps_equal, enable_checkpointing, real_positions
+from tests.support.tolerances import tol
+
+SEQ, ROWS, WINDOW, CHUNK = 24, 2, 4, 8
+RULES = ("sdpa_packed", "sdpa_packed_sliding", "sdpa_packed_unfused", "sdpa_packed_sliding_unfused")
+
+# name -> (family, config overrides, {varlen rule: layers}, layers with RoPE fused, SDPA calls left
+# with their mask). Every tiny config has 2 layers.
+VARIANTS = {
+    # layer 0 slides (RoPE), layer 1 attends fully without RoPE
+    "exaone4": ("exaone4", {"sliding_window": WINDOW}, {"sdpa_packed_sliding": 1, "sdpa_packed_unfused": 1}, 1, 0),
+    "cohere2": ("cohere2", {"sliding_window": WINDOW}, {"sdpa_packed_sliding": 1, "sdpa_packed_unfused": 1}, 1, 0),
+    # layer 1 without RoPE, full or (use_sliding_window) sliding
+    "smollm3_nope": ("smollm3", {"no_rope_layers": [1, 0]}, {"sdpa_packed": 1, "sdpa_packed_unfused": 1}, 1, 0),
+    "smollm3_nope_sliding": (
+        "smollm3", {"no_rope_layers": [1, 0], "sliding_window": WINDOW},
+        {"sdpa_packed": 1, "sdpa_packed_sliding_unfused": 1}, 1, 0,
+    ),
+    "deepseek_v3": ("deepseek_v3", {}, {"sdpa_packed_unfused": 2}, 0, 0),
+    # layer 0: complex RoPE then the qk norm; layer 1: NoPE with the query temperature
+    "llama4_text_full": ("llama4_text", {"attention_chunk_size": None}, {"sdpa_packed_unfused": 2}, 0, 0),
+    # layer 0 attends in chunks of CHUNK tokens: that mask is not block-causal and is kept
+    "llama4_text_chunked": ("llama4_text", {"attention_chunk_size": CHUNK}, {"sdpa_packed_unfused": 1}, 0, 1),
+}
+
+
+def packed() -> dict:
+    return make_batch("packed", batch=ROWS, seq=SEQ, seed=3) | {"use_cache": False}
+
+
+def _document_lengths(position_ids: torch.Tensor) -> list[int]:
+    return [
+        length for row in position_ids
+        for length in torch.diff(torch.nonzero(row == 0).flatten(), append=torch.tensor([row.numel()])).tolist()
+    ]
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request):
+    family, overrides, *_ = VARIANTS[request.param]
+    torch.manual_seed(0)
+    return request.param, CompiledModel(build_tiny_model(family, **overrides))
+
+
+def test_every_layer_with_a_packed_mask_runs_per_document_attention(variant):
+    name, cm = variant
+    _, _, rules, fused, masked = VARIANTS[name]
+    batch = packed()
+    lengths = _document_lengths(batch["position_ids"])
+    assert max(lengths) > CHUNK > WINDOW >= min(lengths), lengths  # windows and chunks cut some documents only
+    eager, compiled, report = cm.step(batch)
+    assert_steps_equal(eager, compiled)
+    torch.testing.assert_close(compiled.logits, eager.logits, **tol(torch.float32))
+    for rule in RULES:
+        assert report.rule_counts[("varlen_attention", rule)] == rules.get(rule, 0), (rule, report)
+    assert report.counts["rope_fusion"] == fused, report
+    unfused = sum(n for rule, n in rules.items() if rule.endswith("_unfused"))
+    notes = [n for g in report.graphs for n in g.notes if "RoPE not fused" in n]
+    assert len(notes) == unfused, notes  # each says why, as a note: nothing is lost on the mask
+    assert not [r for n, r in report.declines if n == "varlen_attention"], report.declines
+    code = "\n".join(report.graph_code("after"))
+    assert code.count("torch.ops.graphopt.varlen_attention") == sum(rules.values())
+    assert code.count("scaled_dot_product_attention") == masked, code
+    assert report.guards == []  # the document rule is proven for every input
+    if masked:  # a mask that is kept is named with its reason (Llama 4's chunked attention)
+        (reason,) = [r for n, r in report.declines if n == "mask_elision" and "chunked" in r]
+        assert "neither causal ∧ padding nor packed block-causal" in reason, reason
+
+
+def test_mla_inside_checkpointed_layers_runs_per_document():
+    """DeepSeek-V3 with activation checkpointing: each layer's body (its key written in place)
+    runs per-document attention, and the backward's recomputation runs the rewritten body."""
+    model = build_tiny_model("deepseek_v3")
+    enable_checkpointing(model, use_reentrant=False)
+    cm = CompiledModel(model)
+    eager, compiled, report = cm.step(packed())
+    assert_steps_equal(eager, compiled)
+    assert report.rule_counts[("varlen_attention", "sdpa_packed_unfused")] == 2, report
+    code = "\n".join(report.graph_code("after"))
+    assert "tag_activation_checkpoint" in code and "scaled_dot_product_attention" not in code
+
+
+@pytest.mark.slow
+def test_a_received_packed_mask_runs_a_layer_without_rope_per_document():
+    """Split per layer (a graph break before each), SmolLM3's NoPE layer reads the packed mask
+    built by an earlier graph: its received-packed version runs per document too, RoPE not fused."""
+    model = build_tiny_model("smollm3", no_rope_layers=[1, 0])
+    for layer in model.model.layers:
+        layer.register_forward_pre_hook(torch._dynamo.disable(lambda module, args: None))
+    cm = CompiledModel(model)
+    eager, compiled, report = cm.step(packed())
+    assert_steps_equal(eager, compiled)
+    assert report.runtime["received_packed"] == 2 and not report.runtime.get("fallback"), report
+    notes = [n for g in cm.compile_reports for n in g.notes if "runs its 1 attention call(s) per document" in n]
+    assert len(notes) == 2, [n for g in cm.compile_reports for n in g.notes]  # each layer's graph, NoPE included
+
+
+def test_padded_mla_batches_are_not_packed_and_fall_back_when_left_padded():
+    """Negative: a right-padded DeepSeek-V3 batch has a padding mask, not a packed one: no
+    per-document attention (mask elision's is_causal instead), exact at real positions; a left-padded
+    batch on the same graph takes the exact masked path."""
+    cm = CompiledModel(build_tiny_model("deepseek_v3"))
+    right = make_batch("right", batch=ROWS, seq=SEQ, seed=5) | {"use_cache": False}
+    eager, compiled, report = cm.step(right)
+    assert_steps_equal(eager, compiled, real_positions=real_positions(right))
+    assert report.counts["varlen_attention"] == 0, report
+    assert report.rule_counts[("mask_elision", "sdpa_causal_padding")] == 2, report
+    left = make_batch("left", batch=ROWS, seq=SEQ, seed=4) | {"use_cache": False}
+    eager, compiled, report = cm.step(left)
+    assert_steps_equal(eager, compiled)
+    assert report.runtime["fallback"] == 1 and report.runtime["failed:right_padded"] == 1, report
+
+
+def test_with_a_cache_documents_of_a_nope_model_attend_to_each_other_and_nothing_is_rewritten():
+    """Negative: with a cache object transformers builds a plain causal mask over the packed row
+    (documents see each other), which is not block-causal: no per-document attention."""
+    cm = CompiledModel(build_tiny_model("smollm3", no_rope_layers=[1, 0]))
+    eager, compiled, report = cm.step(make_batch("packed", batch=ROWS, seq=SEQ, seed=3))
+    assert_steps_equal(eager, compiled)
+    assert report.counts["varlen_attention"] == 0, report
