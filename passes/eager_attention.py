@@ -24,6 +24,9 @@ and sinks. The unrotated q/k and the unrepeated k/v come from the SDPA path's pr
 (:func:`graphopt.passes.varlen_attention.match_attention`); where RoPE cannot be proven the op
 takes the rotated q/k with empty (T, 0) rotary tables (RoPE not fused).
 
+Mask elision uses the same proof for padded batches (:func:`rewrite_eager_rows`): each row one
+document, behind its right-padding guard, with the boundaries marked for unpadding.
+
 A masked entry must be exactly 0 after the softmax (transformers' masked value ``finfo.min``
 makes it so; see ``_UNDERFLOW``): then per-document attention is the same sum.
 """
@@ -176,6 +179,28 @@ def rewrite_packed_eager(gm: fx.GraphModule, ctx: PassContext, cand: MaskCandida
             cus[graph] = _insert_cu_seqlens(positions, found.output, source.xq)
         _call_varlen(ctx, found, source, cus[graph], cand.window)
     retire_mask(gm, ctx, cand)
+
+
+def rewrite_eager_rows(ctx: PassContext, cand: MaskCandidate, add: fx.Node, tables: TableAnalysis, boundaries) -> str | tuple[str, str]:
+    """Per-row attention, each row of the batch one document, for the eager attention that adds
+    the (causal, padded, sliding) mask ``cand`` at ``add``: ``graphopt::varlen_attention`` with
+    the mask's window and the attention's softcap and sinks. ``tables``: ``add``'s graph's
+    :class:`TableAnalysis` (for the RoPE proof); ``boundaries(graph, before, xq)``: the caller's
+    (B*S + 1,) row boundaries node, inserted before ``before``. Mask elision calls it behind its
+    guards. Returns (what the rewrite did, its RoPE layout or "" when not fused), else why not."""
+    owner = add.graph.owning_module
+    found = match_eager_attention(owner, add, cand.seen_as.get(add, cand.node), cand.masked_value)
+    source = found if isinstance(found, str) else _unrotated(owner, found, tables)
+    if isinstance(source, str):
+        return source
+    cu = boundaries(found.output.graph, found.output, source.xq)
+    _call_varlen(ctx, found, source, cu, cand.window, report=False)
+    extras = [f"softcap {found.softcap:g}"] * bool(found.softcap) + ["sinks"] * (found.sinks is not None)
+    extras += [f"window {cand.window}"] * (cand.window is not None)
+    what = "per-row attention (varlen_attention" + "".join(f", {e}" for e in extras) + ")"
+    if not source.fused:
+        ctx.report.note(f"mask_elision: {add.name} runs per row with RoPE not fused ({source.unfused})")
+    return what, ("interleaved" if source.interleaved else "half") if source.fused else ""
 
 
 def _in_graph_order(nodes: list[fx.Node]) -> list[fx.Node]:
@@ -440,10 +465,13 @@ def _insert_cu_seqlens(positions: fx.Node, before: fx.Node, xq: fx.Node) -> fx.N
     return cu
 
 
-def _call_varlen(ctx: PassContext, found: EagerAttention, source: AttentionMatch, cu_seqlens: fx.Node, window: int | None) -> None:
+def _call_varlen(
+    ctx: PassContext, found: EagerAttention, source: AttentionMatch, cu_seqlens: fx.Node, window: int | None, *, report: bool = True
+) -> None:
     """Replace ``found.output`` by ``graphopt::varlen_attention`` of ``source`` (RoPE fused when it
     has tables, empty (T, 0) tables otherwise) with ``found``'s scale, softcap and sinks and
-    ``window``, erase what is left dead of the region, and report the rewrite."""
+    ``window``, erase what is left dead of the region, and report the rewrite (unless the caller
+    reports it as its own: ``report=False``)."""
     graph = found.output.graph
     new: list[fx.Node] = []
 
@@ -483,7 +511,8 @@ def _call_varlen(ctx: PassContext, found: EagerAttention, source: AttentionMatch
     name = found.output.name
     found.output.replace_all_uses_with(result)
     analysis.erase_dead(graph, [*found.region, *source.region])
-    _report(ctx, name, found, source, window)
+    if report:
+        _report(ctx, name, found, source, window)
 
 
 def _report(ctx: PassContext, name: str, found: EagerAttention, source: AttentionMatch, window: int | None) -> None:

@@ -115,13 +115,71 @@ class MaskElision:
                     continue
                 analysis.set_sdpa_arguments(user, attn_mask=None, is_causal=True)
                 ctx.report.rewrite(self.name, f"sdpa_{rule}", f"{user.name}: attn_mask={cand.node.name} -> is_causal=True")
+            rows = self._eager_rows(gm, ctx, cand)
             for user in cand.additive_users:
+                done = rows(user)
+                if isinstance(done, tuple):
+                    what, layout = done
+                    ctx.report.rewrite(self.name, f"eager_{rule}", f"{user.name}: + {cand.node.name} -> {what}")
+                    if layout:
+                        ctx.report.rewrite("rope_fusion", layout, f"{user.name}: RoPE applied inside varlen_attention")
+                    continue
                 self._replace_additive(user, cand)
                 what = "causal mask" if cand.window is None else f"causal mask of window {cand.window}"
+                ctx.report.note(f"mask_elision: {user.name} keeps a constant {what} rather than per-row attention: {done}")
                 ctx.report.rewrite(self.name, f"eager_{rule}", f"{user.name}: + {cand.node.name} -> + constant {what}")
             for guard, registered in zip(guards, retire_mask(gm, ctx, cand, guards)):
                 if isinstance(guard.fn, _ScoredTargetsGuard):
                     ctx.right_padding = RightPadding(registered, scores_targets=guard.fn.targets is not None)
+
+    def _eager_rows(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate):
+        """For eager attention reading ``cand``: a function of one of its additive users that
+        rewrites it to per-row varlen attention (:func:`graphopt.passes.eager_attention.rewrite_eager_rows`,
+        each row one document: exact at the real queries of right-padded rows, everywhere without
+        padding), returning (what it did, RoPE layout), or why not (the caller then keeps a
+        constant mask)."""
+        from graphopt.passes.eager_attention import rewrite_eager_rows
+        from graphopt.passes.varlen_attention import TableAnalysis, body_tables
+
+        outer = TableAnalysis(gm, self._table_sources(gm, cand), by_edges=True)
+
+        def rewrite(add: fx.Node):
+            checkpoint = cand.checkpoints.get(add)
+            tables = outer if checkpoint is None else body_tables(checkpoint, outer)
+            return rewrite_eager_rows(ctx, cand, add, tables, self._row_boundaries)
+
+        return rewrite
+
+    @staticmethod
+    def _table_sources(gm: fx.GraphModule, cand: MaskCandidate) -> set[fx.Node]:
+        """Where the rotary tables of a padded batch come from: HF's default ``arange`` positions
+        and the integer inputs (``position_ids``) other than the mask's own."""
+        return analysis.arange_constants(gm, cand.seq_len) | {
+            p for p in gm.graph.find_nodes(op="placeholder")
+            if p is not cand.input and isinstance(analysis.example_value(p), torch.Tensor)
+            and not analysis.example_value(p).is_floating_point() and analysis.example_value(p).dtype != torch.bool
+        }
+
+    @staticmethod
+    def _row_boundaries(graph: fx.Graph, before: fx.Node, xq: fx.Node) -> fx.Node:
+        """``arange(B + 1) * S`` as int32, each (B, S) row one document, inserted before
+        ``before`` and marked :data:`graphopt.analysis.ROWS_AS_DOCUMENTS` (unpadding then gives
+        the attention the packed rows)."""
+        device = analysis.example_value(xq).device
+        with graph.inserting_before(before):
+            batch = graph.call_method("size", (xq, 0))
+            seq = graph.call_method("size", (xq, 2))
+            rows = graph.call_function(operator.add, (batch, 1))
+            steps = graph.call_function(torch.arange, (rows,), {"dtype": torch.int32, "device": device})
+            cu = graph.call_function(operator.mul, (steps, seq))
+        for node in (batch, seq, rows):
+            analysis.annotate(node)
+        q = analysis.example_value(xq)
+        with q.fake_mode:  # arange of a size: no tensor input to take the fake mode from
+            steps.meta["example_value"] = torch.empty(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+        analysis.annotate(cu)
+        cu.meta[analysis.ROWS_AS_DOCUMENTS] = True
+        return cu
 
     def _windowed_matches(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> dict | None:
         """For a sliding mask that SDPA reads: each SDPA call proven to be attention over rotated
@@ -130,12 +188,7 @@ class MaskElision:
         all of them: None after recording why."""
         from graphopt.passes.varlen_attention import TableAnalysis, body_tables, match_attention
 
-        sources = analysis.arange_constants(gm, cand.seq_len) | {
-            p for p in gm.graph.find_nodes(op="placeholder")
-            if p is not cand.input and isinstance(analysis.example_value(p), torch.Tensor)
-            and not analysis.example_value(p).is_floating_point() and analysis.example_value(p).dtype != torch.bool
-        }
-        outer = TableAnalysis(gm, sources, by_edges=True)
+        outer = TableAnalysis(gm, self._table_sources(gm, cand), by_edges=True)
         found = {}
         for user in cand.sdpa_users:
             why = None if self._sdpa_is_square(user, cand) else "query and key lengths differ"
@@ -160,21 +213,7 @@ class MaskElision:
         queries see only real keys within the window); a row without padding is exact everywhere."""
         from graphopt.passes.varlen_attention import rewrite_attention
 
-        graph = match.sdpa.graph
-        device = analysis.example_value(match.xq).device
-        with graph.inserting_before(match.sdpa):
-            batch = graph.call_method("size", (match.xq, 0))
-            seq = graph.call_method("size", (match.xq, 2))
-            rows = graph.call_function(operator.add, (batch, 1))
-            steps = graph.call_function(torch.arange, (rows,), {"dtype": torch.int32, "device": device})
-            cu = graph.call_function(operator.mul, (steps, seq))
-        for node in (batch, seq, rows):
-            analysis.annotate(node)
-        q = analysis.example_value(match.xq)
-        with q.fake_mode:  # arange of a size: no tensor input to take the fake mode from
-            steps.meta["example_value"] = torch.empty(q.shape[0] + 1, dtype=torch.int32, device=q.device)
-        analysis.annotate(cu)
-        cu.meta[analysis.ROWS_AS_DOCUMENTS] = True
+        cu = self._row_boundaries(match.sdpa.graph, match.sdpa, match.xq)
         name = match.sdpa.name
         rewrite_attention(ctx, match, cu, report=False, window=cand.window)
         ctx.report.rewrite(

@@ -24,15 +24,10 @@ from tests.support.harness import assert_steps_equal, compile_step, enable_check
 pytestmark = pytest.mark.oldest  # CI also runs this file against the oldest supported transformers
 
 N_LAYERS = 2
-EAGER_ATTENTION = {"gemma2"}  # softcapped eager attention: per-document when packed, not unpadded
-
-
 def expected_rewrites(family: str, layout: str) -> dict[str, int]:
     if layout == "packed":
         return {"varlen_attention": N_LAYERS, "fused_cross_entropy": 1}
-    rewrites = {"mask_elision": N_LAYERS, "fused_cross_entropy": 1}
-    rewrites["unpad"] = 0 if family in EAGER_ATTENTION else 1
-    return rewrites
+    return {"mask_elision": N_LAYERS, "fused_cross_entropy": 1, "unpad": 1}
 
 
 @pytest.mark.parametrize("checkpointing", ["plain", "checkpointed", "reentrant"])

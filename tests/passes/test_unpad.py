@@ -202,14 +202,15 @@ def test_option_off_keeps_the_padded_fast_path(compiled):
 
 
 @pytest.mark.slow
-def test_eager_attention_is_declined_with_the_op_named():
-    cm = CompiledModel(build_tiny_model("gemma2"))  # eager attention: scores + mask into softmax
-    batch = right_batch([SEQ, 10, 4])
-    eager, step, report = cm.step(batch)
-    assert_steps_equal(eager, step, real_positions=real_positions(batch))
-    assert cm.counts()["unpad"] == 0 and not report.runtime["unpad"]
-    declines = [d.reason for g in cm.compile_reports for d in g.declines if d.name == "unpad"]
-    assert declines and "is not known to act on each token independently" in declines[0], declines
+def test_eager_attention_is_unpadded_with_its_softcap_and_window():
+    """Gemma 2's eager attention (softcap 50; layer 0 slides over 4 tokens) runs per row as varlen
+    attention after mask elision (each row one document), and unpadding gives it the packed rows."""
+    cm = CompiledModel(build_tiny_model("gemma2", sliding_window=WINDOW))
+    report = _check_unpadded(cm, right_batch([SEQ, 10, 4]))
+    assert report.rule_counts[("mask_elision", "eager_causal_padding")] == 1, report
+    assert report.rule_counts[("mask_elision", "eager_sliding_causal_padding")] == 1, report
+    code = cm.after_code()
+    assert code.count("graphopt.varlen_attention") == 2 and "softmax" not in code and "unpad_cu_seqlens" in code
 
 
 @pytest.mark.slow
