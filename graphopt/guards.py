@@ -95,6 +95,11 @@ GUARD_ADVICE = {
         "torch._dynamo.config.optimize_ddp = False (graphopt then sees the whole graph); or pack the "
         "batch (DataCollatorWithFlattening) to get the fast path."
     ),
+    "masked_low": (
+        "eager attention adds the mask this graph received to its scores, and the mask was not "
+        "published as an additive mask whose masked value is low enough for a masked score to get "
+        "probability exactly 0 (transformers uses the dtype's lowest value); the exact masked path runs."
+    ),
     "same_window": (
         "the mask this graph received has no sliding window or another one than the windows this "
         "graph was built for (those of the graphs compiled before it); the exact masked path runs."

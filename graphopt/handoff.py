@@ -11,11 +11,14 @@ prove anything about an input tensor at compile time; they learn what it holds a
   input the mask was proven to be a function of and its window (:func:`publish`, called by
   :class:`graphopt.passes.mask_elision.PublishMasks`);
 - a graph that receives a mask, and whose only use of it is as SDPA's ``attn_mask`` exactly as
-  received, *looks it up* (:func:`lookup`) before it runs, and takes a fast path only when the
-  mask is known and what it holds makes that path exact: causal SDPA for a causal mask
+  received, or as the additive mask of eager attention, *looks it up* (:func:`lookup`) before it
+  runs, and takes a fast path only when the mask is known and what it holds makes that path
+  exact: causal SDPA (per-row attention for eager attention) for a causal mask
   (:class:`HandedOffMaskGuard`), per-document attention for a packed one
   (:class:`HandedOffPackedGuard`), per-document attention with the window for a sliding one
-  (:class:`HandedOffWindowGuard`).
+  (:class:`HandedOffWindowGuard`). Eager attention also needs the mask's masked value low enough
+  that a masked score gets probability exactly 0 (``masked_low``: the published mask's
+  ``masked_value``, see :func:`graphopt.passes.eager_attention.masked_value_bound`).
 
 A sliding window is a compile-time argument of the attention that replaces the mask, and the
 receiving graph sees none of the mask's code. So the graph that proves a sliding mask also
@@ -62,10 +65,18 @@ def expected_windows() -> list[int]:
 class MaskFact:
     """What a published mask holds: ``kind`` (as :class:`graphopt.masks.MaskCandidate` proves it)
     as a function of ``source`` (the 2-D ``attention_mask`` for ``causal_padding``, the
-    ``position_ids`` for ``packed_causal``, None for ``causal``), and for a sliding kind its
-    ``window``."""
+    ``position_ids`` for ``packed_causal``, None for ``causal``), for a sliding kind its
+    ``window``, and for an additive (float) mask the ``masked_value`` at its masked positions
+    (None for a bool mask, or when the proof saw no masked position)."""
 
-    def __init__(self, mask: torch.Tensor, kind: MaskKind, source: torch.Tensor | None, window: int | None = None):
+    def __init__(
+        self,
+        mask: torch.Tensor,
+        kind: MaskKind,
+        source: torch.Tensor | None,
+        window: int | None = None,
+        masked_value: float | None = None,
+    ):
         kind = MaskKind(kind)
         if kind.sliding != (window is not None):
             need = "needs its window" if kind.sliding else "has no window"
@@ -73,6 +84,7 @@ class MaskFact:
         self.kind = kind
         self.source = source
         self.window = window
+        self.masked_value = masked_value
         self._length, self._device = mask.shape[-1], mask.device
         self._versions = self._versions_of(mask)
         self._conditions: dict[str, bool] | None = None
@@ -131,11 +143,25 @@ class MaskFact:
         return dict(zip(on_device, torch.stack(list(on_device.values())).tolist()))
 
 
-def publish(mask: torch.Tensor, kind: MaskKind, source: torch.Tensor | None, window: int | None = None) -> None:
+def publish(
+    mask: torch.Tensor,
+    kind: MaskKind,
+    source: torch.Tensor | None,
+    window: int | None = None,
+    masked_value: float | None = None,
+) -> None:
     """Record that ``mask`` holds the ``kind`` mask of ``source`` (with ``window`` for a sliding
-    kind)."""
+    kind, and ``masked_value`` for an additive mask)."""
     with _LOCK:
-        _FACTS[mask] = MaskFact(mask, kind, source, window)
+        _FACTS[mask] = MaskFact(mask, kind, source, window, masked_value)
+
+
+def _masked_low(fact: MaskFact, masked_at_most: float | None) -> dict[str, bool]:
+    """``{"masked_low": ...}`` for a receiver that adds the mask to scores (eager attention):
+    the mask is additive with a masked value at most ``masked_at_most``; ``{}`` for SDPA (None)."""
+    if masked_at_most is None:
+        return {}
+    return {"masked_low": fact.masked_value is not None and fact.masked_value <= masked_at_most}
 
 
 def lookup(mask: torch.Tensor) -> MaskFact | None:
@@ -151,7 +177,11 @@ class HandedOffPackedGuard:
 
     Conditions: ``mask_known`` (as :class:`HandedOffMaskGuard`), then ``packed``: the mask was
     published as the block-causal mask of its ``position_ids``, which have one row or the mask's
-    rows, and the mask's length. Host values only (no device read)."""
+    rows, and the mask's length; then, with ``masked_at_most`` (eager attention), ``masked_low``.
+    Host values only (no device read)."""
+
+    def __init__(self, masked_at_most: float | None = None):
+        self.masked_at_most = masked_at_most
 
     def __call__(self, mask: torch.Tensor) -> dict[str, bool]:
         fact = lookup(mask)
@@ -164,7 +194,7 @@ class HandedOffPackedGuard:
             and source.shape[0] in (1, mask.shape[0])
             and source.shape[1] == mask.shape[-1] == mask.shape[-2]
         )
-        return {"mask_known": True, "packed": packed}
+        return {"mask_known": True, "packed": packed, **_masked_low(fact, self.masked_at_most)}
 
 
 class HandedOffMaskGuard:
@@ -176,14 +206,16 @@ class HandedOffMaskGuard:
     - for a ``causal_padding`` mask: ``right_padded`` and ``no_empty_rows`` (as the right-padding
       guard), then ``no_padding`` unless ``padded_outputs_unused``: this graph cannot see the
       labels, so it cannot check that nothing scores a padded position;
-    - for a ``packed_causal`` mask: ``one_document_per_row``.
+    - for a ``packed_causal`` mask: ``one_document_per_row``;
+    - with ``masked_at_most`` (eager attention reads the mask): ``masked_low``.
 
     Host values only: the device data of a mask's source is read once per mask
     (:meth:`MaskFact.conditions`), however many graphs receive it.
     """
 
-    def __init__(self, padded_outputs_unused: bool):
+    def __init__(self, padded_outputs_unused: bool, masked_at_most: float | None = None):
         self.padded_outputs_unused = padded_outputs_unused
+        self.masked_at_most = masked_at_most
 
     def __call__(self, mask: torch.Tensor) -> dict[str, bool]:
         fact = lookup(mask)
@@ -194,7 +226,7 @@ class HandedOffMaskGuard:
         conditions = {"mask_known": True, **fact.conditions()}
         if fact.kind == MaskKind.CAUSAL_PADDING and self.padded_outputs_unused:
             conditions.pop("no_padding")
-        return conditions
+        return conditions | _masked_low(fact, self.masked_at_most)
 
 
 class HandedOffWindowGuard:
@@ -205,11 +237,13 @@ class HandedOffWindowGuard:
     was published as a sliding mask of this window, causal, padded or packed, whose source has one
     row or the mask's rows and the mask's length; then for a padded one the conditions of
     :class:`HandedOffMaskGuard` (``right_padded``, ``no_empty_rows``, ``no_padding`` unless
-    ``padded_outputs_unused``; each row is one document). Host values only."""
+    ``padded_outputs_unused``; each row is one document); then, with ``masked_at_most`` (eager
+    attention), ``masked_low``. Host values only."""
 
-    def __init__(self, window: int, padded_outputs_unused: bool):
+    def __init__(self, window: int, padded_outputs_unused: bool, masked_at_most: float | None = None):
         self.window = window
         self.padded_outputs_unused = padded_outputs_unused
+        self.masked_at_most = masked_at_most
 
     def __call__(self, mask: torch.Tensor) -> dict[str, bool]:
         fact = lookup(mask)
@@ -224,4 +258,4 @@ class HandedOffWindowGuard:
         conditions = {"mask_known": True, "same_window": True, **fact.conditions()}
         if self.padded_outputs_unused:
             conditions.pop("no_padding", None)
-        return conditions
+        return conditions | _masked_low(fact, self.masked_at_most)

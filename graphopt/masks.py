@@ -166,14 +166,17 @@ def _is_received_mask(node: fx.Node) -> bool:
 
 
 def _attention_mask_inputs(gm: fx.GraphModule, deps: dict) -> set[fx.Node]:
-    """The placeholders that some SDPA call's ``attn_mask`` depends on, in ``gm`` or in the bodies
-    of its activation checkpoints."""
+    """The placeholders that some SDPA call's ``attn_mask`` depends on, or that an operand of eager
+    attention's ``scores + mask`` is a view of (a mask received as it is, or sliced), in ``gm`` or
+    in the bodies of its activation checkpoints."""
     found: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if analysis.is_sdpa(node):
             mask = analysis.sdpa_arguments(node)["attn_mask"]
             if isinstance(mask, fx.Node):
                 found |= deps[mask]
+        elif analysis.is_add(node) and _feeds_softmax_by_rows(node):
+            found |= {p for p in map(_viewed_placeholder, node.args[:2]) if p is not None}
         elif analysis.is_checkpoint(node):
             body = analysis.checkpoint_body(node)
             inner = _attention_mask_inputs(body, analysis.tensor_inputs(body.graph))
@@ -181,6 +184,22 @@ def _attention_mask_inputs(gm: fx.GraphModule, deps: dict) -> set[fx.Node]:
                 if placeholder in inner and isinstance(arg, fx.Node):
                     found |= deps[arg]
     return found
+
+
+_VIEW_METHODS = frozenset({"view", "reshape", "expand", "to", "contiguous", "unsqueeze", "float"})
+
+
+def _viewed_placeholder(node) -> fx.Node | None:
+    """The placeholder that ``node`` is, or is a slice, view or cast of (one tensor input per
+    step), else None."""
+    while isinstance(node, fx.Node) and node.op != "placeholder":
+        viewing = (node.op == "call_function" and node.target is operator.getitem) or (
+            node.op == "call_method" and node.target in _VIEW_METHODS
+        )
+        if not viewing or sum(isinstance(a, fx.Node) for a in node.args) != 1:
+            return None
+        node = node.args[0]
+    return node if isinstance(node, fx.Node) else None
 
 
 def _is_softmax(node: fx.Node) -> bool:

@@ -25,7 +25,11 @@ and sinks. The unrotated q/k and the unrepeated k/v come from the SDPA path's pr
 takes the rotated q/k with empty (T, 0) rotary tables (RoPE not fused).
 
 Mask elision uses the same proof for padded batches (:func:`rewrite_eager_rows`): each row one
-document, behind its right-padding guard, with the boundaries marked for unpadding.
+document, behind its right-padding guard, with the boundaries marked for unpadding. A graph that
+receives its mask from an earlier graph (split graphs, :mod:`graphopt.handoff`) rewrites its eager
+attention the same way (:func:`rewrite_received_eager`): per row in the fast version, per document
+(with the window of the version) in the received versions, behind the handoff guards, which also
+check that the mask was published with a masked value at most :func:`masked_value_bound`.
 
 A masked entry must be exactly 0 after the softmax (transformers' masked value ``finfo.min``
 makes it so; see ``_UNDERFLOW``): then per-document attention is the same sum.
@@ -153,12 +157,28 @@ def _sinks(fn: analysis.ExtractedFunction, q: fx.Node, k: fx.Node, v: fx.Node, m
     return extra[0]
 
 
-def rewrite_packed_eager(gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> None:
-    """Per-document attention for the eager attention users of packed mask ``cand`` (the
-    ``additive_users`` that :mod:`graphopt.masks` found); each one not proven is declined with its
-    reason and keeps the mask."""
-    outer = TableAnalysis(gm, {cand.input})
-    proven = []  # proven on the graph as it is, then rewritten
+@dataclass
+class ProvenEager:
+    """An eager attention user of a mask, proven (``found``) with the SDPA path's proofs of its
+    RoPE and head repeat (``source``), and the checkpoint call whose body holds it (or None)."""
+
+    add: fx.Node
+    found: EagerAttention
+    source: AttentionMatch
+    checkpoint: fx.Node | None
+
+
+def masked_value_bound(softcap: float) -> float:
+    """The highest masked value an additive mask may hold for eager attention with cap ``softcap``
+    (0: none) to give every masked score probability exactly 0 (see ``_UNDERFLOW``)."""
+    return -(2 * softcap + _UNDERFLOW) if softcap else _UNCAPPED_MASKED_AT_MOST
+
+
+def prove_eager_users(cand: MaskCandidate, outer: TableAnalysis) -> tuple[list[ProvenEager], list[tuple[fx.Node, str]]]:
+    """Each eager attention user of ``cand`` (its ``additive_users``, in graph order) proven, or
+    with the reason it is not: ``(proven, declined)``. ``outer``: the :class:`TableAnalysis` of
+    ``cand``'s graph (a checkpoint body gets its own from it)."""
+    proven, declined = [], []
     for add in _in_graph_order(cand.additive_users):
         checkpoint = cand.checkpoints.get(add)
         owner = add.graph.owning_module
@@ -166,19 +186,56 @@ def rewrite_packed_eager(gm: fx.GraphModule, ctx: PassContext, cand: MaskCandida
         tables = outer if checkpoint is None else body_tables(checkpoint, outer)
         source = found if isinstance(found, str) else _unrotated(owner, found, tables)
         if isinstance(source, str):
-            ctx.report.decline(VarlenAttention.name, f"{add.name}: packed eager attention is kept with its mask: {source}")
+            declined.append((add, source))
         else:
-            proven.append((found, source, checkpoint))
+            proven.append(ProvenEager(add, found, source, checkpoint))
+    return proven, declined
+
+
+def rewrite_packed_eager(gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> None:
+    """Per-document attention for the eager attention users of packed mask ``cand`` (the
+    ``additive_users`` that :mod:`graphopt.masks` found); each one not proven is declined with its
+    reason and keeps the mask."""
+    proven, declined = prove_eager_users(cand, TableAnalysis(gm, {cand.input}))
+    for add, why in declined:
+        ctx.report.decline(VarlenAttention.name, f"{add.name}: packed eager attention is kept with its mask: {why}")
     for sdpa in cand.sdpa_users:
         ctx.report.decline(VarlenAttention.name, f"{sdpa.name}: SDPA over a mask that eager attention reads too is not rewritten")
     cus: dict[fx.Graph, fx.Node] = {}  # one boundary computation per graph or body
-    for found, source, checkpoint in proven:
-        graph = found.output.graph
+    for user in proven:
+        graph = user.found.output.graph
         if graph not in cus:
-            positions = cand.input if checkpoint is None else analysis.add_checkpoint_operand(checkpoint, cand.input)
-            cus[graph] = _insert_cu_seqlens(positions, found.output, source.xq)
-        _call_varlen(ctx, found, source, cus[graph], cand.window)
+            positions = cand.input if user.checkpoint is None else analysis.add_checkpoint_operand(user.checkpoint, cand.input)
+            cus[graph] = _insert_cu_seqlens(positions, user.found.output, user.source.xq)
+        _call_varlen(ctx, user.found, user.source, cus[graph], cand.window)
     retire_mask(gm, ctx, cand)
+
+
+def rewrite_received_eager(ctx: PassContext, proven: list[ProvenEager], boundaries, window: int | None) -> list[str]:
+    """Per-document (or per-row) attention for proven eager attention users of a mask received
+    from an earlier graph: ``graphopt::varlen_attention`` over ``boundaries(graph, before, xq,
+    checkpoint)`` (the caller's (B*S + 1,) boundaries node for that graph) with ``window`` and
+    each attention's softcap and sinks. The caller registers the handoff guard (whose
+    ``masked_at_most`` is the least of the users' :func:`masked_value_bound`) and reports the
+    rewrites; returned: per user, what it became, and its RoPE layout ("" when not fused)."""
+    done = []
+    for user in proven:
+        cu = boundaries(user.found.output.graph, user.found.output, user.source.xq, user.checkpoint)
+        _call_varlen(ctx, user.found, user.source, cu, window, report=False)
+        done.append((_what(user.found, window), _layout(user.source)))
+        if not user.source.fused:
+            ctx.report.note(f"{user.add.name} runs per document with RoPE not fused ({user.source.unfused})")
+    return done
+
+
+def _what(found: EagerAttention, window: int | None) -> str:
+    extras = [f"softcap {found.softcap:g}"] * bool(found.softcap) + ["sinks"] * (found.sinks is not None)
+    extras += [f"window {window}"] * (window is not None)
+    return "varlen_attention" + "".join(f", {e}" for e in extras)
+
+
+def _layout(source: AttentionMatch) -> str:
+    return ("interleaved" if source.interleaved else "half") if source.fused else ""
 
 
 def rewrite_eager_rows(ctx: PassContext, cand: MaskCandidate, add: fx.Node, tables: TableAnalysis, boundaries) -> str | tuple[str, str]:
@@ -195,12 +252,9 @@ def rewrite_eager_rows(ctx: PassContext, cand: MaskCandidate, add: fx.Node, tabl
         return source
     cu = boundaries(found.output.graph, found.output, source.xq)
     _call_varlen(ctx, found, source, cu, cand.window, report=False)
-    extras = [f"softcap {found.softcap:g}"] * bool(found.softcap) + ["sinks"] * (found.sinks is not None)
-    extras += [f"window {cand.window}"] * (cand.window is not None)
-    what = "per-row attention (varlen_attention" + "".join(f", {e}" for e in extras) + ")"
     if not source.fused:
         ctx.report.note(f"mask_elision: {add.name} runs per row with RoPE not fused ({source.unfused})")
-    return what, ("interleaved" if source.interleaved else "half") if source.fused else ""
+    return f"per-row attention ({_what(found, cand.window)})", _layout(source)
 
 
 def _in_graph_order(nodes: list[fx.Node]) -> list[fx.Node]:

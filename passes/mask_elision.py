@@ -53,16 +53,24 @@ class PublishMasks(Adapter):
         proof: for a symbolic-size mask, the ``proven_length`` guard that must hold at the call's
             length for the mask to be what ``kind`` says.
         window: the sliding window of a sliding kind, else None.
+        masked_value: an additive mask's value at its masked positions, else None.
     """
 
     def __init__(
-        self, positions: list[int], kind: MaskKind, input_index: int | None, proof: Guard | None = None, window: int | None = None
+        self,
+        positions: list[int],
+        kind: MaskKind,
+        input_index: int | None,
+        proof: Guard | None = None,
+        window: int | None = None,
+        masked_value: float | None = None,
     ):
         self.positions = positions
         self.kind = kind
         self.input_index = input_index
         self.proof = proof
         self.window = window
+        self.masked_value = masked_value
 
     def after(self, args, outputs: list) -> None:
         from graphopt import handoff
@@ -70,14 +78,14 @@ class PublishMasks(Adapter):
         if self.proof is not None and not all(self.proof.conditions(args).values()):
             return
         source = None if self.input_index is None else args[self.input_index]
-        kind, window = self.kind, self.window
+        kind, window, masked_value = self.kind, self.window, self.masked_value
         if kind == MaskKind.RECEIVED:
             fact = handoff.lookup(source)
             if fact is None:
                 return
-            kind, source, window = fact.kind, fact.source, fact.window
+            kind, source, window, masked_value = fact.kind, fact.source, fact.window, fact.masked_value
         for position in self.positions:
-            handoff.publish(outputs[position], kind, source, window)
+            handoff.publish(outputs[position], kind, source, window, masked_value)
 
 
 class MaskElision:
@@ -231,7 +239,7 @@ class MaskElision:
         positions = [i for i, out in enumerate(outputs) if out is cand.node]
         source = None if cand.input is None else ctx.placeholder_index(gm, cand.input)
         proof = proven_length_guard(gm, cand) if cand.seq_symbols and cand.kind != MaskKind.RECEIVED else None
-        ctx.adapt(PublishMasks(positions, cand.kind, source, proof, cand.window))
+        ctx.adapt(PublishMasks(positions, cand.kind, source, proof, cand.window, cand.masked_value))
         if cand.kind.sliding:  # the graphs that receive it build a version for this window
             from graphopt import handoff
 
@@ -242,41 +250,79 @@ class MaskElision:
         ctx.report.rewrite("mask_handoff", "export", f"{cand.node.name}: returned to later graphs, {what}")
 
     def _received(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> int:
-        """Drop a mask received from an earlier graph behind a :class:`HandedOffMaskGuard`."""
-        if cand.additive_users:
-            ctx.report.decline(self.name, f"{cand.input.name}: a received mask added to attention scores (eager attention) is kept")
+        """Drop a mask received from an earlier graph behind a :class:`HandedOffMaskGuard`: SDPA
+        becomes causal, eager attention per-row attention."""
+        if cand.additive_users and cand.sdpa_users:
+            ctx.report.decline(self.name, f"{cand.input.name}: a received mask read by both SDPA and eager attention is kept")
             return 0
-        if not ctx.allow_guards or not cand.sdpa_users or ctx.received_as != "causal":
+        if not ctx.allow_guards or ctx.received_as != "causal":
             return 0  # the exact fallback keeps it; the packed version is varlen attention's
+        if cand.additive_users:
+            rewritten, masked_at_most = self._received_eager(gm, ctx, cand), None
+            if rewritten:
+                from graphopt.passes.eager_attention import masked_value_bound
+
+                masked_at_most = min(masked_value_bound(softcap) for softcap in rewritten)
+        else:
+            rewritten, masked_at_most = self._received_sdpa(ctx, cand), None
+        if not rewritten:
+            return 0
         promise = ctx.options.padded_outputs_unused
+        eager = "" if masked_at_most is None else f", its masked value at most {masked_at_most:g}"
         guards = [
             Guard(
                 name="handed_off_mask",
-                fn=HandedOffMaskGuard(promise),
+                fn=HandedOffMaskGuard(promise, masked_at_most),
                 input_indices=(ctx.placeholder_index(gm, cand.input),),
                 description=(
                     f"{cand.input.name} was built by an earlier graph as a causal mask, the mask of a right-padded "
                     + ("batch" if promise else "batch with no padding")
-                    + ", or the block-causal mask of one document per row"
+                    + f", or the block-causal mask of one document per row{eager}"
                 ),
-                params=(promise,),
+                params=(promise, masked_at_most),
             )
         ]
         if cand.seq_symbols:
             guards.append(proven_length_guard(gm, cand))
-        rewritten = 0
+        retire_mask(gm, ctx, cand, guards)
+        ctx.received_rewritten.append(ctx.placeholder_index(gm, cand.input))
+        return len(rewritten)
+
+    def _received_sdpa(self, ctx: PassContext, cand: MaskCandidate) -> list[fx.Node]:
+        """``attn_mask=received -> is_causal=True`` for each square SDPA call: the calls rewritten."""
+        rewritten = []
         for user in cand.sdpa_users:
             if not self._sdpa_is_square(user, cand):
                 ctx.report.decline(self.name, f"{user.name}: query and key lengths differ")
                 continue
             analysis.set_sdpa_arguments(user, attn_mask=None, is_causal=True)
             ctx.report.rewrite(self.name, "sdpa_handed_off", f"{user.name}: attn_mask={cand.input.name} (from an earlier graph) -> is_causal=True")
-            rewritten += 1
-        if not rewritten:
-            return 0
-        retire_mask(gm, ctx, cand, guards)
-        ctx.received_rewritten.append(ctx.placeholder_index(gm, cand.input))
+            rewritten.append(user)
         return rewritten
+
+    def _received_eager(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> list[float]:
+        """Eager attention over a received mask becomes per-row attention (each row one document:
+        exact where causal SDPA would be, see :class:`HandedOffMaskGuard`), with its softcap and
+        sinks: the softcaps of the attentions rewritten (their guard's masked-value bound)."""
+        from graphopt.passes.eager_attention import prove_eager_users, rewrite_received_eager
+        from graphopt.passes.varlen_attention import TableAnalysis, received_table_sources, reads_whole_mask
+
+        if not reads_whole_mask(cand):
+            ctx.report.decline(self.name, f"{cand.input.name}: eager attention reads a corner of the received mask; it is kept")
+            return []
+        proven, declined = prove_eager_users(cand, TableAnalysis(gm, received_table_sources(gm, cand.input)))
+        for add, why in declined:
+            ctx.report.decline(self.name, f"{add.name}: eager attention over the received {cand.input.name} keeps it: {why}")
+
+        def boundaries(graph: fx.Graph, before: fx.Node, xq: fx.Node, checkpoint: fx.Node | None) -> fx.Node:
+            return self._row_boundaries(graph, before, xq)
+
+        for user, (what, layout) in zip(proven, rewrite_received_eager(ctx, proven, boundaries, None)):
+            detail = f"{user.add.name}: + {cand.input.name} (from an earlier graph) -> per-row attention ({what})"
+            ctx.report.rewrite(self.name, "eager_handed_off", detail)
+            if layout:
+                ctx.report.rewrite("rope_fusion", layout, f"{user.add.name}: RoPE applied inside varlen_attention")
+        return [user.found.softcap for user in proven]
 
     @staticmethod
     def _sdpa_is_square(node: fx.Node, cand: MaskCandidate) -> bool:

@@ -168,54 +168,92 @@ class VarlenAttention:
         return matches
 
     def _received(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> int:
-        """Per-document attention for the SDPA calls reading a mask received from an earlier
-        graph, with the boundaries as a new trailing input (see the module docstring)."""
-        mask = cand.input
-        full, read = analysis.example_value(mask), analysis.example_value(cand.node)
-        if cand.additive_users or not all(_same_size(a, b) for a, b in zip(full.shape[-2:], read.shape[-2:])):
+        """Per-document attention for the SDPA calls (or the eager attention) reading a mask
+        received from an earlier graph, with the boundaries as a new trailing input (see the
+        module docstring)."""
+        if not reads_whole_mask(cand):
             return 0  # attention reads a corner of the mask: boundaries of the whole would not fit
-        sources = {
-            p for p in gm.graph.find_nodes(op="placeholder")
-            if p is not mask and _float(p) and not analysis.example_value(p).requires_grad
-        }
-        matches = self._matches(ctx, cand, TableAnalysis(gm, sources))
+        tables = TableAnalysis(gm, received_table_sources(gm, cand.input))
+        if cand.additive_users:
+            return self._received_eager(gm, ctx, cand, tables)
+        matches = self._matches(ctx, cand, tables)
         if not matches:
             return 0
-        from graphopt.passes.mask_elision import proven_length_guard
-
-        index = ctx.placeholder_index(gm, mask)
-        window = ctx.received_window
-        guards = [Guard(
-            name="handed_off_packed",
-            fn=HandedOffPackedGuard(),
-            input_indices=(index,),
-            description=f"{mask.name} was built by an earlier graph as the block-causal mask of its position_ids",
-        ) if window is None else Guard(
-            name="handed_off_window",
-            fn=HandedOffWindowGuard(window, ctx.options.padded_outputs_unused),
-            input_indices=(index,),
-            description=f"{mask.name} was built by an earlier graph as a mask with a sliding window of {window}",
-        )]
-        if cand.seq_symbols:
-            guards.append(proven_length_guard(gm, cand))
-        cu = self._boundaries_input(gm, matches[0][0])
+        cu = self._boundaries_input(gm, matches[0][0].xq)
         inside: dict[fx.Graph, fx.Node] = {gm.graph: cu}
         for match, checkpoint in matches:
             if match.sdpa.graph not in inside:
                 inside[match.sdpa.graph] = analysis.add_checkpoint_operand(checkpoint, cu)
-            rewrite_attention(ctx, match, inside[match.sdpa.graph], window=window)
+            rewrite_attention(ctx, match, inside[match.sdpa.graph], window=ctx.received_window)
+        self._retire_received(gm, ctx, cand, cu, masked_at_most=None)
+        return len(matches)
+
+    def _received_eager(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate, tables: TableAnalysis) -> int:
+        """The eager attention reading a received mask (:func:`graphopt.passes.eager_attention.rewrite_received_eager`),
+        guarded also on the published mask's masked value."""
+        from graphopt.passes.eager_attention import masked_value_bound, prove_eager_users, rewrite_received_eager
+
+        if cand.sdpa_users:
+            return 0  # mask elision reports it (in the fast version)
+        proven, declined = prove_eager_users(cand, tables)
+        for add, why in declined:
+            ctx.report.decline(self.name, f"{add.name}: eager attention over the received {cand.input.name} keeps it: {why}")
+        if not proven:
+            return 0
+        cu = self._boundaries_input(gm, proven[0].source.xq)
+        inside: dict[fx.Graph, fx.Node] = {gm.graph: cu}
+
+        def boundaries(graph: fx.Graph, before: fx.Node, xq: fx.Node, checkpoint: fx.Node | None) -> fx.Node:
+            if graph not in inside:
+                inside[graph] = analysis.add_checkpoint_operand(checkpoint, cu)
+            return inside[graph]
+
+        window = ctx.received_window
+        into = "per-document attention" if window is None else f"per-document attention with its window of {window}"
+        for user, (what, layout) in zip(proven, rewrite_received_eager(ctx, proven, boundaries, window)):
+            detail = f"{user.add.name}: eager attention over {cand.input.name} (from an earlier graph) -> {into} ({what})"
+            ctx.report.rewrite(self.name, "eager_handed_off", detail)
+            if layout:
+                ctx.report.rewrite("rope_fusion", layout, f"{user.add.name}: RoPE applied inside varlen_attention")
+        self._retire_received(gm, ctx, cand, cu, masked_at_most=min(masked_value_bound(u.found.softcap) for u in proven))
+        return len(proven)
+
+    def _retire_received(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate, cu: fx.Node, masked_at_most: float | None) -> None:
+        """Guard the rewritten received mask (packed, or windowed in the received-windowed
+        version; ``masked_at_most`` for eager attention) and give the graph its boundaries input."""
+        from graphopt.passes.mask_elision import proven_length_guard
+
+        mask = cand.input
+        index = ctx.placeholder_index(gm, mask)
+        window = ctx.received_window
+        eager = "" if masked_at_most is None else f", its masked value at most {masked_at_most:g}"
+        guards = [Guard(
+            name="handed_off_packed",
+            fn=HandedOffPackedGuard(masked_at_most),
+            input_indices=(index,),
+            description=f"{mask.name} was built by an earlier graph as the block-causal mask of its position_ids{eager}",
+            params=(masked_at_most,),
+        ) if window is None else Guard(
+            name="handed_off_window",
+            fn=HandedOffWindowGuard(window, ctx.options.padded_outputs_unused, masked_at_most),
+            input_indices=(index,),
+            description=f"{mask.name} was built by an earlier graph as a mask with a sliding window of {window}{eager}",
+            params=(window, ctx.options.padded_outputs_unused, masked_at_most),
+        )]
+        if cand.seq_symbols:
+            guards.append(proven_length_guard(gm, cand))
         retire_mask(gm, ctx, cand, guards)
         ctx.received_rewritten.append(index)
         ctx.adapt(ReceivedBoundaries(index, cu.name))
-        return len(matches)
 
     @staticmethod
-    def _boundaries_input(gm: fx.GraphModule, first: AttentionMatch) -> fx.Node:
-        """A trailing placeholder for the (B*S + 1,) int32 document boundaries."""
+    def _boundaries_input(gm: fx.GraphModule, xq: fx.Node) -> fx.Node:
+        """A trailing placeholder for the (B*S + 1,) int32 document boundaries (``xq``: a (B, H,
+        S, D) query of the attention they serve)."""
         last = gm.graph.find_nodes(op="placeholder")[-1]
         with gm.graph.inserting_after(last):
             cu = gm.graph.placeholder("handed_off_cu_seqlens")
-        q = analysis.example_value(first.xq)
+        q = analysis.example_value(xq)
         with q.fake_mode:
             cu.meta["example_value"] = torch.empty(q.shape[0] * q.shape[2] + 1, dtype=torch.int32, device=q.device)
         return cu
@@ -373,6 +411,22 @@ def body_tables(checkpoint: fx.Node, outer: TableAnalysis) -> TableAnalysis:
     placeholders = body.graph.find_nodes(op="placeholder")
     sources = {p for p, arg in zip(placeholders, checkpoint.args[1:]) if arg in outer.table_only or arg in outer.sources}
     return TableAnalysis(body, sources)
+
+
+def reads_whole_mask(cand: MaskCandidate) -> bool:
+    """Whether attention reads received mask ``cand`` whole (not a corner: the boundaries of the
+    whole mask fit only then)."""
+    full, read = analysis.example_value(cand.input), analysis.example_value(cand.node)
+    return all(_same_size(a, b) for a, b in zip(full.shape[-2:], read.shape[-2:]))
+
+
+def received_table_sources(gm: fx.GraphModule, mask: fx.Node) -> set[fx.Node]:
+    """Where the rotary tables of a graph that receives ``mask`` come from: its float inputs that
+    need no gradient, other than the mask (the tables are inputs of such a graph)."""
+    return {
+        p for p in gm.graph.find_nodes(op="placeholder")
+        if p is not mask and _float(p) and not analysis.example_value(p).requires_grad
+    }
 
 
 def _same_size(a, b) -> bool:

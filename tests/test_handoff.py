@@ -146,6 +146,19 @@ def test_float_query_is_not_a_received_mask():
     assert find_masks(gm) == []
 
 
+@pytest.mark.parametrize("transform", [lambda m: m, lambda m: m[:, :, :, :S]], ids=["as_received", "key_slice"])
+def test_mask_added_to_eager_scores_is_received(transform):
+    """Eager attention adds the received (additive) mask to its scores: the mask is a received
+    candidate; the query and key, also 4-D inputs without gradient, are not."""
+    def eager(q, k, v, mask):
+        return torch.softmax(q @ k.transpose(-1, -2) + transform(mask), dim=-1) @ v
+
+    additive = torch.zeros(B, 1, S, S).masked_fill(~_causal(), torch.finfo(torch.float32).min)
+    (cand,) = find_masks(capture(eager, *qkv(), additive))
+    assert cand.kind == MaskKind.RECEIVED and len(cand.additive_users) == 1, cand.reason
+    assert cand.input.name == "l_mask_"
+
+
 def test_returned_mask_is_exported_and_classified():
     def build(am):
         idx = torch.arange(am.shape[1])
@@ -209,6 +222,21 @@ def test_a_sliding_mask_is_published_with_its_window():
         handoff.publish(_causal(2, 4), MaskKind.SLIDING_CAUSAL, None)
     with pytest.raises(ValueError, match="has no window"):
         handoff.publish(_causal(2, 4), MaskKind.CAUSAL, None, window=2)
+
+
+@pytest.mark.parametrize("masked_value, low", [(-3.4e38, True), (float("-inf"), True), (-100.0, False), (None, False)])
+def test_eager_receivers_need_a_low_enough_masked_value(masked_value, low):
+    """Eager attention adds the received mask to its scores: each guard then also needs the mask
+    published as additive with a masked value at most the bound (here softcap 50's, -210), so a
+    masked score gets probability exactly 0. A bool mask (None) or a mild masked value fails."""
+    mask = torch.zeros(1, 1, 4, 4)
+    positions = torch.arange(4)[None]
+    handoff.publish(mask, MaskKind.PACKED_CAUSAL, positions, masked_value=masked_value)
+    assert handoff.HandedOffPackedGuard(masked_at_most=-210.0)(mask) == {"mask_known": True, "packed": True, "masked_low": low}
+    assert "masked_low" not in handoff.HandedOffPackedGuard()(mask)  # SDPA reads it as it is
+    assert handoff.HandedOffMaskGuard(False, masked_at_most=-210.0)(mask)["masked_low"] is low
+    handoff.publish(mask, MaskKind.SLIDING_PACKED_CAUSAL, positions, window=2, masked_value=masked_value)
+    assert handoff.HandedOffWindowGuard(2, False, masked_at_most=-210.0)(mask)["masked_low"] is low
 
 
 @pytest.mark.parametrize(

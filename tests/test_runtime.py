@@ -272,6 +272,14 @@ def test_a_sliding_mask_is_published_and_passed_on_with_its_window():
     assert (fact.kind, fact.window, fact.source) == (MaskKind.SLIDING_CAUSAL_PADDING, 3, source)
 
 
+def test_an_additive_mask_is_published_and_passed_on_with_its_masked_value():
+    mask, returned, source = torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4), torch.ones(1, 4)
+    PublishMasks(positions=[0], kind=MaskKind.CAUSAL_PADDING, input_index=0, masked_value=-3.0e38).after((source,), [mask])
+    assert handoff.lookup(mask).masked_value == -3.0e38
+    PublishMasks(positions=[0], kind=MaskKind.RECEIVED, input_index=0).after((mask,), [returned])
+    assert handoff.lookup(returned).masked_value == -3.0e38
+
+
 def test_a_received_mask_passed_on_keeps_its_fact_and_an_unknown_one_is_not_published():
     received, returned, source = torch.ones(1, 1, 4, 4, dtype=torch.bool), torch.ones(1, 1, 4, 4, dtype=torch.bool), torch.ones(1, 4)
     adapter = PublishMasks(positions=[0], kind=MaskKind.RECEIVED, input_index=0)

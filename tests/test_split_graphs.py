@@ -152,6 +152,37 @@ def test_received_sliding_masks_run_per_document_with_their_window(layout):
     assert report.runtime["fallback"] == LAYERS and report.runtime["failed:right_padded"] == LAYERS, report
 
 
+@pytest.mark.parametrize("layout, checkpointed", [("right", False), ("packed", False), ("packed", True)],
+                         ids=["right", "packed", "packed-checkpointed"])
+def test_received_masks_of_eager_attention_run_per_document(layout, checkpointed):
+    """Gemma 2 split per layer: eager attention (softcap 50) adds the received mask to its
+    scores. Layer 0 slides (window 4, shorter than the rows), layer 1 does not. Each layer graph
+    runs its attention as varlen_attention with the softcap, per document (packed) or per row
+    (right-padded), with the window where its mask has one: no received mask is kept. Checkpointed,
+    the mask and the boundaries enter the layer's body as operands."""
+    model = _split_per_layer(build_tiny_model("gemma2", sliding_window=4))
+    if checkpointed:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    cm = CompiledModel(model, options={"padded_outputs_unused": True})
+    batch = make_batch(layout, seq=24) | {"use_cache": False}
+    eager, compiled, report = cm.step(batch)
+    assert_steps_equal(eager, compiled, real_positions=real_positions(batch))
+    fast = [r.detail for g in cm.compile_reports for r in g.rewrites if r.name == "mask_elision" and r.rule == "eager_handed_off"]
+    assert fast and all("softcap 50" in d for d in fast), fast
+    notes = [n for g in cm.compile_reports for n in g.notes]
+    assert any("per document with the window of 4" in n for n in notes), notes
+    assert any("per document (varlen_attention)" in n for n in notes), notes
+    assert not [d for g in cm.compile_reports for d in g.declines if "received" in d.reason], cm.compile_reports
+    assert report.runtime["fast_path"] >= LAYERS and not report.runtime.get("fallback"), report
+    # the sliding layer takes received boundaries in both layouts, the full one when packed
+    assert report.runtime["received_packed"] == (LAYERS if layout == "packed" else 1), report
+    left = make_batch("left", seq=24) | {"use_cache": False}
+    eager, compiled, report = cm.step(left)
+    assert_steps_equal(eager, compiled, real_positions=real_positions(left))
+    assert report.runtime["fallback"] == LAYERS and report.runtime["failed:right_padded"] == LAYERS, report
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["right", "packed"])
 def test_split_layers_on_cuda(layout):
