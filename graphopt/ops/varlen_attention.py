@@ -610,6 +610,93 @@ def _blocked_attention_bwd(dout_b, q_b, k_b, v_b, lse_b, delta_b, scale, window,
     return dq_b.to(q_b.dtype), dk_b.to(q_b.dtype), dv_b.to(q_b.dtype)
 
 
+# Windowed attention without softcap or sinks runs aten's CPU flash attention on row blocks with
+# a band mask (``_banded_attention_fwd``): its fused kernel is about twice as fast as the blocked
+# matmuls above at training shapes (a 3350-token document, window 512, 4/2 heads of 64: 17 ms
+# forward and 40 ms backward against 37 and 64). The dtypes whose aten gradients are fp32 or wider
+# (the per-block dK/dV are summed over the blocks that see a key: a second rounding only in fp32).
+_BANDED_DTYPES = (torch.float32, torch.float64)
+
+
+def _banded_rows(window: int) -> int:
+    """Query rows per block of the banded path: half the window, within [32, 256]. Each block
+    computes rows * (rows + window - 1) scores, of which about rows * window are in the band."""
+    return min(256, max(32, window // 2))
+
+
+def _uses_banded(dtype: torch.dtype, window: int, softcap: float, sinks: torch.Tensor | None) -> bool:
+    """Whether a bucket whose documents are longer than ``window`` takes the banded aten path."""
+    return dtype in _BANDED_DTYPES and window != -1 and softcap == 0.0 and sinks is None
+
+
+def _band_mask(rows: int, window: int, dtype: torch.dtype) -> torch.Tensor:
+    """(rows, rows + window - 1) additive band: query ``i`` of a block sees keys ``j`` with
+    ``i <= j <= i + window - 1`` of the block's keys ``[first row - window + 1, last row]``. A block
+    whose first row is ``r < window - 1`` starts its keys at 0 and reads columns from
+    ``window - 1 - r`` (``_block_keys``)."""
+    i = torch.arange(rows)[:, None]
+    j = torch.arange(rows + window - 1)[None, :]
+    visible = (j >= i) & (j <= i + window - 1)
+    return torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+
+
+def _block_keys(row_start: int, row_stop: int, window: int, band: torch.Tensor):
+    """``(key_start, mask)``: the keys ``[key_start, row_stop)`` that query rows ``[row_start,
+    row_stop)`` can see and their band mask, a view of ``band``."""
+    key_start = _key_start(row_start, window)
+    first = window - 1 - (row_start - key_start)
+    return key_start, band[: row_stop - row_start, first : first + row_stop - key_start]
+
+
+def _banded_attention_fwd(q_b, k_b, v_b, scale, window):
+    """One bucket's windowed attention (no softcap, no sinks): ``(out_b, lse_b)`` as aten's CPU
+    flash attention returns them, from one call of its fused kernel per block of query rows
+    against the keys the block can see (``_block_keys``). Each block holds every key its rows
+    can see, so each row's softmax and lse are exact as computed."""
+    length = q_b.shape[2]
+    rows = _banded_rows(window)
+    band = _band_mask(rows, window, q_b.dtype)
+    out_b = q_b.new_empty(q_b.shape[:3] + v_b.shape[3:])
+    lse_b = None
+    for row_start in range(0, length, rows):
+        row_stop = min(row_start + rows, length)
+        key_start, mask = _block_keys(row_start, row_stop, window, band)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q_b[:, :, row_start:row_stop], k_b[:, :, key_start:row_stop], v_b[:, :, key_start:row_stop],
+            0.0, False, attn_mask=mask, scale=scale,
+        )
+        if lse_b is None:
+            lse_b = lse.new_empty(q_b.shape[:3])
+        out_b[:, :, row_start:row_stop] = out
+        lse_b[:, :, row_start:row_stop] = lse
+    return out_b, lse_b
+
+
+def _banded_attention_bwd(dout_b, q_b, k_b, v_b, out_b, lse_b, scale, window):
+    """Backward of ``_banded_attention_fwd`` for one bucket, block by block with aten's CPU
+    flash-attention backward: dQ of a block's rows is complete; dK/dV of a key are the sum over
+    the blocks that see it (at most ``1 + ceil((window - 1) / rows)``), added in q's dtype
+    (``_BANDED_DTYPES``: fp32 or fp64)."""
+    length = q_b.shape[2]
+    rows = _banded_rows(window)
+    band = _band_mask(rows, window, q_b.dtype)
+    dq_b = torch.empty_like(q_b)
+    dk_b, dv_b = torch.zeros_like(k_b), torch.zeros_like(v_b)
+    for row_start in range(0, length, rows):
+        row_stop = min(row_start + rows, length)
+        key_start, mask = _block_keys(row_start, row_stop, window, band)
+        block = slice(row_start, row_stop)
+        keys = slice(key_start, row_stop)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout_b[:, :, block], q_b[:, :, block], k_b[:, :, keys], v_b[:, :, keys], out_b[:, :, block],
+            lse_b[:, :, block], 0.0, False, attn_mask=mask, scale=scale,
+        )
+        dq_b[:, :, block] = dq
+        dk_b[:, :, keys] += dk
+        dv_b[:, :, keys] += dv
+    return dq_b, dk_b, dv_b
+
+
 def _sink_gradient(sinks: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``dsinks[h] = -sum_t exp(sinks[h] - lse[h, t]) * delta[h, t]`` in sinks' dtype.
 
@@ -652,7 +739,8 @@ def varlen_attention_torch_fwd(
     before it, which are real. Padded query rows are dropped. When Dv != D the narrower of
     q/k and v is zero-padded to max(D, Dv) channels (aten's kernel wants one head dim). Each
     bucket is one call of aten's causal CPU flash attention where that is exact
-    (``_aten_is_exact``: always with the default window/softcap/sinks), else
+    (``_aten_is_exact``: always with the default window/softcap/sinks); a window alone in fp32
+    or fp64, aten's kernel on blocks of rows with a band mask (``_banded_attention_fwd``); else
     ``_blocked_attention_fwd``.
     """
     check_inputs(q, k, v, cos, sin, cu_seqlens)
@@ -674,6 +762,8 @@ def varlen_attention_torch_fwd(
             out_b, lse_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q_b, k_b, v_b, 0.0, True, scale=scale
             )
+        elif _uses_banded(q_b.dtype, window, softcap, sinks):
+            out_b, lse_b = _banded_attention_fwd(q_b, k_b, v_b, scale, window)
         else:
             out_b, lse_b = _blocked_attention_fwd(q_b, k_b, v_b, scale, window, softcap, sinks)
         outs.append(out_b)
@@ -709,7 +799,8 @@ def varlen_attention_torch_bwd(
     sinks' dtype ((0,) fp32 without sinks).
 
     Bucket by bucket, as the forward chose: aten's CPU flash-attention backward with the saved
-    out and lse, or ``_blocked_attention_bwd``. Padded slots carry q = out = dout = 0 and lse = 0:
+    out and lse (whole, or per block with the band: ``_banded_attention_bwd``), or
+    ``_blocked_attention_bwd``. Padded slots carry q = out = dout = 0 and lse = 0:
     their probabilities stay finite and their dS is exactly 0, so they add nothing to dK/dV.
     """
     check_inputs(q, k, v, cos, sin, cu_seqlens)
@@ -719,7 +810,8 @@ def varlen_attention_torch_bwd(
     value_dim = v.shape[2]
     shapes, slot_token, token_slot, pad_slots = _plan_buckets(cu_seqlens, n_tokens)
     # delta = rowsum(dout * out), (T, Hq): for the blocked buckets and the sinks' gradient
-    delta = None if _is_plain(window, softcap, sinks) else (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+    aten_only = _is_plain(window, softcap, sinks) or _uses_banded(q.dtype, window, softcap, sinks)
+    delta = None if aten_only else (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
     dsinks = _new_dsinks(q, sinks) if sinks is None else _sink_gradient(sinks, lse, delta.t())
     if not shapes:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
@@ -744,6 +836,8 @@ def varlen_attention_torch_bwd(
             dq_b, dk_b, dv_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 dout_b, q_b, k_b, v_b, out_b, lse_b.squeeze(-1), 0.0, True, scale=scale
             )
+        elif _uses_banded(q_b.dtype, window, softcap, sinks):
+            dq_b, dk_b, dv_b = _banded_attention_bwd(dout_b, q_b, k_b, v_b, out_b, lse_b.squeeze(-1), scale, window)
         else:
             dq_b, dk_b, dv_b = _blocked_attention_bwd(dout_b, q_b, k_b, v_b, lse_b, delta_b, scale, window, softcap)
         dqs.append(dq_b)

@@ -127,6 +127,30 @@ def test_torch_blocked_attention_reads_only_the_window_band(monkeypatch):
     assert key_counts and max(key_counts) <= varlen_module._BLOCK_ROWS + 40 - 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_torch_window_alone_runs_aten_on_the_band(monkeypatch, dtype):
+    # A window without softcap or sinks: aten's fused kernel per block of rows with a band mask,
+    # each block against at most rows + window - 1 keys; the blocked matmuls never run.
+    spans = []
+    block_keys = varlen_module._block_keys
+
+    def recording(row_start, row_stop, window, band):
+        key_start, mask = block_keys(row_start, row_stop, window, band)
+        spans.append(row_stop - key_start)
+        assert mask.shape == (row_stop - row_start, row_stop - key_start)
+        return key_start, mask
+
+    def refuse(*args):
+        raise AssertionError("the blocked path ran")
+
+    monkeypatch.setattr(varlen_module, "_block_keys", recording)
+    monkeypatch.setattr(varlen_module, "_blocked_attention_fwd", refuse)
+    monkeypatch.setattr(varlen_module, "_blocked_attention_bwd", refuse)
+    case = make_case([1000, 700, 3, 41], hq=4, hkv=2, d=16, r=16, window=40, dtype=dtype)
+    assert_matches_reference(case, "torch")
+    assert spans and max(spans) <= varlen_module._banded_rows(40) + 40 - 1
+
+
 def test_auto_is_torch_on_cpu():
     case = make_case(**CASES["gqa_partial_rotary"])
     for got, want in zip(run_op(case, "auto"), run_op(case, "torch")):
