@@ -58,7 +58,8 @@ def test_packed_sliding_layers_run_windowed_per_document_attention(family_model)
 
 def test_padded_batches_of_sliding_models_drop_every_mask_behind_the_guard(family_model):
     """Right padding first (the compile, whose report says what was rewritten), then left padding
-    on the same graph, which the right-padding guard sends to the exact masked path."""
+    and right padding with the pads scored (labels not -100 there) on the same graph, which the
+    right-padding guard sends to the exact masked path."""
     family, cm = family_model
     sliding, full, nope = LAYERS[family]
     right = make_batch("right", batch=2, seq=SEQ, seed=5) | {"use_cache": False}
@@ -78,6 +79,10 @@ def test_padded_batches_of_sliding_models_drop_every_mask_behind_the_guard(famil
     eager, compiled, report = cm.step(left)
     assert_steps_equal(eager, compiled)
     assert report.runtime["fallback"] == 1 and report.runtime["failed:right_padded"] == 1, report
+    scored = make_batch("pad_labels_unmasked", batch=2, seq=SEQ, seed=5) | {"use_cache": False}
+    eager, compiled, report = cm.step(scored)
+    assert_steps_equal(eager, compiled)
+    assert report.runtime["fallback"] == 1 and report.runtime["failed:pads_ignored"] == 1, report
 
 
 def test_gpt_oss_eager_attention_with_sink_logits_drops_both_masks_behind_the_guard():
