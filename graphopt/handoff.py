@@ -156,6 +156,16 @@ def publish(
         _FACTS[mask] = MaskFact(mask, kind, source, window, masked_value)
 
 
+def _source_fits(source: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether a mask's 2-D source (positions or padding) has one row or the mask's rows, and the
+    square mask's length."""
+    return (
+        source.dim() == 2
+        and source.shape[0] in (1, mask.shape[0])
+        and source.shape[1] == mask.shape[-1] == mask.shape[-2]
+    )
+
+
 def _masked_low(fact: MaskFact, masked_at_most: float | None) -> dict[str, bool]:
     """``{"masked_low": ...}`` for a receiver that adds the mask to scores (eager attention):
     the mask is additive with a masked value at most ``masked_at_most``; ``{}`` for SDPA (None)."""
@@ -187,13 +197,7 @@ class HandedOffPackedGuard:
         fact = lookup(mask)
         if fact is None:
             return {"mask_known": False}
-        source = fact.source
-        packed = (
-            fact.kind == MaskKind.PACKED_CAUSAL
-            and source.dim() == 2
-            and source.shape[0] in (1, mask.shape[0])
-            and source.shape[1] == mask.shape[-1] == mask.shape[-2]
-        )
+        packed = fact.kind == MaskKind.PACKED_CAUSAL and _source_fits(fact.source, mask)
         return {"mask_known": True, "packed": packed, **_masked_low(fact, self.masked_at_most)}
 
 
@@ -249,11 +253,8 @@ class HandedOffWindowGuard:
         fact = lookup(mask)
         if fact is None:
             return {"mask_known": False}
-        source = fact.source
         same = fact.kind.sliding and fact.window == self.window and mask.shape[-1] == mask.shape[-2]
-        if same and source is not None:
-            same = source.dim() == 2 and source.shape[0] in (1, mask.shape[0]) and source.shape[1] == mask.shape[-1]
-        if not same:
+        if not (same and (fact.source is None or _source_fits(fact.source, mask))):
             return {"mask_known": True, "same_window": False}
         conditions = {"mask_known": True, "same_window": True, **fact.conditions()}
         if self.padded_outputs_unused:
