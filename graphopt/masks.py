@@ -303,6 +303,8 @@ def find_masks(gm: fx.GraphModule, memo: dict | None = None) -> list[MaskCandida
                         cand.seen_as[inner] = placeholder
             elif not _add_attention_user(cand, user, node):
                 cand.reason = f"the mask is used by {user.name} ({analysis.describe(user)}), which is not attention"
+        if not cand.users and not cand.exported and analysis.hint(val.shape[-1]) == 1:
+            continue  # one value per query row, no key dimension (Llama 4's query temperature): no mask
         found.append(cand)
     frontier = {c.node for c in found}
     for cand in found:

@@ -207,3 +207,14 @@ def test_scores_that_mix_query_rows_are_not_attention(cat_dim, softmax_dim):
     (cand,) = find_masks(capture(_eager_with_sinks(cat_dim, softmax_dim), *qkv(), am_right(), _sink()))
     assert cand.kind == MaskKind.UNKNOWN and not cand.additive_users
     assert "not attention" in cand.reason
+
+
+def test_a_query_scale_built_from_positions_is_not_a_mask():
+    """Llama 4's attention temperature: a (B, 1, S, 1) factor of the query, built from the
+    positions alone. One value per query row, no key dimension: not a mask candidate (it would
+    be reported as a mask used by something that is not attention)."""
+    def fn(q, k, v, position_ids):
+        scale = torch.log1p(torch.floor((position_ids.float() + 1.0) / 8.0)) * 0.1 + 1.0
+        return F.scaled_dot_product_attention(q * scale[:, None, :, None], k, v, is_causal=True)
+
+    assert find_masks(capture(fn, *qkv(), torch.arange(S).expand(B, S).clone())) == []
