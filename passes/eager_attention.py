@@ -53,6 +53,7 @@ from graphopt.passes.varlen_attention import (
     body_tables,
     cu_seqlens_from_position_ids,
     match_attention,
+    paired_table,
 )
 
 _MAX_STEPS = 8  # ops walked through between the attention's landmarks (scores, softmax, output)
@@ -548,6 +549,8 @@ def _call_varlen(
             for table in (source.cos, source.sin):  # (B|1, 1, S, R) -> (B*S, R)
                 if source.fp32_tables:
                     table = call("call_method", "float", table)
+                if source.paired_tables:
+                    table = call("call_function", paired_table, table, source.interleaved)
                 expanded = call("call_method", "expand", table, batch, 1, seq, -1)
                 tables.append(call("call_method", "flatten", call("call_method", "select", expanded, 1, 0), 0, 1))
         sinks = found.sinks

@@ -45,7 +45,7 @@ import graphopt.ops.linear_cross_entropy  # noqa: F401 - registers torch.ops.gra
 import graphopt.ops.varlen_attention  # noqa: F401 - registers torch.ops.graphopt.varlen_attention
 from graphopt import analysis, inspection
 from graphopt.passes import PassContext, Variant, dimension_tags
-from graphopt.passes.varlen_attention import TableAnalysis, body_tables, match_attention, rewrite_attention
+from graphopt.passes.varlen_attention import TableAnalysis, body_tables, match_attention, paired_table, rewrite_attention
 from graphopt.runtime import Adapter
 
 # Elementwise (broadcasting) ops of Dynamo's torch-level IR. Casts and copies are elementwise too.
@@ -554,6 +554,13 @@ class _Builder:
             return x
         return [x] * len(analysis.example_value(node))
 
+    def _paired_table(self, node: fx.Node):
+        """A rotary table of one angle per pair doubled along its last (feature) dimension."""
+        x = self._t(node.args[0])
+        if x and x[-1] is not None:
+            self._decline(node, "doubles a token dimension")
+        return x
+
     def _cat(self, node: fx.Node) -> tuple:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         if node.target is torch.stack:
@@ -756,6 +763,7 @@ _FUNCTION_RULES = _rule_table(
     ((torch.nn.functional.cross_entropy,), _Builder._cross_entropy),  # on the gathered targets
     ((torch.ops.graphopt.linear_cross_entropy.default,), _Builder._fused_loss),  # on the gathered targets
     ((torch.ops.graphopt.varlen_attention.default,), _Builder._row_attention),  # windowed, one row one document
+    ((paired_table,), _keeping_args(_Builder._paired_table)),  # gpt-oss's tables for the op
 )
 _RULES = {"call_method": _METHOD_RULES, "call_function": _FUNCTION_RULES}
 

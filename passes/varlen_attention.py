@@ -33,6 +33,8 @@ mask was published with, behind a :class:`~graphopt.handoff.HandedOffPackedGuard
 
 from __future__ import annotations
 
+import itertools
+
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -90,6 +92,9 @@ class AttentionMatch:
     scale: float
     region: list[fx.Node]  # nodes that become dead after the rewrite
     unfused: str | None = None  # why RoPE is not fused (a decline reason of the RoPE proof)
+    # The tables hold one angle per rotary pair, (B|1, 1, S, R/2) (gpt-oss): the op gets them
+    # doubled to the pairs' layout (paired_table).
+    paired_tables: bool = False
 
     @property
     def fused(self) -> bool:
@@ -105,7 +110,7 @@ class AttentionMatch:
             sdpa=counterpart(self.sdpa), xq=counterpart(self.xq), xk=counterpart(self.xk), xv=counterpart(self.xv),
             cos=table(self.cos), sin=table(self.sin), interleaved=self.interleaved,
             fp32_tables=self.fp32_tables, scale=self.scale, region=[counterpart(n) for n in self.region],
-            unfused=self.unfused,
+            unfused=self.unfused, paired_tables=self.paired_tables,
         )
 
 
@@ -302,6 +307,8 @@ def rewrite_attention(
         for table in (match.cos, match.sin) if match.fused else ():  # (B|1, 1, S, R) -> (B*S, R)
             if match.fp32_tables:
                 table = call("call_method", "float", table)
+            if match.paired_tables:
+                table = call("call_function", paired_table, table, match.interleaved)
             expanded = call("call_method", "expand", table, batch, 1, seq, -1)
             tables.append(call("call_method", "flatten", call("call_method", "select", expanded, 1, 0), 0, 1))
         if not match.fused:  # R = 0: the op rotates nothing
@@ -494,10 +501,17 @@ def _region_leaves(node: fx.Node, x: fx.Node | set[fx.Node], tables: TableAnalys
     return list(dict.fromkeys(leaves)), region
 
 
+def paired_table(table: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """A (..., R/2) table of one angle per rotary pair as the (..., R) table of both members: the
+    halves layout ``cat(t, t)``, the interleaved one each angle twice."""
+    return table.repeat_interleave(2, dim=-1) if interleaved else torch.cat((table, table), dim=-1)
+
+
 def _probe_rope(gm, node: fx.Node, x: fx.Node, leaves: list[fx.Node], others: Sequence[fx.Node] = ()):
-    """(cos, sin, interleaved) such that node == rope(x, cos, sin), or None. ``others`` are further
-    inputs of the region (the key, when one op rotates query and key): ``node`` must not depend on
-    them, which two draws of their values check."""
+    """(cos, sin, interleaved, paired) such that node == rope(x, cos, sin), or None; ``paired``:
+    the tables hold one angle per pair (:func:`paired_table` makes them the op's). ``others`` are
+    further inputs of the region (the key, when one op rotates query and key): ``node`` must not
+    depend on them, which two draws of their values check."""
     if len(leaves) != 2 or not isinstance(analysis.example_value(x), torch.Tensor):
         return None
     for leaf in leaves:  # HF's unsqueeze_dim=1 layout: (B|1, 1, S, R)
@@ -519,17 +533,18 @@ def _probe_rope(gm, node: fx.Node, x: fx.Node, leaves: list[fx.Node], others: Se
     except Exception:
         return None
     rtol = 1e-5 if out.dtype == torch.float32 else 2e-2
-    for (ci, si) in ((0, 1), (1, 0)):
+    for (ci, si), interleaved, paired in itertools.product(((0, 1), (1, 0)), (False, True), (False, True)):
         cos, sin = tables[ci], tables[si]
+        if paired:
+            cos, sin = paired_table(cos, interleaved), paired_table(sin, interleaved)
         if cos.shape[-1] > x_probe.shape[-1] or cos.shape[-1] % 2:
             continue
-        for interleaved in (False, True):
-            try:  # apply_rotary is tokens-major: (..., S, H, D) with (..., S, R) tables
-                expected = apply_rotary(x_probe.transpose(1, 2), cos[:, 0], sin[:, 0], interleaved).transpose(1, 2)
-            except RuntimeError:
-                continue
-            if expected.shape == out.shape and torch.allclose(out.float(), expected, rtol=rtol, atol=rtol):
-                return leaves[ci], leaves[si], interleaved
+        try:  # apply_rotary is tokens-major: (..., S, H, D) with (..., S, R) tables
+            expected = apply_rotary(x_probe.transpose(1, 2), cos[:, 0], sin[:, 0], interleaved).transpose(1, 2)
+        except RuntimeError:
+            continue
+        if expected.shape == out.shape and torch.allclose(out.float(), expected, rtol=rtol, atol=rtol):
+            return leaves[ci], leaves[si], interleaved, paired
     return None
 
 
@@ -610,11 +625,12 @@ def match_attention(
             sdpa=sdpa, xq=q, xk=k_embed, xv=xv, cos=None, sin=None, interleaved=False, fp32_tables=False,
             scale=float(scale), region=list(dict.fromkeys(region_k + region_v)), unfused=rope,
         )
-    xk, cos, sin, interleaved, fp32_math, region_rope = rope
+    xk, cos, sin, interleaved, fp32_math, paired, region_rope = rope
     xq, region_q = rope_q[0], rope_q[4]
     return AttentionMatch(
         sdpa=sdpa, xq=xq, xk=xk, xv=xv, cos=cos, sin=sin, interleaved=interleaved, fp32_tables=fp32_math,
         scale=float(scale), region=list(dict.fromkeys(region_q + region_k + region_rope + region_v)),
+        paired_tables=paired,
     )
 
 
@@ -622,14 +638,14 @@ _NO_ROPE_QUERY = "could not prove the query is RoPE of a projection"
 
 
 def _rope_of_key(gm, rope_q, k_embed: fx.Node, xv: fx.Node, qv: torch.Tensor, tables: TableAnalysis):
-    """(xk, cos, sin, interleaved, fp32_math, region) when ``k_embed`` is RoPE of a projection by
-    the query's tables (``rope_q``, :func:`_find_rope`'s), else why not."""
-    xq, cos, sin, interleaved, _, fp32_math = rope_q
+    """(xk, cos, sin, interleaved, fp32_math, paired, region) when ``k_embed`` is RoPE of a
+    projection by the query's tables (``rope_q``, :func:`_find_rope`'s), else why not."""
+    xq, cos, sin, interleaved, _, fp32_math, paired = rope_q
     rope_k = _find_rope(gm, k_embed, tables)
     if rope_k is None:
         return "could not prove the key is RoPE of a projection"
-    xk, cos_k, sin_k, interleaved_k, region_k, fp32_math_k = rope_k
-    if (cos_k, sin_k, interleaved_k, fp32_math_k) != (cos, sin, interleaved, fp32_math):
+    xk, cos_k, sin_k, interleaved_k, region_k, fp32_math_k, paired_k = rope_k
+    if (cos_k, sin_k, interleaved_k, fp32_math_k, paired_k) != (cos, sin, interleaved, fp32_math, paired):
         return "query and key use different rotary tables"
     if not _dtype(xq) == _dtype(xk) == _dtype(xv):
         return f"query, key and value are {_dtype(xq)}, {_dtype(xk)}, {_dtype(xv)} before RoPE, not one dtype"
@@ -637,7 +653,7 @@ def _rope_of_key(gm, rope_q, k_embed: fx.Node, xv: fx.Node, qv: torch.Tensor, ta
         tv = analysis.example_value(table)
         if tv.dim() != 4 or analysis.hint(tv.shape[1]) != 1 or analysis.hint(tv.shape[0]) not in (1, analysis.hint(qv.shape[0])):
             return f"rotary table {table.name} is {tuple(tv.shape)}, not (batch, 1, seq, rotary_dim)"
-    return xk, cos, sin, interleaved, fp32_math, region_k
+    return xk, cos, sin, interleaved, fp32_math, paired, region_k
 
 
 def _shapes_mismatch(q: fx.Node, k: fx.Node, v: fx.Node) -> str | None:
@@ -660,8 +676,8 @@ def _shapes_mismatch(q: fx.Node, k: fx.Node, v: fx.Node) -> str | None:
 
 
 def _find_rope(gm, node: fx.Node, tables: TableAnalysis):
-    """(x, cos, sin, interleaved, region, fp32_math) with node == rope(x, cos, sin), x before any
-    RoPE. ``fp32_math``: the rotation runs on an fp32 upcast of x and is rounded back to x's dtype
+    """(x, cos, sin, interleaved, region, fp32_math, paired) with node == rope(x, cos, sin), x
+    before any RoPE (``paired``: see :func:`_probe_rope`). ``fp32_math``: the rotation runs on an fp32 upcast of x and is rounded back to x's dtype
     once (Cohere), which the op reproduces when given fp32 tables."""
     for dom in _dominators(node, tables):
         leaves, region = _region_leaves(node, dom, tables)
@@ -669,11 +685,11 @@ def _find_rope(gm, node: fx.Node, tables: TableAnalysis):
             continue
         found = _probe_rope(gm, node, dom, leaves)
         if found is not None:
-            cos, sin, interleaved = found
+            cos, sin, interleaved, paired = found
             source = dom.args[0] if _is_upcast(dom) else None
             if isinstance(source, fx.Node) and _dtype(source) == _dtype(node) != _dtype(dom):
-                return source, cos, sin, interleaved, region + [dom], True
-            return dom, cos, sin, interleaved, region, False
+                return source, cos, sin, interleaved, region + [dom], True, paired
+            return dom, cos, sin, interleaved, region, False, paired
     return _find_rope_among_inputs(gm, node, tables)
 
 
@@ -698,8 +714,8 @@ def _find_rope_among_inputs(gm, node: fx.Node, tables: TableAnalysis):
     for x in hidden:
         found = _probe_rope(gm, node, x, leaves, others=[o for o in hidden if o is not x])
         if found is not None:
-            cos, sin, interleaved = found
-            return x, cos, sin, interleaved, region, False
+            cos, sin, interleaved, paired = found
+            return x, cos, sin, interleaved, region, False, paired
     return None
 
 

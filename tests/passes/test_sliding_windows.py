@@ -87,8 +87,9 @@ def test_padded_batches_of_sliding_models_drop_every_mask_behind_the_guard(famil
 
 def test_gpt_oss_eager_attention_with_sink_logits_drops_both_masks_behind_the_guard():
     """gpt-oss's eager attention concatenates a sink logit to each row of ``scores + mask`` and
-    subtracts the row max before the softmax: still one query row at a time, so both layers'
-    masks (sliding and full) become constants behind the right-padding guard."""
+    subtracts the row max before the softmax: still one query row at a time, so both layers run
+    per row as varlen_attention with their sinks (and the window) behind the right-padding guard.
+    Its RoPE takes tables of one angle per rotary pair, (B, S, D/2), and is fused all the same."""
     torch.manual_seed(0)
     cm = CompiledModel(build_tiny_model("gpt_oss", sliding_window=WINDOW))
     right = make_batch("right", batch=2, seq=SEQ, seed=5) | {"use_cache": False}
@@ -96,6 +97,9 @@ def test_gpt_oss_eager_attention_with_sink_logits_drops_both_masks_behind_the_gu
     assert_steps_equal(eager, compiled, real_positions=real_positions(right))
     assert report.rule_counts[("mask_elision", "eager_sliding_causal_padding")] == 1, report
     assert report.rule_counts[("mask_elision", "eager_causal_padding")] == 1, report
+    assert report.rule_counts[("rope_fusion", "half")] == 2, report
+    code = "\n".join(report.graph_code("after"))
+    assert code.count("torch.ops.graphopt.varlen_attention") == 2  # both layers, no S x S scores
     assert report.runtime["fast_path"] == 1
     left = make_batch("left", batch=2, seq=SEQ, seed=4) | {"use_cache": False}
     eager, compiled, report = cm.step(left)
