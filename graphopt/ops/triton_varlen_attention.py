@@ -19,13 +19,17 @@ R = rotary dim, N documents)::
                                its sink
 
 Grids tile the token stream, never the document list: the forward and the dQ kernel run one program
-per (BLOCK_M query tokens, query head), the dK/dV kernel one per (BLOCK_N key tokens, kv head). A
-tile may span documents; each row finds its document start in ``seq_start`` (T,) and each key its
-document end in ``seq_end`` (T,), both computed on the device by ``searchsorted`` on ``cu_seqlens``.
+per query tile of BLOCK_M rows, ``HEADS`` query heads of one kv group times BLOCK_M / HEADS tokens
+(``_query_rows``; the launcher packs as many heads as leave 16-token tiles), the dK/dV kernel one
+per (BLOCK_N key tokens, kv head). Packing heads keeps the MMA shape while the tiles get shorter in
+tokens: less work outside short documents and windows, and each K/V tile is loaded and rotated
+once for the ``HEADS`` heads. A tile may span documents; each row finds its document start in
+``seq_start`` (T,) and each key its document end in ``seq_end`` (T,), both computed on the device
+by ``searchsorted`` on ``cu_seqlens``.
 So the padded tail of ``cu_seqlens`` (empty documents) costs nothing, and no host sync happens.
 Query row ``t`` attends key ``s`` iff ``seq_start[t] <= s <= t`` (same document and causal) and,
-with ``HAS_WINDOW``, ``t - window < s``. A query tile iterates keys from its first row's document
-start (or ``first row - window + 1``, whichever is later) to its last row; a key tile iterates
+with ``HAS_WINDOW``, ``t - window < s``. A query tile iterates keys from its first token's document
+start (or ``first token - window + 1``, whichever is later) to its last token; a key tile iterates
 queries from its first key to its last key's document end (or ``last key + window``, whichever is
 earlier): work scales with sum(len_j * min(len_j, window)); key blocks wholly outside the band are
 never visited.
@@ -53,8 +57,8 @@ with ``cos``/``sin`` read at the A columns: HF tables give both members of a pai
 ``q_A k_A^T + q_B k_B^T + q_P k_P^T``. Q/K tiles are rotated in fp32 right after loading, then
 rounded to the input dtype for the matmuls; dQ/dK are accumulated per group in fp32 and un-rotated
 before the single store, so rotated Q/K and rotated dQ/dK never touch global memory. That costs a
-re-rotation of every Q/K tile each time a program loads it (for every query head and every tile
-pair a document's band holds), with cos/sin re-read each time. ``HAS_ROTARY`` is False for R = 0:
+re-rotation of every Q/K tile each time a program loads it (once per query tile of ``HEADS`` heads,
+for every tile pair a document's band holds), with cos/sin re-read each time. ``HAS_ROTARY`` is False for R = 0:
 no rotary groups at all, every channel in P, so a call whose q/k were rotated once before the
 kernels (``varlen_attention.py`` decides when that is cheaper) runs the plain attention kernels.
 
@@ -158,6 +162,21 @@ def _scores_log2(s, qk_scale_log2, softcap_log2, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _query_rows(n_tokens, group_size, BLOCK_M: tl.constexpr, HEADS: tl.constexpr):
+    """The rows of a query-tile program of the forward and dQ kernels: ``HEADS`` query heads of
+    one kv group (program axis 1 numbers the groups of ``HEADS`` heads) for ``BLOCK_M // HEADS``
+    tokens (axis 0), head-major: row ``r`` is token ``first + r % (BLOCK_M // HEADS)`` of head
+    ``HEADS * pid + r // (BLOCK_M // HEADS)``. Each key tile is then loaded and rotated once for
+    the ``HEADS`` heads. Returns (token per row, head per row, kv head, first token, end token)."""
+    tokens: tl.constexpr = BLOCK_M // HEADS
+    rows = tl.arange(0, BLOCK_M)
+    first = tl.program_id(0) * tokens
+    head = tl.program_id(1) * HEADS + rows // tokens
+    kv_head = tl.program_id(1) * HEADS // group_size
+    return first + rows % tokens, head, kv_head, first, tl.minimum(first + tokens, n_tokens)
+
+
+@triton.jit
 def _visible(query, query_start, key, window, HAS_WINDOW: tl.constexpr):
     """Whether ``query`` (its document starting at ``query_start``) sees ``key``; the arguments are
     broadcast against each other ((rows, 1) against (1, keys), or transposed)."""
@@ -177,22 +196,18 @@ def varlen_attention_fwd_kernel(
     UPCAST: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, HEADS: tl.constexpr,
 ):
     qk_scale_log2 = tl.cast(qk_scale_log2, tl.float32)  # fp64 under Inductor: see the module docstring
     softcap_log2 = tl.cast(softcap_log2, tl.float32)
-    pid_m = tl.program_id(0)
-    head = tl.program_id(1)
-    kv_head = head // group_size
+    offs_m, head, kv_head, first, hi = _query_rows(n_tokens, group_size, BLOCK_M, HEADS)
     dtype = q_ptr.dtype.element_ty
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < n_tokens
     row_start = tl.load(seq_start_ptr + offs_m, mask=m_mask, other=0)
-    lo = tl.load(seq_start_ptr + pid_m * BLOCK_M)  # seq_start is non-decreasing: the tile's minimum
+    lo = tl.load(seq_start_ptr + first)  # seq_start is non-decreasing: the tile's minimum
     if HAS_WINDOW:
-        lo = tl.maximum(lo, pid_m * BLOCK_M - window + 1)  # the first row's oldest visible key
-    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_tokens)
+        lo = tl.maximum(lo, first - window + 1)  # the first token's oldest visible key
 
     half = rotary_dim // 2
     offs_j = tl.arange(0, BLOCK_HALF)
@@ -203,7 +218,7 @@ def varlen_attention_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_mask = offs_dv < value_dim
 
-    q_head = q_ptr + head * stride_qh
+    q_head = q_ptr + (head * stride_qh)[:, None]  # each row's head
     k_head = k_ptr + kv_head * stride_kh
     v_head = v_ptr + kv_head * stride_vh
     if HAS_ROTARY:
@@ -249,7 +264,7 @@ def varlen_attention_fwd_kernel(
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # only rows past T have l_i == 0; they are not stored
     out = acc / l_safe[:, None]
-    out_offsets = offs_m.to(tl.int64)[:, None] * stride_ot + head * stride_oh + offs_dv[None, :]
+    out_offsets = offs_m.to(tl.int64)[:, None] * stride_ot + (head * stride_oh)[:, None] + offs_dv[None, :]
     tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & dv_mask[None, :])
     lse = (m_i + tl.log2(l_safe)) / LOG2E
     tl.store(lse_ptr + head * n_tokens + offs_m, lse, mask=m_mask)
@@ -381,23 +396,19 @@ def varlen_attention_bwd_dq_kernel(
     UPCAST: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, HEADS: tl.constexpr,
 ):
     scale = tl.cast(scale, tl.float32)  # fp64 under Inductor: see the module docstring
     qk_scale_log2 = tl.cast(qk_scale_log2, tl.float32)
     softcap_log2 = tl.cast(softcap_log2, tl.float32)
-    pid_m = tl.program_id(0)
-    head = tl.program_id(1)
-    kv_head = head // group_size
+    offs_m, head, kv_head, first, hi = _query_rows(n_tokens, group_size, BLOCK_M, HEADS)
     dtype = q_ptr.dtype.element_ty
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < n_tokens
     row_start = tl.load(seq_start_ptr + offs_m, mask=m_mask, other=0)
-    lo = tl.load(seq_start_ptr + pid_m * BLOCK_M)
+    lo = tl.load(seq_start_ptr + first)
     if HAS_WINDOW:
-        lo = tl.maximum(lo, pid_m * BLOCK_M - window + 1)
-    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_tokens)
+        lo = tl.maximum(lo, first - window + 1)
 
     half = rotary_dim // 2
     offs_j = tl.arange(0, BLOCK_HALF)
@@ -408,7 +419,7 @@ def varlen_attention_bwd_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_mask = offs_dv < value_dim
 
-    q_head = q_ptr + head * stride_qh
+    q_head = q_ptr + (head * stride_qh)[:, None]  # each row's head
     k_head = k_ptr + kv_head * stride_kh
     v_head = v_ptr + kv_head * stride_vh
     if HAS_ROTARY:
@@ -419,7 +430,7 @@ def varlen_attention_bwd_dq_kernel(
     if HAS_PASS:
         q_p = _load_cols(q_head, stride_qt, offs_m, m_mask, cols_p, pass_mask).to(dtype)
         dq_p = tl.zeros([BLOCK_M, BLOCK_PASS], tl.float32)
-    dout = _load_cols(dout_ptr + head * stride_doh, stride_dot, offs_m, m_mask, offs_dv, dv_mask).to(dtype)
+    dout = _load_cols(dout_ptr + (head * stride_doh)[:, None], stride_dot, offs_m, m_mask, offs_dv, dv_mask).to(dtype)
     lse_log2 = tl.load(lse_ptr + head * n_tokens + offs_m, mask=m_mask, other=0.0) * LOG2E
     delta = tl.load(delta_ptr + head * n_tokens + offs_m, mask=m_mask, other=0.0)
 
@@ -461,6 +472,6 @@ def varlen_attention_bwd_dq_kernel(
     if not HAS_ROTARY:
         dq_a = dq_p  # unused placeholders: _store_unrotated skips the rotary groups
         dq_b = dq_p
-    _store_unrotated(dq_ptr + head * stride_dqh, stride_dqt, offs_m, m_mask, cos_ptr, sin_ptr, stride_cos,
+    _store_unrotated(dq_ptr + (head * stride_dqh)[:, None], stride_dqt, offs_m, m_mask, cos_ptr, sin_ptr, stride_cos,
                      stride_sin, col_a, col_b, pair_mask, dq_a * scale, dq_b * scale, dq_p * scale, cols_p,
                      pass_mask, HAS_ROTARY, HAS_PASS)

@@ -972,14 +972,44 @@ def _gpu_config(dtype: torch.dtype, meta: dict, kernel: str) -> tuple[int, int, 
     return _GPU_CONFIGS[(kernel, precision, width)]
 
 
-def _triton_config(q: torch.Tensor, meta: dict, kernel: str) -> dict:
+_TILE_TOKENS_AT_LEAST = 16  # tokens of a query tile when it holds several heads: an MMA's rows
+# Heads are packed in tiles of at least 64 rows only: at 32 rows the per-row head pointers spill
+# (bf16 dQ at D >= 80 on sm_80: 4 B; fp32 forward at D = 128, R = 0 on sm_90: 428 B; compiled ahead
+# of time by tests/ops/test_kernel_resources.py), at 64 rows nothing does.
+_PACKED_TILE_ROWS_AT_LEAST = 64
+
+
+def _heads_per_tile(group_size: int, block_m: int) -> int:
+    """Query heads of one kv group that a forward or dQ program takes together (``HEADS``): in a
+    tile of at least ``_PACKED_TILE_ROWS_AT_LEAST`` rows, the largest power of two dividing
+    ``group_size`` that leaves ``block_m // heads`` tokens at least ``_TILE_TOKENS_AT_LEAST``;
+    else 1. Each key tile is then loaded and rotated once per ``heads`` heads."""
+    heads = 1
+    if block_m < _PACKED_TILE_ROWS_AT_LEAST:
+        return heads
+    while group_size % (2 * heads) == 0 and block_m // (2 * heads) >= _TILE_TOKENS_AT_LEAST:
+        heads *= 2
+    return heads
+
+
+def _triton_config(q: torch.Tensor, meta: dict, kernel: str, group_size: int = 1) -> dict:
     """``BLOCK_M``, ``BLOCK_N``, ``num_warps`` and ``num_stages`` of ``kernel`` for ``q``: the GPU
     configuration, or 16x16 under the interpreter, so that small test shapes cross tiles and
-    documents."""
+    documents. The query-tile kernels ("fwd", "dq") also get ``HEADS`` (``_heads_per_tile`` of
+    the kv group's ``group_size`` query heads); under the interpreter two heads of a group
+    share a 32-row tile of 16 tokens, so that tests cover head-packed tiles."""
+    query_tiles = kernel in ("fwd", "dq")
     if q.device.type == "cpu":
-        return dict(BLOCK_M=16, BLOCK_N=16)
+        heads = 2 if query_tiles and group_size % 2 == 0 else 1
+        return dict(BLOCK_M=16 * heads, BLOCK_N=16) | (dict(HEADS=heads) if query_tiles else {})
     block_m, block_n, num_warps, num_stages = _gpu_config(q.dtype, meta, kernel)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    return config | (dict(HEADS=_heads_per_tile(group_size, block_m)) if query_tiles else {})
+
+
+def _query_grid(n_tokens: int, n_heads: int, config: dict) -> tuple[int, int]:
+    """The forward's and the dQ kernel's grid: (token tiles, groups of ``HEADS`` query heads)."""
+    return triton.cdiv(n_tokens, config["BLOCK_M"] // config["HEADS"]), n_heads // config["HEADS"]
 
 
 @triton_op("graphopt::varlen_attention_triton_fwd", mutates_args=())
@@ -1016,7 +1046,8 @@ def varlen_attention_triton_fwd(
         lse: (Hq, T) fp32, logsumexp of the (capped) scaled scores over each row's visible keys
             and its head's sink.
 
-    Grid: (cdiv(T, BLOCK_M), Hq). CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+    Grid: (cdiv(T, BLOCK_M / HEADS), Hq / HEADS): ``HEADS`` query heads of a kv group per tile
+    (``_heads_per_tile``). CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
     """
     check_inputs(q, k, v, cos, sin, cu_seqlens)
     check_options(q, window, softcap, sinks)
@@ -1030,9 +1061,9 @@ def varlen_attention_triton_fwd(
     if _shapes_only(q):
         return out, lse
     meta = _triton_meta(q, v, cos, interleaved)
-    config = _triton_config(q, meta, "fwd")
+    config = _triton_config(q, meta, "fwd", n_heads // k.shape[1])
     options, flags = _triton_options(window, softcap)
-    wrap_triton(varlen_attention_fwd_kernel)[(triton.cdiv(n_tokens, config["BLOCK_M"]), n_heads)](
+    wrap_triton(varlen_attention_fwd_kernel)[_query_grid(n_tokens, n_heads, config)](
         q, k, v, cos, sin, seq_start, q if sinks is None else sinks, out, lse,  # q: an unread stand-in
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
@@ -1104,8 +1135,8 @@ def varlen_attention_triton_bwd(
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         *sizes, **flags, **meta, **config,
     )
-    config = _triton_config(q, meta, "dq")
-    wrap_triton(varlen_attention_bwd_dq_kernel)[(triton.cdiv(n_tokens, config["BLOCK_M"]), n_heads)](
+    config = _triton_config(q, meta, "dq", n_heads // n_kv_heads)
+    wrap_triton(varlen_attention_bwd_dq_kernel)[_query_grid(n_tokens, n_heads, config)](
         q, k, v, cos, sin, seq_start, dout, lse, delta, dq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), sin.stride(0), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
@@ -1447,7 +1478,7 @@ def _tile_visits(document_length: float, block: int) -> float:
 
 def rotate_before_triton(
     n_heads: int, n_kv_heads: int, head_dim: int, rotary_dim: int, itemsize: int, table_itemsize: int,
-    document_length: float, tiles: tuple[int, int, int],
+    document_length: float, tiles: tuple[int, int, int], heads_per_tile: tuple[int, int] = (1, 1),
 ) -> bool:
     """Whether rotating q/k once in torch is cheaper than re-rotating them in the kernels' tiles.
 
@@ -1458,13 +1489,16 @@ def rotate_before_triton(
     * in the tiles: every Q/K row rotation re-reads its cos/sin row (``R table_itemsize`` bytes, at
       ``1 / TABLE_REREAD_DISCOUNT``) and spends 3R fp32 FLOPs (at ``ROTATION_FLOPS_PER_HBM_BYTE``).
       Rotations per token: the forward rotates Q once and each K row once per visiting query tile
-      and query head; dK/dV rotates K once, each Q row once per visiting key tile, and un-rotates
-      dK; dQ rotates Q once, K per visiting query tile and head, and un-rotates dQ::
+      (a tile holds ``heads_per_tile`` heads of a kv group); dK/dV rotates K once, each Q row once
+      per visiting key tile, and un-rotates dK; dQ rotates Q once, K per visiting query tile, and
+      un-rotates dQ::
 
-          Hq (4 + visits(fwd rows) + visits(dkdv keys) + visits(dq rows)) + 2 Hkv
+          Hq (4 + visits(dkdv keys)) + Hq / h_fwd visits(fwd tokens) + Hq / h_dq visits(dq tokens) + 2 Hkv
 
-      with ``visits(block) = max(1, (document_length / block + 1) / 2)`` and ``tiles`` = (forward
-      BLOCK_M, dK/dV BLOCK_N, dQ BLOCK_M).
+      with ``visits(block) = max(1, (document_length / block + 1) / 2)``, ``tiles`` = (forward
+      tokens per query tile, dK/dV BLOCK_N, dQ tokens per query tile) and ``heads_per_tile`` =
+      (h_fwd, h_dq). Packing h heads in a tile of BLOCK_M rows leaves BLOCK_M / h tokens: long
+      documents rotate K as often either way, short ones less often.
 
     FLOPs of the tensor cores and the unchanged loads of Q/K/V are the same both ways. False for
     ``rotary_dim == 0`` (nothing to rotate).
@@ -1472,8 +1506,14 @@ def rotate_before_triton(
     if rotary_dim == 0:
         return False
     once = 2 * (2 * (n_heads + n_kv_heads) * head_dim * itemsize + 2 * rotary_dim * table_itemsize)
-    visits = sum(_tile_visits(document_length, block) for block in tiles)
-    rotations = n_heads * (4 + visits) + 2 * n_kv_heads
+    fwd_tokens, key_block, dq_tokens = tiles
+    fwd_heads, dq_heads = heads_per_tile
+    rotations = (
+        n_heads * (4 + _tile_visits(document_length, key_block))
+        + n_heads / fwd_heads * _tile_visits(document_length, fwd_tokens)
+        + n_heads / dq_heads * _tile_visits(document_length, dq_tokens)
+        + 2 * n_kv_heads
+    )
     per_rotation = rotary_dim * table_itemsize / TABLE_REREAD_DISCOUNT + 3 * rotary_dim / ROTATION_FLOPS_PER_HBM_BYTE
     return rotations * per_rotation > once
 
@@ -1488,10 +1528,13 @@ def _document_length_bound(max_seqlen) -> float:
 def _rotates_before_triton(q, k, v, cos, max_seqlen) -> bool:
     """``rotate_before_triton`` for this call, with the GPU tiles ``_triton_config`` would give."""
     meta = _triton_meta(q, v, cos, False)
-    tiles = tuple(_gpu_config(q.dtype, meta, kernel)[index] for kernel, index in (("fwd", 0), ("dkdv", 1), ("dq", 0)))
+    group_size = q.shape[1] // k.shape[1]
+    fwd_rows, dq_rows = (_gpu_config(q.dtype, meta, kernel)[0] for kernel in ("fwd", "dq"))
+    heads = (_heads_per_tile(group_size, fwd_rows), _heads_per_tile(group_size, dq_rows))
+    tiles = (fwd_rows // heads[0], _gpu_config(q.dtype, meta, "dkdv")[1], dq_rows // heads[1])
     return rotate_before_triton(
         q.shape[1], k.shape[1], q.shape[2], cos.shape[1], q.element_size(), cos.element_size(),
-        _document_length_bound(max_seqlen), tiles,
+        _document_length_bound(max_seqlen), tiles, heads,
     )
 
 

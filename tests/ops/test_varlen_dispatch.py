@@ -336,17 +336,35 @@ def test_torch_varlen_call_takes_rope_once_and_its_scale(monkeypatch, params):
 # ---------------------------------------------------------------------------------------------
 
 
-LLAMA_TILES = (64, 32, 32)  # 16-bit forward BLOCK_M, dK/dV BLOCK_N, dQ BLOCK_M at D = 128
+# 16-bit at D = 128 with 4 query heads per kv head: forward tiles of 64 rows hold 4 heads of 16
+# tokens, dK/dV tiles 32 keys, dQ tiles 32 rows of one head.
+LLAMA_TILES, LLAMA_HEADS = (16, 32, 32), (4, 1)
 
 
 def test_rotating_once_wins_for_long_documents_and_loses_for_short_small_heads():
     # Llama-3-8B heads (32/8, D = R = 128, bf16, fp32 tables): once, whatever the documents.
     for length in (16, 2048, 32768):
-        assert rotate_before_triton(32, 8, 128, 128, 2, 4, length, LLAMA_TILES)
+        assert rotate_before_triton(32, 8, 128, 128, 2, 4, length, LLAMA_TILES, LLAMA_HEADS)
     # MHA with 8 heads of 64, bf16 tables: in the tiles for 16-token documents, once for 4096.
     assert not rotate_before_triton(8, 8, 64, 64, 2, 2, 16, (64, 16, 64))
     assert rotate_before_triton(8, 8, 64, 64, 2, 2, 4096, (64, 16, 64))
-    assert not rotate_before_triton(32, 8, 128, 0, 2, 4, 32768, LLAMA_TILES)  # nothing to rotate
+    assert not rotate_before_triton(32, 8, 128, 0, 2, 4, 32768, LLAMA_TILES, LLAMA_HEADS)  # nothing to rotate
+
+
+def test_query_tiles_take_several_heads_of_a_kv_group():
+    # As many heads of the group as leave 16-token tiles, a power of two dividing the group, in
+    # tiles of 64 rows or more (smaller ones spill when packed).
+    assert [varlen_module._heads_per_tile(g, 64) for g in (1, 2, 3, 4, 6, 8)] == [1, 2, 1, 4, 2, 4]
+    assert [varlen_module._heads_per_tile(4, m) for m in (16, 32, 64, 128)] == [1, 1, 4, 4]
+    assert varlen_module._heads_per_tile(8, 128) == 8
+    # The interpreter packs two heads of a group in 32 rows (16 tokens), so CPU tests cover it;
+    # the dK/dV kernel's key tiles hold one kv head.
+    q = torch.empty(8, 4, 16)
+    meta = varlen_module._triton_meta(q, q, torch.empty(8, 16), False)
+    assert varlen_module._triton_config(q, meta, "fwd", 2) == dict(BLOCK_M=32, BLOCK_N=16, HEADS=2)
+    assert varlen_module._triton_config(q, meta, "dq", 1) == dict(BLOCK_M=16, BLOCK_N=16, HEADS=1)
+    assert "HEADS" not in varlen_module._triton_config(q, meta, "dkdv", 2)
+    assert varlen_module._query_grid(40, 4, dict(BLOCK_M=64, HEADS=4)) == (3, 1)
 
 
 def test_rotating_once_only_gets_more_attractive_with_length():
@@ -416,7 +434,7 @@ def test_rope_once_is_decided_from_the_gpu_tiles(monkeypatch):
     k = v = torch.empty(10, 8, 128, dtype=torch.bfloat16, device="meta")
     cos = torch.empty(10, 128, device="meta")
     varlen_module._rotates_before_triton(q, k, v, cos, 4096)
-    assert seen == [(32, 8, 128, 128, 2, 4, 4096.0, LLAMA_TILES)]
+    assert seen == [(32, 8, 128, 128, 2, 4, 4096.0, LLAMA_TILES, LLAMA_HEADS)]
 
 
 def test_fake_tensors_get_their_metadata_without_the_chosen_library(monkeypatch):

@@ -270,7 +270,7 @@ def compile_to_cubin(job: dict) -> dict:
 SHORT_NAMES = {"varlen_attention_fwd_kernel": "fwd", "varlen_attention_bwd_preprocess_kernel": "bwd_pre",
                "varlen_attention_bwd_dkdv_kernel": "dkdv", "varlen_attention_bwd_dq_kernel": "dq",
                "_cross_entropy_loss_and_grad_kernel": "xent"}
-LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_HALF", "BLOCK_PASS", "BLOCK_DV", "BLOCK_V")
+LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_HALF", "BLOCK_PASS", "BLOCK_DV", "BLOCK_V", "HEADS")
 FLAG_KEYS = ("INTERLEAVED", "HAS_PASS", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_SINKS", "COMPUTE_GRAD", "SINGLE_PASS")
 
 
