@@ -87,6 +87,33 @@ def test_every_layer_with_a_packed_mask_runs_per_document_attention(variant):
         assert "neither causal ∧ padding nor packed block-causal" in reason, reason
 
 
+# Padded batches of the variants whose padded path no other test takes: a NoPE layer with a window
+# (per-row varlen_attention, RoPE not fused), Llama 4's chunked mask kept beside a NoPE layer with
+# the query temperature. (DeepSeek-V3 below; EXAONE 4 and Cohere 2 in test_sliding_windows.py;
+# the other two run the same rewrites as these.)
+PADDED = ("smollm3_nope_sliding", "llama4_text_chunked")
+
+
+def test_padded_batches_drop_every_provable_mask_behind_the_guard(variant):
+    """Right-padded: each layer whose mask is proven (all but Llama 4's chunked one) runs without
+    it behind the right-padding guard, a NoPE or sliding layer per row as varlen_attention; exact at
+    real positions. Left padding, and pads that are scored, take the exact masked path."""
+    name, cm = variant
+    if name not in PADDED:
+        pytest.skip("this variant's padded path is the same as one tested (see PADDED)")
+    masked = VARIANTS[name][4]
+    right = make_batch("right", batch=ROWS, seq=SEQ, seed=5) | {"use_cache": False}
+    eager, compiled, report = cm.step(right)
+    assert_steps_equal(eager, compiled, real_positions=real_positions(right))
+    assert report.counts["mask_elision"] == 2 - masked, report
+    assert report.runtime["fast_path"] == 1 and not report.runtime.get("fallback"), report
+    for layout, failed in (("left", "right_padded"), ("pad_labels_unmasked", "pads_ignored")):
+        batch = make_batch(layout, batch=ROWS, seq=SEQ, seed=4) | {"use_cache": False}
+        eager, compiled, report = cm.step(batch)
+        assert_steps_equal(eager, compiled)
+        assert report.runtime["fallback"] == 1 and report.runtime[f"failed:{failed}"] == 1, (layout, report)
+
+
 def test_mla_inside_checkpointed_layers_runs_per_document():
     """DeepSeek-V3 with activation checkpointing: each layer's body (its key written in place)
     runs per-document attention, and the backward's recomputation runs the rewritten body."""
