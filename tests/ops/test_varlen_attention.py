@@ -151,6 +151,22 @@ def test_torch_window_alone_runs_aten_on_the_band(monkeypatch, dtype):
     assert spans and max(spans) <= varlen_module._banded_rows(40) + 40 - 1
 
 
+@pytest.mark.parametrize(
+    "dtype, extra", [(torch.bfloat16, {}), (torch.float32, dict(softcap=2.0)), (torch.float32, dict(sinks=True))],
+    ids=["bf16", "softcap", "sinks"],
+)
+def test_torch_window_with_softcap_sinks_or_bf16_keeps_the_blocked_path(monkeypatch, dtype, extra):
+    # aten's kernel takes neither softcap nor sinks, and its per-block bf16 dK/dV would round
+    # twice: those windows stay on the blocked matmuls (fp32 work), never the banded path.
+    def refuse(*args):
+        raise AssertionError("the banded path ran")
+
+    monkeypatch.setattr(varlen_module, "_banded_attention_fwd", refuse)
+    monkeypatch.setattr(varlen_module, "_banded_attention_bwd", refuse)
+    case = make_case([300, 41], hq=4, hkv=2, d=16, r=16, window=40, dtype=dtype, **extra)
+    assert_matches_reference(case, "torch")
+
+
 def test_auto_is_torch_on_cpu():
     case = make_case(**CASES["gqa_partial_rotary"])
     for got, want in zip(run_op(case, "auto"), run_op(case, "torch")):

@@ -176,3 +176,35 @@ def test_scaled_rope_only_changes_the_tables(rope_type):
     eager, compiled, report = cm.step(packed(seed=13, seq=40))
     assert_steps_equal(eager, compiled)
     assert report.counts["rope_fusion"] == N_LAYERS and report.counts["varlen_attention"] == N_LAYERS
+
+
+def _halves_rope(x, cos, sin):  # gpt-oss: one angle per pair, rotating the two halves of x
+    first, second = torch.chunk(x, 2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+def _halves_wrong_sign(x, cos, sin):  # the second half's sign flipped: no rotation
+    first, second = torch.chunk(x, 2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos - first * sin), dim=-1)
+
+
+def _halves_unpaired(x, cos, sin):  # each half with its own table: tables of D/2 are not pairs' angles here
+    first, second = torch.chunk(x, 2, dim=-1)
+    return torch.cat((first * cos, second * sin), dim=-1)
+
+
+@pytest.mark.parametrize(
+    "rotate, proven", [(_halves_rope, True), (_halves_wrong_sign, False), (_halves_unpaired, False)],
+    ids=["paired", "wrong_sign", "unpaired"],
+)
+def test_rope_with_one_angle_per_pair_is_proven_with_doubled_tables(rotate, proven):
+    """Tables of one angle per rotary pair, (B, 1, S, D/2), are RoPE of the halves layout with
+    the tables doubled (``paired``); an op on the same tables that is not that rotation is not."""
+    from graphopt.passes import varlen_attention as varlen_pass
+    from tests.support.mask_graphs import capture
+
+    gm = capture(rotate, torch.randn(1, 2, 6, 8), torch.randn(1, 1, 6, 4), torch.randn(1, 1, 6, 4))
+    x, cos, sin = gm.graph.find_nodes(op="placeholder")
+    (out,) = gm.graph.output_node().args[0]
+    found = varlen_pass._probe_rope(gm, out, x, [cos, sin])
+    assert (found == (cos, sin, False, True)) if proven else found is None, found
