@@ -212,21 +212,30 @@ def rewrite_packed_eager(gm: fx.GraphModule, ctx: PassContext, cand: MaskCandida
     retire_mask(gm, ctx, cand)
 
 
-def rewrite_received_eager(ctx: PassContext, proven: list[ProvenEager], boundaries, window: int | None) -> list[str]:
-    """Per-document (or per-row) attention for proven eager attention users of a mask received
-    from an earlier graph: ``graphopt::varlen_attention`` over ``boundaries(graph, before, xq,
-    checkpoint)`` (the caller's (B*S + 1,) boundaries node for that graph) with ``window`` and
-    each attention's softcap and sinks. The caller registers the handoff guard (whose
-    ``masked_at_most`` is the least of the users' :func:`masked_value_bound`) and reports the
-    rewrites; returned: per user, what it became, and its RoPE layout ("" when not fused)."""
-    done = []
+def rewrite_received_eager(
+    ctx: PassContext, pass_name: str, cand: MaskCandidate, tables: TableAnalysis, boundaries, window: int | None, into: str
+) -> float | None:
+    """Per-document (or per-row) attention for the eager attention users of ``cand``, a mask
+    received from an earlier graph: each one proven becomes ``graphopt::varlen_attention`` over
+    ``boundaries(graph, before, xq, checkpoint)`` (the caller's (B*S + 1,) boundaries node for that
+    graph) with ``window`` and its softcap and sinks, reported as ``<pass_name>/eager_handed_off``
+    (``into``: what it became); the others are declined with their reason and keep the mask.
+    ``tables``: the graph's :class:`TableAnalysis`. Returns the ``masked_at_most`` of the handoff
+    guard the caller registers (the least :func:`masked_value_bound` of the rewritten users), or
+    None when none was rewritten."""
+    proven, declined = prove_eager_users(cand, tables)
+    for add, why in declined:
+        ctx.report.decline(pass_name, f"{add.name}: eager attention over the received {cand.input.name} keeps it: {why}")
     for user in proven:
         cu = boundaries(user.found.output.graph, user.found.output, user.source.xq, user.checkpoint)
         _call_varlen(ctx, user.found, user.source, cu, window, report=False)
-        done.append((_what(user.found, window), _layout(user.source)))
-        if not user.source.fused:
-            ctx.report.note(f"{user.add.name} runs per document with RoPE not fused ({user.source.unfused})")
-    return done
+        name, what = user.add.name, _what(user.found, window)
+        ctx.report.rewrite(pass_name, "eager_handed_off", f"{name}: eager attention over {cand.input.name} (from an earlier graph) -> {into} ({what})")
+        if user.source.fused:
+            ctx.report.rewrite("rope_fusion", _layout(user.source), f"{name}: RoPE applied inside varlen_attention")
+        else:
+            ctx.report.note(f"{name} runs per document with RoPE not fused ({user.source.unfused})")
+    return min((masked_value_bound(user.found.softcap) for user in proven), default=None)
 
 
 def _what(found: EagerAttention, window: int | None) -> str:

@@ -249,24 +249,21 @@ class MaskElision:
             what += f" with its window of {cand.window}"
         ctx.report.rewrite("mask_handoff", "export", f"{cand.node.name}: returned to later graphs, {what}")
 
-    def _received(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> int:
+    def _received(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> None:
         """Drop a mask received from an earlier graph behind a :class:`HandedOffMaskGuard`: SDPA
         becomes causal, eager attention per-row attention."""
         if cand.additive_users and cand.sdpa_users:
             ctx.report.decline(self.name, f"{cand.input.name}: a received mask read by both SDPA and eager attention is kept")
-            return 0
+            return
         if not ctx.allow_guards or ctx.received_as != "causal":
-            return 0  # the exact fallback keeps it; the packed version is varlen attention's
+            return  # the exact fallback keeps it; the packed version is varlen attention's
+        masked_at_most = None  # SDPA reads the mask as it is
         if cand.additive_users:
-            rewritten, masked_at_most = self._received_eager(gm, ctx, cand), None
-            if rewritten:
-                from graphopt.passes.eager_attention import masked_value_bound
-
-                masked_at_most = min(masked_value_bound(softcap) for softcap in rewritten)
-        else:
-            rewritten, masked_at_most = self._received_sdpa(ctx, cand), None
-        if not rewritten:
-            return 0
+            masked_at_most = self._received_eager(gm, ctx, cand)
+            if masked_at_most is None:
+                return
+        elif not self._received_sdpa(ctx, cand):
+            return
         promise = ctx.options.padded_outputs_unused
         eager = "" if masked_at_most is None else f", its masked value at most {masked_at_most:g}"
         guards = [
@@ -286,7 +283,6 @@ class MaskElision:
             guards.append(proven_length_guard(gm, cand))
         retire_mask(gm, ctx, cand, guards)
         ctx.received_rewritten.append(ctx.placeholder_index(gm, cand.input))
-        return len(rewritten)
 
     def _received_sdpa(self, ctx: PassContext, cand: MaskCandidate) -> list[fx.Node]:
         """``attn_mask=received -> is_causal=True`` for each square SDPA call: the calls rewritten."""
@@ -300,29 +296,22 @@ class MaskElision:
             rewritten.append(user)
         return rewritten
 
-    def _received_eager(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> list[float]:
+    def _received_eager(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> float | None:
         """Eager attention over a received mask becomes per-row attention (each row one document:
         exact where causal SDPA would be, see :class:`HandedOffMaskGuard`), with its softcap and
-        sinks: the softcaps of the attentions rewritten (their guard's masked-value bound)."""
-        from graphopt.passes.eager_attention import prove_eager_users, rewrite_received_eager
+        sinks: the masked-value bound of its guard, or None when nothing was rewritten."""
+        from graphopt.passes.eager_attention import rewrite_received_eager
         from graphopt.passes.varlen_attention import TableAnalysis, received_table_sources, reads_whole_mask
 
         if not reads_whole_mask(cand):
             ctx.report.decline(self.name, f"{cand.input.name}: eager attention reads a corner of the received mask; it is kept")
-            return []
-        proven, declined = prove_eager_users(cand, TableAnalysis(gm, received_table_sources(gm, cand.input)))
-        for add, why in declined:
-            ctx.report.decline(self.name, f"{add.name}: eager attention over the received {cand.input.name} keeps it: {why}")
+            return None
 
         def boundaries(graph: fx.Graph, before: fx.Node, xq: fx.Node, checkpoint: fx.Node | None) -> fx.Node:
             return self._row_boundaries(graph, before, xq)
 
-        for user, (what, layout) in zip(proven, rewrite_received_eager(ctx, proven, boundaries, None)):
-            detail = f"{user.add.name}: + {cand.input.name} (from an earlier graph) -> per-row attention ({what})"
-            ctx.report.rewrite(self.name, "eager_handed_off", detail)
-            if layout:
-                ctx.report.rewrite("rope_fusion", layout, f"{user.add.name}: RoPE applied inside varlen_attention")
-        return [user.found.softcap for user in proven]
+        tables = TableAnalysis(gm, received_table_sources(gm, cand.input))
+        return rewrite_received_eager(ctx, self.name, cand, tables, boundaries, None, "per-row attention")
 
     @staticmethod
     def _sdpa_is_square(node: fx.Node, cand: MaskCandidate) -> bool:

@@ -172,18 +172,19 @@ class VarlenAttention:
                 matches.append((match, checkpoint))
         return matches
 
-    def _received(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> int:
+    def _received(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> None:
         """Per-document attention for the SDPA calls (or the eager attention) reading a mask
         received from an earlier graph, with the boundaries as a new trailing input (see the
         module docstring)."""
         if not reads_whole_mask(cand):
-            return 0  # attention reads a corner of the mask: boundaries of the whole would not fit
+            return  # attention reads a corner of the mask: boundaries of the whole would not fit
         tables = TableAnalysis(gm, received_table_sources(gm, cand.input))
         if cand.additive_users:
-            return self._received_eager(gm, ctx, cand, tables)
+            self._received_eager(gm, ctx, cand, tables)
+            return
         matches = self._matches(ctx, cand, tables)
         if not matches:
-            return 0
+            return
         cu = self._boundaries_input(gm, matches[0][0].xq)
         inside: dict[fx.Graph, fx.Node] = {gm.graph: cu}
         for match, checkpoint in matches:
@@ -191,37 +192,28 @@ class VarlenAttention:
                 inside[match.sdpa.graph] = analysis.add_checkpoint_operand(checkpoint, cu)
             rewrite_attention(ctx, match, inside[match.sdpa.graph], window=ctx.received_window)
         self._retire_received(gm, ctx, cand, cu, masked_at_most=None)
-        return len(matches)
 
-    def _received_eager(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate, tables: TableAnalysis) -> int:
+    def _received_eager(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate, tables: TableAnalysis) -> None:
         """The eager attention reading a received mask (:func:`graphopt.passes.eager_attention.rewrite_received_eager`),
         guarded also on the published mask's masked value."""
-        from graphopt.passes.eager_attention import masked_value_bound, prove_eager_users, rewrite_received_eager
+        from graphopt.passes.eager_attention import rewrite_received_eager
 
         if cand.sdpa_users:
-            return 0  # mask elision reports it (in the fast version)
-        proven, declined = prove_eager_users(cand, tables)
-        for add, why in declined:
-            ctx.report.decline(self.name, f"{add.name}: eager attention over the received {cand.input.name} keeps it: {why}")
-        if not proven:
-            return 0
-        cu = self._boundaries_input(gm, proven[0].source.xq)
-        inside: dict[fx.Graph, fx.Node] = {gm.graph: cu}
+            return  # mask elision reports it (in the fast version)
+        inside: dict[fx.Graph, fx.Node] = {}  # the boundaries input, and its operand in each checkpoint body
 
         def boundaries(graph: fx.Graph, before: fx.Node, xq: fx.Node, checkpoint: fx.Node | None) -> fx.Node:
+            if not inside:
+                inside[gm.graph] = self._boundaries_input(gm, xq)
             if graph not in inside:
-                inside[graph] = analysis.add_checkpoint_operand(checkpoint, cu)
+                inside[graph] = analysis.add_checkpoint_operand(checkpoint, inside[gm.graph])
             return inside[graph]
 
         window = ctx.received_window
         into = "per-document attention" if window is None else f"per-document attention with its window of {window}"
-        for user, (what, layout) in zip(proven, rewrite_received_eager(ctx, proven, boundaries, window)):
-            detail = f"{user.add.name}: eager attention over {cand.input.name} (from an earlier graph) -> {into} ({what})"
-            ctx.report.rewrite(self.name, "eager_handed_off", detail)
-            if layout:
-                ctx.report.rewrite("rope_fusion", layout, f"{user.add.name}: RoPE applied inside varlen_attention")
-        self._retire_received(gm, ctx, cand, cu, masked_at_most=min(masked_value_bound(u.found.softcap) for u in proven))
-        return len(proven)
+        masked_at_most = rewrite_received_eager(ctx, self.name, cand, tables, boundaries, window, into)
+        if masked_at_most is not None:
+            self._retire_received(gm, ctx, cand, inside[gm.graph], masked_at_most)
 
     def _retire_received(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate, cu: fx.Node, masked_at_most: float | None) -> None:
         """Guard the rewritten received mask (packed, or windowed in the received-windowed

@@ -657,7 +657,7 @@ def _banded_attention_fwd(q_b, k_b, v_b, scale, window):
     rows = _banded_rows(window)
     band = _band_mask(rows, window, q_b.dtype)
     out_b = q_b.new_empty(q_b.shape[:3] + v_b.shape[3:])
-    lse_b = None
+    lse_b = q_b.new_empty(q_b.shape[:3], dtype=_lse_dtype(q_b.dtype))
     for row_start in range(0, length, rows):
         row_stop = min(row_start + rows, length)
         key_start, mask = _block_keys(row_start, row_stop, window, band)
@@ -665,8 +665,6 @@ def _banded_attention_fwd(q_b, k_b, v_b, scale, window):
             q_b[:, :, row_start:row_stop], k_b[:, :, key_start:row_stop], v_b[:, :, key_start:row_stop],
             0.0, False, attn_mask=mask, scale=scale,
         )
-        if lse_b is None:
-            lse_b = lse.new_empty(q_b.shape[:3])
         out_b[:, :, row_start:row_stop] = out
         lse_b[:, :, row_start:row_stop] = lse
     return out_b, lse_b
