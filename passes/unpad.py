@@ -60,7 +60,7 @@ _ELEMENTWISE_FUNCTIONS = frozenset({
 })
 _ELEMENTWISE_METHODS = frozenset({
     "add", "sub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "exp", "tanh", "sigmoid", "sin", "cos",
-    "abs", "clamp", "float", "half", "bfloat16", "to", "type_as", "contiguous", "clone", "detach",
+    "abs", "clamp", "float", "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone", "detach",
     "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
     "__neg__", "__pow__", "square", "reciprocal", "masked_fill",
 })
@@ -403,6 +403,8 @@ class _Builder:
         positions, or has no rule."""
         rule = _RULES.get(node.op, {}).get(node.target)
         if rule is None:
+            if node.target in (torch.topk, "topk"):
+                self._decline(node, _TOPK_DECLINE)
             self._decline(node, "is not known to act on each token independently" + _custom_op_hint(node))
         try:
             return rule(self, node)
@@ -412,8 +414,59 @@ class _Builder:
 
     def _untracked(self, node: fx.Node):
         """``x.dim()``, ``x.new_zeros(sizes)``: not a token value (the sizes are the padded ones,
-        see :meth:`_padded_size`); if it meets the tokens later, the broadcast rule sees its shape."""
+        see :meth:`_padded_size`); if it meets the tokens later, the broadcast rule sees its shape.
+        A new buffer that token values are copied into is one (:meth:`_assembled`)."""
+        assembled = self._assembled(node)
+        if assembled is not None:
+            return assembled
         return None, node.args, node.kwargs
+
+    def _assembled(self, node: fx.Node):
+        """``buf = x.new_empty(sizes)`` then ``buf[..., a:b].copy_(part)`` for parts that are token
+        values (DeepSeek-V3's key: its nope and rope channels written into one buffer): ``buf``
+        holds at each position what the parts hold there, so it is a token value with their tags,
+        and its sizes are rewritten like a view's. Each write must cover whole token dimensions
+        (slices and ``...`` only, cutting feature dimensions) with a part of the slice's own shape
+        and tags; anything else declines. None when no token value is copied into ``buf``."""
+        if node.op != "call_method" or node.target not in ("new_empty", "new_zeros", "new_ones"):
+            return None
+        shape = _hints(analysis.example_value(node))
+        writes = []
+        for view in node.users:
+            if view.op != "call_function" or view.target is not operator.getitem or view.args[0] is not node:
+                continue
+            for write in view.users:
+                if write.op == "call_method" and write.target == "copy_" and write.args[0] is view and self._t(write.args[1]):
+                    writes.append((view, write))
+        if not writes:
+            return None
+        tags = self._t(writes[0][1].args[1])
+        for view, write in writes:
+            index = view.args[1] if isinstance(view.args[1], tuple) else (view.args[1],)
+            if not all(i is Ellipsis or isinstance(i, slice) for i in index):
+                self._decline(write, "writes token values through an index that is not slices")
+            if len(tags) != len(shape):
+                self._decline(node, "is filled with token values of another rank")
+            try:
+                cut = dimension_tags.getitem_tags(tags, shape, index)
+            except dimension_tags.MixesPositions as e:
+                self._decline(write, f"writes token values into a buffer: {e}")
+            src = write.args[1]
+            if cut != self._t(src) or _hints(analysis.example_value(src)) != _hints(analysis.example_value(view)):
+                self._decline(write, "writes token values laid out unlike the slice they fill")
+        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        new_sizes = tuple(dimension_tags.tag_size(t, s, self.t_node) for t, s in zip(tags, sizes))
+        return tags, (node.args[0], *new_sizes), node.kwargs
+
+    def _copy_into(self, node: fx.Node) -> tuple:
+        """``dst.copy_(src)``: a write at each position of ``dst`` of ``src`` at the same position
+        (or of a value broadcast along the token dimensions); ``dst`` must be a token value."""
+        dst = self._t(node.args[0])
+        if not dst:
+            self._decline(node, "writes token values into a buffer that is not laid out per token")
+        if self._elementwise(node) != dst:
+            self._decline(node, "writes values of other positions")
+        return dst
 
     def _item(self, node: fx.Node) -> tuple | None:
         """``x[index]`` of a tensor, or an item of a node returning several values."""
@@ -741,6 +794,7 @@ def _rule_table(*families) -> dict:
 _METHOD_RULES = _rule_table(
     (("dim", "new_empty", "new_zeros", "new_ones", "new_full"), _Builder._untracked),
     (_ELEMENTWISE_METHODS, _keeping_args(_Builder._elementwise)),  # x.mul(y): the tags broadcast
+    (("copy_",), _keeping_args(_Builder._copy_into)),  # into a token value, position by position
     (("view", "reshape"), _Builder._view),  # (B, S, H) -> (B, S, h, d): sizes of B / S rewritten
     (("expand",), _Builder._expand),
     (("unflatten",), _Builder._unflatten),
@@ -772,6 +826,15 @@ _RULES = {"call_method": _METHOD_RULES, "call_function": _FUNCTION_RULES}
 # arguments by name.
 _LOSS_ARGUMENTS = [a.name for a in torch.ops.graphopt.linear_cross_entropy.default._schema.arguments]
 _VARLEN_ARGUMENTS = [a.name for a in torch.ops.graphopt.varlen_attention.default._schema.arguments]
+
+
+# A top-k over the token dimensions is a router's: what follows it dispatches the tokens to their
+# experts, sorted by expert or grouped per expert, with token counts fixed in the graph.
+_TOPK_DECLINE = (
+    "takes a top-k, as a mixture-of-experts router does: expert dispatch (tokens sorted or grouped "
+    "by expert) is not proven token-wise, so this graph keeps the padded fast path (mask elision, "
+    "attention per row) instead of unpadding"
+)
 
 
 def _custom_op_hint(node: fx.Node) -> str:

@@ -126,6 +126,39 @@ def test_sliding_window_layers_are_unpadded(family, overrides):
 
 
 @pytest.mark.slow
+def test_mla_key_assembled_in_place_is_unpadded():
+    """DeepSeek-V3's dense layers (``first_k_dense_replace`` = every layer): MLA writes its key's
+    nope and rope channels into one ``new_empty`` buffer with ``copy_``. That buffer holds a token
+    value at each position, so it is packed too (its sizes rewritten) and both layers run per
+    document. Left padding takes the exact fallback."""
+    torch.manual_seed(0)
+    cm = CompiledModel(build_tiny_model("deepseek_v3", first_k_dense_replace=2))
+    report = _check_unpadded(cm, right_batch([SEQ, 18, 7]))
+    assert report.rule_counts[("unpad", "tokens")] == 1, report
+    code = cm.after_code()
+    assert code.count("torch.ops.graphopt.varlen_attention") == 2 and "copy_" in code
+    left = make_batch("left", batch=3, seq=SEQ, seed=4) | {"use_cache": False}
+    eager, step, report = cm.step(left)
+    assert_steps_equal(eager, step)
+    assert report.runtime["fallback"] == 1 and not report.runtime["unpad"], report
+
+
+@pytest.mark.slow
+def test_mixture_of_experts_layers_are_not_unpadded_and_say_why():
+    """Negative: a routed-expert layer (DeepSeek-V3's layer 1) sorts the tokens by expert, which
+    unpadding does not prove token-wise: it declines at the router's top-k, names it, and the
+    padded fast path (mask elision) runs instead, exact at real positions."""
+    torch.manual_seed(0)
+    cm = CompiledModel(build_tiny_model("deepseek_v3"))
+    batch = right_batch([SEQ, 18, 7])
+    eager, step, report = cm.step(batch)
+    assert_steps_equal(eager, step, real_positions=real_positions(batch))
+    assert report.runtime["fast_path"] == 1 and not report.runtime["unpad"], report
+    (reason,) = [r for n, r in report.declines if n == "unpad"]
+    assert "topk" in reason and "mixture-of-experts" in reason, reason
+
+
+@pytest.mark.slow
 def test_checkpointed_sliding_window_layers_are_unpadded():
     from tests.support.harness import enable_checkpointing
 
@@ -305,3 +338,85 @@ def test_only_unread_values_without_effects_are_erased_before_unpadding():
     x = torch.randn(4, 3)
     torch.testing.assert_close(gm(x), fn(x), rtol=0, atol=0)
     assert "copy_" in gm.code and "add_" in gm.code and "amax" not in gm.code
+
+
+def _buffer_builder(fill):
+    """A :class:`graphopt.passes.unpad._Builder` over the graph of ``fill(a, b)``, whose inputs
+    are tagged (batch, heads, seq, dim) with real example values (B=2, S=24): enough state for its
+    ``new_empty`` rule (``_assembled``), which needs no packing inputs."""
+    import torch.fx as fx
+
+    from graphopt.passes.unpad import _Builder
+
+    gm = fx.symbolic_trace(fill)
+    shapes = {"a": (2, 4, 24, 16), "b": (2, 4, 24, 8)}
+    values = {}
+    for node in gm.graph.nodes:  # example values of every node, by running it
+        if node.op == "placeholder":
+            values[node] = torch.randn(shapes[node.target])
+        elif node.op != "output":
+            args = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
+            values[node] = getattr(args[0][0], node.target)(*args[0][1:], **args[1]) if node.op == "call_method" else node.target(*args[0], **args[1])
+        node.meta["example_value"] = values.get(node)
+    builder = _Builder.__new__(_Builder)
+    builder.tags = {n: ("B", None, "S", None) for n in gm.graph.nodes if n.op == "placeholder"}
+    builder.t_node = "T"
+    (buffer,) = [n for n in gm.graph.nodes if n.target == "new_empty"]
+    return builder, buffer
+
+
+def test_a_buffer_filled_with_token_values_is_a_token_value():
+    """MLA's key: nope and rope channels copied into slices of one new buffer. The buffer takes
+    their tags and its sizes are rewritten (batch 1, sequence the packed length)."""
+
+    def fill(a, b):
+        buf = a.new_empty(2, 4, 24, 24)
+        buf[..., :16].copy_(a)
+        buf[..., 16:].copy_(b)
+        return buf
+
+    builder, buffer = _buffer_builder(fill)
+    tags, args, _ = builder._untracked(buffer)
+    assert tags == ("B", None, "S", None)
+    assert args[1:] == (1, 4, "T", 24)
+
+
+def _fill_cutting_the_sequence(a, b):
+    buf = a.new_empty(2, 4, 48, 16)
+    buf[:, :, :24].copy_(a)  # the sequence of two tensors stacked: positions of two rows
+    buf[:, :, 24:, :8].copy_(b)
+    return buf
+
+
+def _fill_with_an_int_index(a, b):
+    buf = a.new_empty(2, 4, 24, 2, 16)
+    buf[..., 0, :].copy_(a)
+    return buf
+
+
+def _fill_with_other_layouts(a, b):
+    buf = a.new_empty(2, 4, 24, 24)
+    buf[..., :16].copy_(a)
+    buf[..., 16:].copy_(b)
+    return buf
+
+
+@pytest.mark.parametrize(
+    "fill, tags_b, why",
+    [
+        (_fill_cutting_the_sequence, ("B", None, "S", None), "slices a token dimension"),
+        (_fill_with_an_int_index, ("B", None, "S", None), "index that is not slices"),
+        (_fill_with_other_layouts, (None, None, "S", None), "laid out unlike the slice"),
+    ],
+    ids=["cuts-the-sequence", "int-index", "parts-laid-out-differently"],
+)
+def test_buffers_filled_across_positions_are_declined(fill, tags_b, why):
+    """Negative: a write that cuts a token dimension, goes through an int index, or copies parts
+    whose token dimensions differ, is not a per-position fill: unpadding declines it."""
+    from graphopt.passes.unpad import Decline
+
+    builder, buffer = _buffer_builder(fill)
+    (b,) = [n for n in builder.tags if n.target == "b"]
+    builder.tags[b] = tags_b
+    with pytest.raises(Decline, match=why):
+        builder._untracked(buffer)
