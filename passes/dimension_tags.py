@@ -183,11 +183,13 @@ def broadcast_tags(operands: Sequence[tuple[str, tuple | None, Sequence[int]]], 
                     raise MixesPositions("combines different token dimensions")
                 result[pos] = tag
     for name, tags, shape in operands:
-        if tags:
-            continue
-        for k, size in enumerate(reversed(shape)):
-            if result[rank - 1 - k] is not None and size != 1:
-                raise MixesPositions(f"combines the tokens with {name}, a constant of their shape")
+        for k, (tag, size) in enumerate(zip(reversed(tags or (None,) * len(shape)), reversed(shape))):
+            if tag is None and result[rank - 1 - k] is not None and size != 1:
+                if not tags:
+                    raise MixesPositions(f"combines the tokens with {name}, a constant of their shape")
+                # a token value with an untracked dimension under a token dimension of another
+                # operand (e.g. expanded to a literal batch size): its positions are not known
+                raise MixesPositions(f"combines the tokens with an untracked dimension of {name} of size {size}")
     named = [t for t in result if t is not None]
     if len(named) != len(set(named)):
         raise MixesPositions("would carry one token dimension twice")

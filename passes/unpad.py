@@ -54,7 +54,8 @@ _ELEMENTWISE_FUNCTIONS = frozenset({
     operator.iadd, operator.imul, operator.isub, operator.itruediv,
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.rsqrt, torch.sqrt,
     torch.exp, torch.tanh, torch.sigmoid, torch.sin, torch.cos, torch.abs, torch.where, torch.clamp,
-    torch.erf, torch.maximum, torch.minimum, torch.square, torch.reciprocal,
+    torch.erf, torch.maximum, torch.minimum, torch.square, torch.reciprocal, torch.floor, torch.log1p,
+    operator.floordiv, torch.floor_divide, torch.ones_like, torch.zeros_like, torch.full_like, torch.polar,
     torch.nn.functional.silu, torch.nn.functional.gelu, torch.nn.functional.relu,
     torch.nn.functional.dropout, torch._C._nn.gelu, torch.nn.functional.tanh, torch.nn.functional.sigmoid,
 })
@@ -511,6 +512,13 @@ class _Builder:
             # ...)``) becomes that token dimension: its values are the same at every position.
             if out_tags[i] is None and in_shape[i] == 1 and self._token_size_tag(size) is not None:
                 out_tags[i] = self._token_size_tag(size)
+        for i, size in enumerate(sizes):
+            # Expanded to a literal batch or sequence size that the value lacks (Llama 4's query
+            # temperature, (1, S, 1, 1) expanded to (B, S, 1, 1)): copies of one value, so the
+            # dimension is that token dimension; the broadcast rule checks what meets it.
+            for tag, n in (("B", self.B), ("S", self.S)):
+                if out_tags[i] is None and in_shape[i] == 1 and size == n and tag not in out_tags and any(out_tags):
+                    out_tags[i] = tag
         out_tags = tuple(out_tags)
         return out_tags, (src, *(dimension_tags.tag_size(t, s, self.t_node) for t, s in zip(out_tags, sizes))), node.kwargs
 
@@ -606,6 +614,16 @@ class _Builder:
         if name == "repeat_interleave":
             return x
         return [x] * len(analysis.example_value(node))
+
+    def _complex_view(self, node: fx.Node) -> tuple:
+        """``view_as_complex`` (the last dimension, of 2 reals, becomes one complex number) and
+        ``view_as_real`` (back): the token dimensions stay where they are."""
+        x = self._t(node.args[0])
+        if node.target is torch.view_as_real:
+            return x + (None,)
+        if x[-1] is not None:
+            self._decline(node, "pairs values along a token dimension")
+        return x[:-1]
 
     def _paired_table(self, node: fx.Node):
         """A rotary table of one angle per pair doubled along its last (feature) dimension."""
@@ -818,6 +836,7 @@ _FUNCTION_RULES = _rule_table(
     ((torch.ops.graphopt.linear_cross_entropy.default,), _Builder._fused_loss),  # on the gathered targets
     ((torch.ops.graphopt.varlen_attention.default,), _Builder._row_attention),  # windowed, one row one document
     ((paired_table,), _keeping_args(_Builder._paired_table)),  # gpt-oss's tables for the op
+    ((torch.view_as_complex, torch.view_as_real), _keeping_args(_Builder._complex_view)),  # Llama 4's RoPE
 )
 _RULES = {"call_method": _METHOD_RULES, "call_function": _FUNCTION_RULES}
 

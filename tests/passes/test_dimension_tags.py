@@ -239,6 +239,13 @@ def test_broadcast_tags(operands, rank, expected):
             "combines the tokens with m, a constant of their shape",
         ),
         ([("x", ("S", None), (6, 1)), ("y", (None, "S"), (1, 6))], 2, "would carry one token dimension twice"),
+        # a token value whose dim of the batch's size is not tracked: unpadded, it would broadcast
+        # the packed row against B copies
+        (
+            [("q", ("B", "S", None), (2, 6, 8)), ("scale", (None, "S", None), (2, 6, 1))],
+            3,
+            "combines the tokens with an untracked dimension of scale of size 2",
+        ),
     ],
 )
 def test_broadcast_tags_declines(operands, rank, reason):

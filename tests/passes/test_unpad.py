@@ -144,6 +144,19 @@ def test_mla_key_assembled_in_place_is_unpadded():
 
 
 @pytest.mark.slow
+def test_llama4_dense_layers_are_unpadded():
+    """Llama 4 with dense MLPs (``moe_layers=[]``, as Maverick's interleaved dense layers) and full
+    attention: RoPE as complex products (``polar``, ``view_as_complex``/``view_as_real``), the qk
+    norm after it, and the NoPE layer's query temperature, computed from ``arange(S)`` and expanded
+    to the literal (B, S, 1, 1), all run on the packed tokens at each token's own position."""
+    torch.manual_seed(0)
+    cm = CompiledModel(build_tiny_model("llama4_text", attention_chunk_size=None, moe_layers=[]))
+    report = _check_unpadded(cm, right_batch([SEQ, 18, 7]))
+    assert report.rule_counts[("unpad", "tokens")] == 1, report
+    assert cm.after_code().count("torch.ops.graphopt.varlen_attention") == 2
+
+
+@pytest.mark.slow
 def test_mixture_of_experts_layers_are_not_unpadded_and_say_why():
     """Negative: a routed-expert layer (DeepSeek-V3's layer 1) sorts the tokens by expert, which
     unpadding does not prove token-wise: it declines at the router's top-k, names it, and the
