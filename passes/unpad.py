@@ -25,8 +25,10 @@ right-padding guard holds, graphopt knows where the real tokens are: row ``b`` h
 Token-wise is proven by meaning, op by op: the pass tracks which dimension of every value is the
 batch (``B``), the sequence (``S``) or both merged (``BS``), and accepts an op only when it acts
 on each (b, s) position independently: elementwise ops and broadcasts that never meet an
-untracked dimension of sequence length, linears and norms over feature dimensions, views that
-keep the token dimensions whole, slices that keep them full. SDPA (causal, no mask) and the loss
+untracked dimension of a token size, linears and norms over feature dimensions, views that
+keep the token dimensions whole, slices that keep them full, a new buffer whose slices are filled
+with token values by ``copy_`` (it takes their tags), a size-1 dimension expanded to the batch or
+sequence size (copies of one value, so that token dimension). SDPA (causal, no mask) and the loss
 are the only places positions meet; anything else that mixes positions is a decline that names
 the op (the ops accepted: ``_METHOD_RULES`` and ``_FUNCTION_RULES``; the tags of their outputs:
 :mod:`graphopt.passes.dimension_tags`). The gather and scatter indices, the positions and the
