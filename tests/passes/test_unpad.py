@@ -50,6 +50,14 @@ def _check_unpadded(cm: CompiledModel, batch: dict):
     return report
 
 
+def _check_left_padding_falls_back(cm: CompiledModel):
+    """Negative: a left-padded batch on the same graph takes the exact masked fallback, not unpad."""
+    left = make_batch("left", batch=3, seq=SEQ, seed=4) | {"use_cache": False}
+    eager, step, report = cm.step(left)
+    assert_steps_equal(eager, step)
+    assert report.runtime["fallback"] == 1 and not report.runtime["unpad"], report
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "lengths",
@@ -119,10 +127,7 @@ def test_sliding_window_layers_are_unpadded(family, overrides):
     code = cm.after_code()
     assert code.count("torch.ops.graphopt.varlen_attention") == 2  # both layers, per document
     assert "unpad_cu_seqlens" in code
-    left = make_batch("left", batch=3, seq=SEQ, seed=4) | {"use_cache": False}
-    eager, step, report = cm.step(left)
-    assert_steps_equal(eager, step)
-    assert report.runtime["fallback"] == 1 and not report.runtime["unpad"], report
+    _check_left_padding_falls_back(cm)
 
 
 @pytest.mark.slow
@@ -137,10 +142,7 @@ def test_mla_key_assembled_in_place_is_unpadded():
     assert report.rule_counts[("unpad", "tokens")] == 1, report
     code = cm.after_code()
     assert code.count("torch.ops.graphopt.varlen_attention") == 2 and "copy_" in code
-    left = make_batch("left", batch=3, seq=SEQ, seed=4) | {"use_cache": False}
-    eager, step, report = cm.step(left)
-    assert_steps_equal(eager, step)
-    assert report.runtime["fallback"] == 1 and not report.runtime["unpad"], report
+    _check_left_padding_falls_back(cm)
 
 
 @pytest.mark.slow
