@@ -159,21 +159,6 @@ def test_llama4_dense_layers_are_unpadded():
 
 
 @pytest.mark.slow
-def test_mixture_of_experts_layers_are_not_unpadded_and_say_why():
-    """Negative: a routed-expert layer (DeepSeek-V3's layer 1) sorts the tokens by expert, which
-    unpadding does not prove token-wise: it declines at the router's top-k, names it, and the
-    padded fast path (mask elision) runs instead, exact at real positions."""
-    torch.manual_seed(0)
-    cm = CompiledModel(build_tiny_model("deepseek_v3"))
-    batch = right_batch([SEQ, 18, 7])
-    eager, step, report = cm.step(batch)
-    assert_steps_equal(eager, step, real_positions=real_positions(batch))
-    assert report.runtime["fast_path"] == 1 and not report.runtime["unpad"], report
-    (reason,) = [r for n, r in report.declines if n == "unpad"]
-    assert "topk" in reason and "mixture-of-experts" in reason, reason
-
-
-@pytest.mark.slow
 def test_checkpointed_sliding_window_layers_are_unpadded():
     from tests.support.harness import enable_checkpointing
 
