@@ -212,6 +212,12 @@ def run_passes(
     """
     work = analysis.copy_graph_module(gm)
     analysis.unshare_checkpoint_bodies(work)
+    for hop in [n for n in work.graph.nodes if analysis.is_checkpoint(n)]:
+        # what nothing reads in a body (the indices of a max whose values alone are used: Dynamo
+        # keeps them in bodies) would read as a second use of the attention's values
+        body = analysis.checkpoint_body(hop)
+        if analysis.erase_unused(body.graph):
+            body.recompile()
     if (variant is Variant.RECEIVED_WINDOWED) != (received_window is not None):
         raise ValueError("the received-windowed version, and only it, is built for a received_window")
     ctx = PassContext(options, report, variant=variant, memo={} if memo is None else memo, received_window=received_window)

@@ -7,6 +7,12 @@ Unpadding runs every token-wise op on the packed tokens, (1, T), instead of the 
 - ``"S"``: the sequence. Size S in the padded graph, T in the unpadded one.
 - ``"BS"``: batch and sequence merged into one dimension (``hidden.view(-1, H)``). Size B*S in the
   padded graph, T in the unpadded one.
+- ``"BS*k"``: the merged tokens, each repeated ``k`` times in a row (``topk_index.reshape(-1)``:
+  token ``t``'s ``k`` experts at ``t*k .. t*k+k-1``). Size B*S*k padded, T*k unpadded.
+- ``"k*BS"``: the merged tokens, the whole run of them ``k`` times over (``x.repeat(k, 1)``, one
+  run per expert). Size k*B*S padded, k*T unpadded.
+- ``"sorted by <node>"``: a merged token dimension reordered by the permutation a ``sort`` node
+  found (rows grouped by expert). Same size as the dimension sorted.
 - ``None``: any other dimension (features, heads, a broadcast's size 1), the same in both graphs.
 
 A value's tags are a tuple with one entry per dimension; a value that is not a token value at all
@@ -37,13 +43,50 @@ class MixesPositions(Exception):
 
 def tag_size(tag: str | None, size, packed):
     """The size argument, in the unpadded graph, of a dimension tagged ``tag`` whose size
-    argument in the padded graph is ``size``: 1 for the batch, the packed length ``packed`` for
-    the sequence or both merged, ``size`` otherwise."""
+    argument in the padded graph is ``size``: 1 for the batch, ``packed(factor)`` for the sequence
+    or a merged token dimension (``packed`` gives the packed length times ``factor``: 1 for
+    ``S`` and ``BS``, ``k`` for ``BS*k`` and ``k*BS``), ``size`` otherwise."""
+    if tag is None:
+        return size
     if tag == "B":
         return 1
-    if tag in ("S", "BS"):
-        return packed
-    return size
+    return packed(repeats(tag))
+
+
+def repeats(tag: str) -> int:
+    """How many times a token dimension tagged ``tag`` holds each token: ``k`` for ``BS*k`` and
+    ``k*BS``, 1 for the others (a sorted dimension is tagged by its sort, whose source says)."""
+    if tag.startswith("BS*"):
+        return int(tag[3:])
+    if tag.endswith("*BS"):
+        return int(tag[:-3])
+    return 1
+
+
+def _merged(tags: list, sizes: list[int]) -> str | None:
+    """The tag of dimensions ``tags`` (sizes ``sizes``) merged into one, where the merge keeps
+    every token's values together or in whole runs: ('B', 'S'), ('BS', k) and (k, 'BS'); None
+    for any other merge of a token dimension."""
+    if tags == ["B", "S"]:
+        return "BS"
+    if tags == ["BS", None]:
+        return f"BS*{sizes[1]}"
+    if tags == [None, "BS"]:
+        return f"{sizes[0]}*BS"
+    return None
+
+
+def _split(tag: str, sizes: list[int], B: int, S: int) -> list | None:
+    """The tags of a dimension tagged ``tag`` split into dims of ``sizes``, the inverse of
+    :func:`_merged`; None for any other split of a token dimension."""
+    if tag == "BS" and sizes == [B, S]:
+        return ["B", "S"]
+    k = repeats(tag)
+    if tag.startswith("BS*") and sizes == [B * S, k]:
+        return ["BS", None]
+    if tag.endswith("*BS") and sizes == [k, B * S]:
+        return [None, "BS"]
+    return None
 
 
 def merge_tags(group: Sequence, shape: Sequence[int]) -> str | None:
@@ -53,21 +96,21 @@ def merge_tags(group: Sequence, shape: Sequence[int]) -> str | None:
     tagged = [t for t in group if t is not None]
     if not tagged:
         return None
-    others = [s for t, s in zip(group, shape) if t is None]
-    if any(s != 1 for s in others):
+    kept = [(t, s) for t, s in zip(group, shape) if t is not None or s != 1]
+    if len(kept) == 1:
+        return kept[0][0]
+    merged = _merged([t for t, _ in kept], [s for _, s in kept])
+    if merged is None:
         raise MixesPositions("flattens token and feature dimensions together")
-    if tagged == ["B", "S"]:
-        return "BS"
-    if len(tagged) == 1:
-        return tagged[0]
-    raise MixesPositions("flattens token and feature dimensions together")
+    return merged
 
 
 def view_tags(in_shape: list[int], in_tags: tuple, out_shape: list[int], B: int, S: int) -> tuple | None:
     """Tags of a view's output, or None when the view mixes token and feature dimensions.
 
     Dimensions are grouped greedily by equal products; a group keeps its tag when it maps one
-    dim to one dim, merges ('B', 'S') into 'BS' or splits 'BS' into ('B', 'S')."""
+    dim to one dim, merges ('B', 'S') into 'BS', ('BS', k) into 'BS*k', (k, 'BS') into 'k*BS',
+    or splits one of those back."""
     out: list = []
     i = j = 0
     n, m = len(in_shape), len(out_shape)
@@ -104,10 +147,10 @@ def view_tags(in_shape: list[int], in_tags: tuple, out_shape: list[int], B: int,
             out.extend([None] * len(gj))
         elif len(gi) == 1 and len(gj) == 1:
             out.append(tags[0])
-        elif tags == ["B", "S"] and len(gj) == 1:
-            out.append("BS")
-        elif tags == ["BS"] and [out_shape[k] for k in gj] == [B, S]:
-            out.extend(["B", "S"])
+        elif len(gj) == 1 and _merged(tags, [in_shape[k] for k in gi]) is not None:
+            out.append(_merged(tags, [in_shape[k] for k in gi]))
+        elif len(gi) == 1 and tags[0] is not None and _split(tags[0], [out_shape[k] for k in gj], B, S) is not None:
+            out.extend(_split(tags[0], [out_shape[k] for k in gj], B, S))
         else:
             return None
     return tuple(out)
@@ -157,14 +200,15 @@ def flatten_tags(tags: tuple, shape: Sequence[int], start: int, end: int) -> tup
 
 def unflatten_tags(tags: tuple, dim: int, sizes: Sequence[int], B: int, S: int) -> tuple:
     """``x.unflatten(dim, ...)`` into dims of ``sizes``: an untagged dim splits into untagged
-    dims, 'BS' into ('B', 'S') when ``sizes`` are (B, S); any other split of a token dim raises
-    :class:`MixesPositions`."""
+    dims, a merged token dim back into what it merged (see :func:`view_tags`); any other split of
+    a token dim raises :class:`MixesPositions`."""
     d = dim % len(tags)
     if tags[d] is None:
         return tuple(tags[:d]) + (None,) * len(sizes) + tuple(tags[d + 1 :])
-    if tags[d] != "BS" or list(sizes) != [B, S]:
+    split = _split(tags[d], list(sizes), B, S)
+    if split is None:
         raise MixesPositions("splits a token dimension")
-    return tuple(tags[:d]) + ("B", "S") + tuple(tags[d + 1 :])
+    return tuple(tags[:d]) + tuple(split) + tuple(tags[d + 1 :])
 
 
 def broadcast_tags(operands: Sequence[tuple[str, tuple | None, Sequence[int]]], rank: int) -> tuple:

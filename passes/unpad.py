@@ -28,7 +28,12 @@ on each (b, s) position independently: elementwise ops and broadcasts that never
 untracked dimension of a token size, linears and norms over feature dimensions, views that
 keep the token dimensions whole, slices that keep them full, a new buffer whose slices are filled
 with token values by ``copy_`` (it takes their tags), a size-1 dimension expanded to the batch or
-sequence size (copies of one value, so that token dimension). SDPA (causal, no mask) and the loss
+sequence size (copies of one value, so that token dimension). Mixture-of-experts dispatch is
+tracked through its permutation: a router's ``topk`` over the experts, the picks flattened
+(``BS*k``), sorted by expert (the sort's indices are *positions*, tagged :class:`IndexValues`, used
+only to index), a grouped matmul whose offsets are the counts of the sorted keys
+(:class:`GroupCounts`), the inverse permutation, and the picks summed; Llama 4's batched experts
+repeat the tokens once per expert (``k*BS``) for ``bmm``. SDPA (causal, no mask) and the loss
 are the only places positions meet; anything else that mixes positions is a decline that names
 the op (the ops accepted: ``_METHOD_RULES`` and ``_FUNCTION_RULES``; the tags of their outputs:
 :mod:`graphopt.passes.dimension_tags`). The gather and scatter indices, the positions and the
@@ -57,7 +62,7 @@ _ELEMENTWISE_FUNCTIONS = frozenset({
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.rsqrt, torch.sqrt,
     torch.exp, torch.tanh, torch.sigmoid, torch.sin, torch.cos, torch.abs, torch.where, torch.clamp,
     torch.erf, torch.maximum, torch.minimum, torch.square, torch.reciprocal, torch.floor, torch.log1p,
-    operator.floordiv, torch.floor_divide, torch.ones_like, torch.zeros_like, torch.full_like, torch.polar,
+    operator.floordiv, torch.floor_divide, operator.invert, torch.logical_not, torch.ones_like, torch.zeros_like, torch.full_like, torch.polar,
     torch.nn.functional.silu, torch.nn.functional.gelu, torch.nn.functional.relu,
     torch.nn.functional.dropout, torch._C._nn.gelu, torch.nn.functional.tanh, torch.nn.functional.sigmoid,
 })
@@ -65,7 +70,8 @@ _ELEMENTWISE_METHODS = frozenset({
     "add", "sub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "exp", "tanh", "sigmoid", "sin", "cos",
     "abs", "clamp", "float", "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone", "detach",
     "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
-    "__neg__", "__pow__", "square", "reciprocal", "masked_fill",
+    "__neg__", "__pow__", "square", "reciprocal", "masked_fill", "bool", "int", "long", "__invert__",
+    "logical_not",
 })
 _REDUCTION_METHODS = frozenset({"mean", "sum", "amax", "amin", "var", "std", "norm"})
 _REDUCTION_FUNCTIONS = frozenset({torch.mean, torch.sum, torch.amax, torch.amin, torch.var, torch.std})
@@ -79,6 +85,32 @@ BUCKET = 16
 
 class Decline(Exception):
     """The graph cannot be unpadded; the message says why."""
+
+
+@dataclass(frozen=True)
+class IndexValues:
+    """Tags of a tensor whose *values* are positions along the token dimension tagged ``into``
+    (a sort's permutation, ``perm // k``, the inverse permutation); its own dimensions are tagged
+    ``dims``. Its values differ between the padded and the unpadded graph, so it may only index
+    that dimension (:meth:`_Builder._positional`); ``permutation``: it holds each position once."""
+
+    dims: tuple
+    into: str
+    permutation: bool
+
+
+@dataclass(frozen=True)
+class GroupCounts:
+    """Tags of the per-expert counts (``histc``) or their running sum (``cumsum``) of the keys of
+    the sort ``perm``: the group boundaries of the rows that sort ordered. Not a token value and
+    not the same in both graphs, so it may only be the offsets of a grouped matmul of those rows."""
+
+    perm: str
+    experts: int
+    cumulative: bool
+
+
+_POSITIONAL = (IndexValues, GroupCounts)
 
 
 @dataclass
@@ -177,7 +209,9 @@ class _Builder:
         self.t_node = self.rows = self.width = None
         self.mask_meta = None  # a body's view of the outer attention mask
         self.out_tags: list = []  # a body's output tags, for its caller
-        self.tags: dict[fx.Node, tuple | list | None] = {}
+        self.tags: dict[fx.Node, tuple | list | IndexValues | GroupCounts | None] = {}
+        self.sorts: dict[str, dict] = {}  # tag of a sorted dimension -> what its sort sorted
+        self.multiples: dict[int, fx.Node] = {}  # k -> the node of k times the packed length
         self.env: dict[fx.Node, fx.Node] = {}
         self.graph = fx.Graph()
         self.attrs: dict[str, object] = {}  # what the new graph's get_attr nodes read
@@ -230,18 +264,20 @@ class _Builder:
 
     def build_body(self, operand_tags: list, tables, mask: fx.Node) -> tuple[fx.GraphModule, list]:
         """The unpadded body of a checkpoint call whose operands have ``operand_tags``. The body
-        takes three more operands: ``gather`` (for the packed length), ``cu_seqlens`` and the
-        attention mask (for the padded sizes). Returns the body and its outputs' tags."""
+        takes four more operands: ``gather`` (for the packed length), ``positions`` (for its own
+        ``arange(S)`` constants, as the outer graph's), ``cu_seqlens`` and the attention mask (for
+        the padded sizes). Returns the body and its outputs' tags."""
         self.tables = tables
         self.mask_meta = analysis.example_value(mask)
         for node, tags in zip(self.placeholders, operand_tags):
             self.env[node] = self.graph.node_copy(node)
             self.tags[node] = tags
         self.gather = self._new_input("unpad_gather", torch.int64)
+        self.positions = self._new_input("unpad_positions", torch.int64)
         self.cu = self._new_input("unpad_cu_seqlens", torch.int32)
         self.mask = self._new_input("unpad_attention_mask", None)
         self._sizes()
-        self._run(set())
+        self._run(self._position_sources())
         return self._module(), self.out_tags
 
     def _sizes(self) -> None:
@@ -283,6 +319,8 @@ class _Builder:
 
     def _checkpoint(self, hop: fx.Node) -> None:
         """A checkpointed layer: its body is unpadded too, and gets the packing operands."""
+        if any(isinstance(self._t(a), _POSITIONAL) or self._sorted(self._t(a)) for a in hop.args[1:]):
+            self._decline(hop, "passes token positions, counts or sorted rows into a checkpointed body")
         body = analysis.checkpoint_body(hop)
         inner = _Builder(body, self.ctx, self.B, self.S)
         new_body, out_tags = inner.build_body(
@@ -292,7 +330,7 @@ class _Builder:
         self.attrs[name] = new_body
         attr = self.graph.get_attr(name)
         operands = [self._new(a) if isinstance(a, fx.Node) else a for a in hop.args[1:]]
-        new = self.graph.call_function(hop.target, (attr, *operands, self.gather, self.cu, self.mask), dict(hop.kwargs))
+        new = self.graph.call_function(hop.target, (attr, *operands, self.gather, self.positions, self.cu, self.mask), dict(hop.kwargs))
         new.meta = dict(hop.meta)
         self.env[hop] = new
         self.tags[hop] = out_tags
@@ -364,7 +402,10 @@ class _Builder:
             self.env[node] = self.graph.call_method("narrow", (item, 0, 0, total))
             self.tags[node] = None  # a padded-layout value from here on, like the label path
             return
-        tags, args, kwargs = self._rule(node)
+        if any(isinstance(self.tags.get(a), _POSITIONAL) for a in node.all_input_nodes):
+            tags, args, kwargs = self._positional(node)
+        else:
+            tags, args, kwargs = self._rule(node)
         new = self.graph.create_node(node.op, node.target, fx.node.map_arg(args, self._new), fx.node.map_arg(kwargs, self._new), node.name)
         new.meta = dict(node.meta)
         self.env[node] = new
@@ -377,14 +418,20 @@ class _Builder:
         g = self.graph
         src = node.args[0]
         tags = self._t(src)
+        if isinstance(tags, GroupCounts):
+            self._decline(node, "reads the size of counts of tokens per expert")
+        tags = tags.dims if isinstance(tags, IndexValues) else tags
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        padded = {"B": self.rows, "S": self.width}
-        if "BS" in tags:
-            padded["BS"] = g.call_function(operator.mul, (self.rows, self.width))
 
         def one(d: int) -> fx.Node:
-            tag = tags[d % len(tags)]
-            return padded[tag] if tag else g.call_method("size", (self._new(src), d))
+            tag = self._source(tags[d % len(tags)])
+            if tag is None:
+                return g.call_method("size", (self._new(src), d))
+            if tag in ("B", "S"):
+                return self.rows if tag == "B" else self.width
+            total = g.call_function(operator.mul, (self.rows, self.width))
+            k = dimension_tags.repeats(tag)
+            return total if k == 1 else g.call_function(operator.mul, (total, k))
 
         if dim is None:
             return g.call_function(torch.Size, ([one(d) for d in range(len(tags))],))
@@ -400,14 +447,32 @@ class _Builder:
     def _decline(self, node: fx.Node, why: str):
         raise Decline(f"{node.name} ({analysis.describe(node)}) {why}")
 
+    def _sorted(self, tags) -> bool:
+        return isinstance(tags, tuple) and any(t in self.sorts for t in tags)
+
+    def _source(self, tag):
+        """The token dimension a sorted dimension reorders (itself for the others)."""
+        return self.sorts[tag]["source"] if tag in self.sorts else tag
+
+    def _size(self, tag, size):
+        """A size argument of a dimension tagged ``tag`` in the unpadded graph
+        (:func:`graphopt.passes.dimension_tags.tag_size`)."""
+        return dimension_tags.tag_size(self._source(tag), size, self._packed)
+
+    def _packed(self, k: int) -> fx.Node:
+        """The packed length times ``k`` (one node per ``k``)."""
+        if k == 1:
+            return self.t_node
+        if k not in self.multiples:
+            self.multiples[k] = self.graph.call_function(operator.mul, (self.t_node, k))
+        return self.multiples[k]
+
     def _rule(self, node: fx.Node):
         """(output tags, args, kwargs) of ``node`` in the unpadded graph, by its op's rule
         (:data:`_METHOD_RULES`, :data:`_FUNCTION_RULES`); raises Decline when the op may mix
         positions, or has no rule."""
         rule = _RULES.get(node.op, {}).get(node.target)
         if rule is None:
-            if node.target in (torch.topk, "topk"):
-                self._decline(node, _TOPK_DECLINE)
             self._decline(node, "is not known to act on each token independently" + _custom_op_hint(node))
         try:
             return rule(self, node)
@@ -458,7 +523,7 @@ class _Builder:
             if cut != self._t(src) or _hints(analysis.example_value(src)) != _hints(analysis.example_value(view)):
                 self._decline(write, "writes token values laid out unlike the slice they fill")
         sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-        new_sizes = tuple(dimension_tags.tag_size(t, s, self.t_node) for t, s in zip(tags, sizes))
+        new_sizes = tuple(self._size(t, s) for t, s in zip(tags, sizes))
         return tags, (node.args[0], *new_sizes), node.kwargs
 
     def _copy_into(self, node: fx.Node) -> tuple:
@@ -492,14 +557,18 @@ class _Builder:
         src = node.args[0]
         shape = node.args[1:] if not (len(node.args) == 2 and isinstance(node.args[1], (tuple, list))) else node.args[1]
         if node.op == "call_function":  # torch.reshape(x, shape)
-            shape = node.args[1]
+            shape = node.args[1] if isinstance(node.args[1], (tuple, list)) else (node.args[1],)
+        if len(shape) == 1 and isinstance(shape[0], fx.Node) and isinstance(analysis.example_value(shape[0]), (tuple, list)):
+            shape = shape[0]  # x.view(y.size()): a torch.Size node
         in_tags = self._t(src)
         in_shape = _hints(analysis.example_value(src))
         out_shape = _hints(analysis.example_value(node))
         out_tags = dimension_tags.view_tags(in_shape, in_tags, out_shape, self.B, self.S)
         if out_tags is None:
             self._decline(node, f"reshapes {tuple(in_shape)} to {tuple(out_shape)} across the token dimensions")
-        new_shape = tuple(dimension_tags.tag_size(t, s, self.t_node) for t, s in zip(out_tags, shape))
+        if isinstance(shape, fx.Node):  # x.view(y.size()): the sizes one by one, the padded ones rewritten
+            shape = [self.graph.call_function(operator.getitem, (self._new(shape), i)) for i in range(len(out_tags))]
+        new_shape = tuple(self._size(t, s) for t, s in zip(out_tags, shape))
         if node.op == "call_function":
             return out_tags, (src, new_shape), node.kwargs
         return out_tags, (src, *new_shape), node.kwargs
@@ -522,7 +591,7 @@ class _Builder:
                 if out_tags[i] is None and in_shape[i] == 1 and size == n and tag not in out_tags and any(out_tags):
                     out_tags[i] = tag
         out_tags = tuple(out_tags)
-        return out_tags, (src, *(dimension_tags.tag_size(t, s, self.t_node) for t, s in zip(out_tags, sizes))), node.kwargs
+        return out_tags, (src, *(self._size(t, s) for t, s in zip(out_tags, sizes))), node.kwargs
 
     def _token_size_tag(self, size) -> str | None:
         """The tag of the token dimension whose size the size query ``size`` reads, else None."""
@@ -535,7 +604,7 @@ class _Builder:
     def _unflatten(self, node: fx.Node):
         tags = self._dims(node)
         d = node.args[1] % len(self._t(node.args[0]))
-        sizes = tuple(dimension_tags.tag_size(t, s, self.t_node) for t, s in zip(tags[d : d + len(node.args[2])], node.args[2]))
+        sizes = tuple(self._size(t, s) for t, s in zip(tags[d : d + len(node.args[2])], node.args[2]))
         return tags, (node.args[0], node.args[1], sizes), node.kwargs
 
     def _dims(self, node: fx.Node) -> tuple:
@@ -570,8 +639,16 @@ class _Builder:
         return ()
 
     def _getitem(self, node: fx.Node) -> tuple:
-        shape = _hints(analysis.example_value(node.args[0]))
-        return dimension_tags.getitem_tags(self._t(node.args[0]), shape, node.args[1])
+        base, index = node.args
+        lookup = index[0] if isinstance(index, tuple) and len(index) == 1 else index
+        if isinstance(lookup, fx.Node) and self._t(base) is None:
+            # a table that is not a token value read at each token's integer values (an expert's
+            # bias at the token's expert): one lookup per position, like an embedding
+            at = analysis.example_value(lookup)
+            if isinstance(at, torch.Tensor) and not at.is_floating_point() and at.dtype is not torch.bool:
+                return tuple(self._t(lookup)) + (None,) * (analysis.example_value(base).dim() - 1)
+        shape = _hints(analysis.example_value(base))
+        return dimension_tags.getitem_tags(self._t(base), shape, index)
 
     def _tuple_item(self, node: fx.Node) -> tuple | None:
         owner, i = node.args
@@ -728,6 +805,213 @@ class _Builder:
         positional = _LOSS_ARGUMENTS[: len(node.args)]
         return tags, tuple(arguments[name] for name in positional), {k: v for k, v in arguments.items() if k not in positional}
 
+    # -- mixture-of-experts dispatch -------------------------------------------------------------
+    #
+    # A router picks each token's experts with a top-k over its expert logits (a feature dim). The
+    # grouped dispatch (transformers' grouped_mm experts) then flattens the (tokens, k) picks into
+    # one dimension (``BS*k``), sorts it by expert, gathers the rows in that order, runs one grouped
+    # matmul whose groups are the counts of the sorted keys, and undoes the sort with the inverse
+    # permutation. Each step is a function of each (token, pick) alone once the permutation is
+    # tracked as what it is: positions, not values. Llama 4's batched experts repeat the tokens
+    # once per expert (``k*BS``) and multiply per expert with ``bmm``.
+
+    def _topk(self, node: fx.Node):
+        """``topk`` along a feature dimension (a router's experts): values and indices per token."""
+        x = self._t(node.args[0])
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
+        if not isinstance(dim, int) or x[dim % len(x)] is not None:
+            self._decline(node, "takes a top-k along a token dimension")
+        return [x, x]
+
+    def _sort(self, node: fx.Node):
+        """``sort`` within each token's features keeps the tags. A sort of a 1-D merged token
+        dimension (experts picked per token, flattened) is a permutation of the tokens: its values
+        are tagged by the sort, its indices are positions along the dimension sorted."""
+        x = self._t(node.args[0])
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+        descending = node.args[2] if len(node.args) > 2 else node.kwargs.get("descending", False)
+        if not isinstance(dim, int) or not isinstance(descending, bool):
+            self._decline(node, "sorts along a dimension that is not a constant")
+        if x[dim % len(x)] is None:
+            return [x, x]
+        if len(x) != 1 or self._source(x[0]) != x[0] or x[0] in ("B", "S"):
+            self._decline(node, f"sorts along a token dimension of a value laid out as {x}")
+        perm = f"sorted by {node.name}"
+        self.sorts[perm] = dict(source=x[0], node=node, ascending=not descending, experts=_top_k_range(node.args[0]))
+        return [(perm,), IndexValues((perm,), x[0], permutation=True)]
+
+    def _softmax(self, node: fx.Node) -> tuple:
+        x = self._t(node.args[0])
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if not isinstance(dim, int) or x[dim % len(x)] is not None:
+            self._decline(node, "normalizes along a token dimension")
+        return x
+
+    def _gather_features(self, node: fx.Node) -> tuple:
+        """``x.gather(dim, index)`` along a feature dimension, the index laid out as ``x``."""
+        src, dim, index = (node.args + (None, None))[:3]
+        dim = node.kwargs.get("dim", dim)
+        index = node.kwargs.get("index", index)
+        x = self._t(src)
+        if not isinstance(dim, int) or not x or x[dim % len(x)] is not None or self._t(index) != x:
+            self._decline(node, "gathers along a token dimension, or with an index laid out unlike its source")
+        return x
+
+    def _scatter_features(self, node: fx.Node) -> tuple:
+        """``x.scatter_(dim, index, src)`` along a feature dimension: ``x[t][index[t][j]] =
+        src[t][j]`` at each token ``t``, so the index, and a tensor ``src``, are laid out as ``x``."""
+        x = self._t(node.args[0])
+        dim, index = node.args[1], node.args[2]
+        src = node.args[3] if len(node.args) > 3 else node.kwargs.get("src", node.kwargs.get("value"))
+        if not isinstance(dim, int) or not x or x[dim % len(x)] is not None:
+            self._decline(node, "scatters along a token dimension")
+        if self._t(index) != x or (isinstance(src, fx.Node) and self._t(src) != x):
+            self._decline(node, "scatters with an index or values laid out unlike its target")
+        return x
+
+    def _repeat(self, node: fx.Node) -> tuple:
+        """``x.repeat(*reps)``: feature dims repeat freely; the merged tokens repeated ``k`` times
+        as a whole (``x.repeat(k, 1)``, one run per expert) become ``k*BS``."""
+        x = self._t(node.args[0])
+        reps = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        if not all(isinstance(r, int) for r in reps) or len(reps) < len(x):
+            self._decline(node, "repeats by counts that are not constants")
+        out = [None] * (len(reps) - len(x))
+        for tag, r in zip(x, reps[len(reps) - len(x) :]):
+            if r != 1 and tag is not None and tag != "BS":
+                self._decline(node, f"repeats a token dimension tagged {tag}")
+            out.append(f"{r}*BS" if r != 1 and tag == "BS" else tag)
+        return tuple(out)
+
+    def _bmm(self, node: fx.Node) -> tuple:
+        """``bmm(x, w)`` with ``w`` not a token value: each row of ``x`` times its batch's matrix."""
+        x = self._t(node.args[0])
+        if self._t(node.args[1]) or x[0] is not None or x[2] is not None:
+            self._decline(node, "multiplies over a token dimension, or by a token value")
+        return (None, x[1], None)
+
+    def _cumsum(self, node: fx.Node) -> tuple:
+        x = self._t(node.args[0])
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if not isinstance(dim, int) or x[dim % len(x)] is not None:
+            self._decline(node, "accumulates along a token dimension")
+        return x
+
+    def _histc(self, node: fx.Node):
+        """``histc`` of the keys of a sort of expert indices, one bin per expert: the number of
+        rows of each expert, in the order the ascending sort put them."""
+        values = node.args[0]
+        names = ("bins", "min", "max")
+        bins, low, high = (dict(zip(names, (100, 0, 0))) | dict(zip(names, node.args[1:])) | node.kwargs).values()
+        tags = self._t(values)
+        perm = tags[0] if tags and len(tags) == 1 else None
+        if perm not in self.sorts or _through_casts(values) is not self._sort_output(perm, 0):
+            self._decline(node, "counts values over the tokens (only the keys of an expert sort are tracked)")
+        sort = self.sorts[perm]
+        experts = sort["experts"]
+        if not sort["ascending"] or experts is None or not _one_bin_per_expert(bins, low, high, experts):
+            self._decline(
+                node, f"counts sorted keys in bins that are not one per expert (keys in [0, {experts}), "
+                f"bins={bins}, min={low}, max={high}, ascending sort: {sort['ascending']})",
+            )
+        return GroupCounts(perm, experts, cumulative=False), node.args, node.kwargs
+
+    def _sort_output(self, perm: str, item: int) -> fx.Node | None:
+        sort = self.sorts[perm]["node"]
+        return next((u for u in sort.users if u.target is operator.getitem and u.args[1] == item), None)
+
+    def _positional(self, node: fx.Node):
+        """(tags, args, kwargs) of an op reading values that are token positions or counts
+        (:class:`IndexValues`, :class:`GroupCounts`): only the dispatch's uses of them are
+        tracked; anything else would compute with numbers that differ between the graphs."""
+        target = node.target
+        index = node.args[1] if target is operator.getitem and len(node.args) == 2 else None
+        index = index[0] if isinstance(index, tuple) and len(index) == 1 else index
+        if isinstance(self._t(index), IndexValues) and isinstance(analysis.example_value(node.args[0]), torch.Tensor):
+            return self._rows_at(node)
+        if target in (operator.floordiv, torch.floor_divide):
+            return self._token_of_pick(node)
+        if target is torch.empty_like:
+            return self._inverse_buffer(node)
+        if target is operator.setitem:
+            return self._inverse_write(node)
+        if target in (torch.cumsum, "cumsum"):
+            return self._offsets(node)
+        if _is_grouped_mm(target):
+            return self._grouped_mm(node)
+        kinds = {type(self.tags[a]).__name__ for a in node.all_input_nodes if isinstance(self.tags.get(a), _POSITIONAL)}
+        self._decline(node, f"computes with token positions or counts ({', '.join(sorted(kinds))}) as values; only "
+                      "indexing with them and grouping by them are tracked")
+
+    def _rows_at(self, node: fx.Node):
+        """``x[index]`` where ``index`` holds positions along ``x``'s first dimension: the rows
+        at those positions, laid out as ``index``."""
+        base, index = node.args
+        index = index[0] if isinstance(index, tuple) and len(index) == 1 else index
+        at = self._t(index)
+        x = self._t(base)
+        if not isinstance(at, IndexValues) or not isinstance(x, tuple) or not x or x[0] != at.into:
+            self._decline(node, "indexes with token positions of another dimension than the one they index")
+        return at.dims + tuple(x[1:]), node.args, node.kwargs
+
+    def _token_of_pick(self, node: fx.Node):
+        """``perm // k``: a position along ``BS*k`` (token t's k picks at t*k .. t*k+k-1) divided
+        by k is its token's position along ``BS``."""
+        at, k = self._t(node.args[0]), node.args[1]
+        if not isinstance(at, IndexValues) or not isinstance(k, int) or at.into not in (f"BS*{k}", "BS" if k == 1 else None):
+            self._decline(node, "divides token positions by a number that is not the picks per token")
+        return IndexValues(at.dims, "BS", permutation=False), node.args, node.kwargs
+
+    def _inverse_buffer(self, node: fx.Node):
+        """``inv = empty_like(perm)`` then ``inv[perm] = arange(n)``: the inverse permutation, whose
+        values are positions along the sorted dimension, laid out along the dimension sorted.
+        Every other use of ``inv`` must index with it, after that write."""
+        perm = node.args[0]
+        at = self._t(perm)
+        writes = [u for u in node.users if u.target is operator.setitem and u.args[0] is node]
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        if not (isinstance(at, IndexValues) and at.permutation and len(at.dims) == 1 and len(writes) == 1
+                and writes[0].args[1] is perm and _is_arange_of(writes[0].args[2], analysis.example_value(perm))):
+            self._decline(node, "is a buffer of token positions not filled as the inverse of a sort's permutation")
+        for user in node.users:
+            if user is not writes[0] and not (user.target is operator.getitem and user.args[1] is node and order[user] > order[writes[0]]):
+                self._decline(user, "uses an inverse permutation other than to index with it once it is written")
+        return IndexValues((at.into,), at.dims[0], permutation=True), node.args, node.kwargs
+
+    def _inverse_write(self, node: fx.Node):
+        """``inv[perm] = arange(n)``: ``n`` becomes the packed count (:meth:`_inverse_buffer`)."""
+        if not isinstance(self._t(node.args[0]), IndexValues) or not isinstance(self._t(node.args[1]), IndexValues):
+            self._decline(node, "writes token positions into a buffer")
+        old = node.args[2]
+        count = self.graph.call_method("size", (self._new(node.args[1]), 0))
+        steps = self.graph.call_function(torch.arange, (count,), dict(old.kwargs))
+        return None, (node.args[0], node.args[1], steps), node.kwargs
+
+    def _offsets(self, node: fx.Node):
+        """``cumsum`` of the counts per expert: the grouped matmul's group ends."""
+        counts = self._t(node.args[0])
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        out = analysis.example_value(node)
+        if not isinstance(counts, GroupCounts) or counts.cumulative or dim not in (0, -1) or out.is_floating_point():
+            self._decline(node, "accumulates counts of tokens other than into integer group offsets")
+        return GroupCounts(counts.perm, counts.experts, cumulative=True), node.args, node.kwargs
+
+    def _grouped_mm(self, node: fx.Node):
+        """A grouped matmul of rows ordered by an ascending expert sort, whose offsets are the
+        running counts of that sort's keys: row ``i`` is multiplied by the weight of its own
+        expert (its sorted key), so each (token, pick) row is computed from itself alone."""
+        x, weight = node.args[0], node.args[1]
+        offs = node.kwargs.get("offs", node.args[2] if len(node.args) > 2 else None)
+        counts = self._t(offs)
+        if not (isinstance(counts, GroupCounts) and counts.cumulative):
+            self._decline(node, "groups rows by offsets that are not running counts of their sort's keys")
+        if self._t(x) != (counts.perm, None):
+            self._decline(node, f"multiplies rows laid out as {self._t(x)}, not in the order its offsets count")
+        w = analysis.example_value(weight)
+        if self._t(weight) or w.dim() != 3 or analysis.hint(w.shape[0]) != counts.experts or node.kwargs.get("bias") is not None:
+            self._decline(node, "multiplies by weights that are not one matrix per expert")
+        return (counts.perm, None), node.args, node.kwargs
+
     # -- attention and outputs -------------------------------------------------------------------
 
     def _varlen(self) -> None:
@@ -743,6 +1027,9 @@ class _Builder:
             self.rewritten.append("attention per row (varlen)")
 
     def _output(self, node: fx.Node) -> None:
+        for value in node.args[0]:
+            if isinstance(self._t(value), _POSITIONAL) or self._sorted(self._t(value)):
+                raise Decline(f"the graph returns {value.name}, token positions, counts or rows in an expert sort's order")
         if self.is_body:  # packed values go back to the caller
             values = node.args[0]
             self.out_tags = [self._t(v) for v in values]
@@ -821,6 +1108,16 @@ _METHOD_RULES = _rule_table(
     (("transpose", "permute", "unsqueeze", "squeeze", "flatten", "select"), _keeping_args(_Builder._dims)),
     (_REDUCTION_METHODS, _keeping_args(_Builder._reduction)),  # over feature dims only
     (("chunk", "split", "repeat_interleave"), _keeping_args(_Builder._along)),  # along feature dims only
+    (("add_", "sub_", "mul_", "div_"), _keeping_args(_Builder._copy_into)),  # in place, position by position
+    (("topk",), _keeping_args(_Builder._topk)),  # a router's: along the experts
+    (("sort",), _keeping_args(_Builder._sort)),  # of the flattened picks: a permutation, tracked
+    (("softmax", "log_softmax"), _keeping_args(_Builder._softmax)),
+    (("gather",), _keeping_args(_Builder._gather_features)),
+    (("scatter_", "scatter"), _keeping_args(_Builder._scatter_features)),
+    (("repeat",), _keeping_args(_Builder._repeat)),  # the tokens once per expert: k*BS
+    (("bmm",), _keeping_args(_Builder._bmm)),
+    (("cumsum",), _keeping_args(_Builder._cumsum)),
+    (("histc",), _Builder._histc),  # of an expert sort's keys: its groups (GroupCounts)
 )
 _FUNCTION_RULES = _rule_table(
     ((operator.getitem,), _keeping_args(_Builder._item)),
@@ -839,6 +1136,14 @@ _FUNCTION_RULES = _rule_table(
     ((torch.ops.graphopt.varlen_attention.default,), _Builder._row_attention),  # windowed, one row one document
     ((paired_table,), _keeping_args(_Builder._paired_table)),  # gpt-oss's tables for the op
     ((torch.view_as_complex, torch.view_as_real), _keeping_args(_Builder._complex_view)),  # Llama 4's RoPE
+    ((torch.topk,), _keeping_args(_Builder._topk)),
+    ((torch.sort,), _keeping_args(_Builder._sort)),
+    ((torch.softmax, torch.log_softmax, torch.nn.functional.softmax, torch.nn.functional.log_softmax), _keeping_args(_Builder._softmax)),
+    ((torch.gather,), _keeping_args(_Builder._gather_features)),
+    ((torch.scatter,), _keeping_args(_Builder._scatter_features)),
+    ((torch.bmm,), _keeping_args(_Builder._bmm)),
+    ((torch.cumsum,), _keeping_args(_Builder._cumsum)),
+    ((torch.histc,), _Builder._histc),
 )
 _RULES = {"call_method": _METHOD_RULES, "call_function": _FUNCTION_RULES}
 
@@ -847,15 +1152,6 @@ _RULES = {"call_method": _METHOD_RULES, "call_function": _FUNCTION_RULES}
 # arguments by name.
 _LOSS_ARGUMENTS = [a.name for a in torch.ops.graphopt.linear_cross_entropy.default._schema.arguments]
 _VARLEN_ARGUMENTS = [a.name for a in torch.ops.graphopt.varlen_attention.default._schema.arguments]
-
-
-# A top-k over the token dimensions is a router's: what follows it dispatches the tokens to their
-# experts, sorted by expert or grouped per expert, with token counts fixed in the graph.
-_TOPK_DECLINE = (
-    "takes a top-k, as a mixture-of-experts router does: expert dispatch (tokens sorted or grouped "
-    "by expert) is not proven token-wise, so this graph keeps the padded fast path (mask elision, "
-    "attention per row) instead of unpadding"
-)
 
 
 def _custom_op_hint(node: fx.Node) -> str:
@@ -869,6 +1165,69 @@ def _custom_op_hint(node: fx.Node) -> str:
         "through kernels' kernelize are: call model.reset_kernels() (or load with use_kernels=False) "
         "before compiling to run transformers' own torch code there"
     )
+
+
+def _top_k_range(keys: fx.Node) -> int | None:
+    """``n`` when ``keys`` are the indices of a ``topk`` over a dimension of size ``n`` (so every
+    key is in [0, n)), reshaped or cast; else None."""
+    node = _through_casts(keys)
+    if not (node.op == "call_function" and node.target is operator.getitem and node.args[1] == 1):
+        return None
+    topk = node.args[0]
+    if topk.target not in (torch.topk, "topk"):
+        return None
+    dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
+    scores = analysis.example_value(topk.args[0])
+    return analysis.hint(scores.shape[dim]) if isinstance(dim, int) else None
+
+
+_CASTS = frozenset({"view", "reshape", "flatten", "contiguous", "to", "float", "int", "long", "double"})
+
+
+def _through_casts(node: fx.Node) -> fx.Node:
+    """``node`` with reshapes and dtype casts (of integers, exact) walked back."""
+    while (node.op == "call_method" and node.target in _CASTS) or (node.op == "call_function" and node.target in (torch.reshape, torch.flatten)):
+        node = node.args[0]
+    return node
+
+
+def _one_bin_per_expert(bins, low, high, experts: int) -> bool:
+    """``histc(keys, bins, low, high)`` counts each integer key in [0, experts) in its own bin,
+    bin ``e`` for key ``e`` (checked by running it on every key, in float32 and float64)."""
+    if not all(isinstance(v, (int, float)) for v in (bins, low, high)) or bins != experts or not 2 <= experts <= 4096:
+        return False
+    if low >= high:  # histc then takes the data's own range
+        return False
+    keys = torch.arange(experts)
+    return all(torch.equal(torch.histc(keys.to(dtype), bins, low, high), torch.ones(experts, dtype=dtype))
+               for dtype in (torch.float32, torch.float64))
+
+
+def _is_arange_of(node, perm: torch.Tensor) -> bool:
+    """``node`` is ``arange(n)`` (integers 0 .. n-1), ``n`` the length of the 1-D ``perm``."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is torch.arange):
+        return False
+    args = list(node.args)
+    if len(args) == 3 and args[2] == 1:
+        args = args[:2]
+    if len(args) == 2 and args[0] == 0:
+        args = args[1:]
+    n = args[0] if len(args) == 1 else None
+    if isinstance(n, fx.Node):  # a size read from a value (symbolic, or traced from Python)
+        n = analysis.example_value(n)
+    value = analysis.example_value(node)
+    dtype_ok = isinstance(value, torch.Tensor) and not value.is_floating_point() and value.dtype is not torch.bool
+    return n is not None and dtype_ok and perm.dim() == 1 and analysis.hint(n) == analysis.hint(perm.shape[0]) and set(node.kwargs) <= {"device", "dtype"}
+
+
+def _is_grouped_mm(target) -> bool:
+    """A grouped matmul of row groups given by running offsets: torch's, or transformers' own
+    fallback op (same contract: rows ``offs[e-1]:offs[e]`` times ``weight[e]``)."""
+    torch_ops = [getattr(torch.nn.functional, "grouped_mm", None), getattr(torch, "_grouped_mm", None)]
+    if target in [op for op in torch_ops if op is not None]:
+        return True
+    name = getattr(target, "_qualified_op_name", None) or (target.name() if isinstance(target, torch._ops.OpOverload) else None)
+    return name == "transformers::grouped_mm_fallback"
 
 
 def _legacy_empty(node) -> bool:

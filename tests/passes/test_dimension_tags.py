@@ -32,10 +32,10 @@ B, S = 2, 6
 
 @pytest.mark.parametrize(
     "tag, size, expected",
-    [("B", 2, 1), ("S", 6, "T"), ("BS", 12, "T"), (None, 8, 8), (None, -1, -1)],
+    [("B", 2, 1), ("S", 6, "T"), ("BS", 12, "T"), ("BS*2", 24, "2T"), ("4*BS", -1, "4T"), (None, 8, 8), (None, -1, -1)],
 )
 def test_tag_size(tag, size, expected):
-    assert tag_size(tag, size, "T") == expected
+    assert tag_size(tag, size, lambda k: "T" if k == 1 else f"{k}T") == expected
 
 
 @pytest.mark.parametrize(
@@ -46,6 +46,8 @@ def test_tag_size(tag, size, expected):
         (("B", None, "S"), (2, 1, 6), "BS"),  # an untagged size-1 dim carries nothing
         ((None, "S"), (1, 6), "S"),
         (("BS",), (12,), "BS"),
+        (("BS", None), (12, 2), "BS*2"),  # each token's k picks in a row
+        ((None, "BS"), (4, 12), "4*BS"),  # all the tokens, once per expert
     ],
 )
 def test_merge_tags(group, shape, expected):
@@ -58,6 +60,8 @@ def test_merge_tags(group, shape, expected):
         (("S", None), (6, 8)),  # the sequence with a feature dim
         (("S", "B"), (6, 2)),  # merged in the wrong order
         (("BS", "S"), (12, 6)),
+        (("B", "S", None), (2, 6, 2)),  # tokens and picks, from unmerged tokens
+        ((None, "BS", None), (4, 12, 2)),
     ],
 )
 def test_merge_tags_declines_mixing_tokens_and_features(group, shape):
@@ -77,6 +81,10 @@ def test_merge_tags_declines_mixing_tokens_and_features(group, shape):
         ((1, 6, 8), (None, "S", None), (6, 8), ("S", None)),  # an untagged size-1 dim dropped
         ((6, 8), ("S", None), (1, 6, 8), (None, "S", None)),
         ((2, 2, 2, 6, 4), ("B", None, None, "S", None), (2, 4, 6, 4), ("B", None, "S", None)),
+        ((12, 2), ("BS", None), (24,), ("BS*2",)),  # a router's (tokens, k) picks flattened
+        ((24, 8), ("BS*2", None), (12, 2, 8), ("BS", None, None)),  # and back, to sum over the picks
+        ((4, 12, 8), (None, "BS", None), (48, 8), ("4*BS", None)),  # Llama 4: per expert, flattened
+        ((48, 8), ("4*BS", None), (4, 12, 8), (None, "BS", None)),
     ],
 )
 def test_view_tags(in_shape, in_tags, out_shape, expected):
@@ -92,6 +100,9 @@ def test_view_tags(in_shape, in_tags, out_shape, expected):
         ((12, 8), ("BS", None), (4, 3, 8)),
         ((2, 6, 8), ("B", "S", None), (2, 6, 4)),  # not a view: the sizes do not match
         ((2, 6, 8), ("B", "S", None), (2, 3, 16)),
+        ((24, 8), ("BS*2", None), (2, 12, 8)),  # the picks split the other way round
+        ((24, 8), ("BS*2", None), (2, 6, 2, 8)),  # split into more than (tokens, k)
+        ((48, 8), ("4*BS", None), (12, 4, 8)),
     ],
 )
 def test_view_tags_declines_with_none(in_shape, in_tags, out_shape):

@@ -361,6 +361,7 @@ def _buffer_builder(fill):
     builder = _Builder.__new__(_Builder)
     builder.tags = {n: ("B", None, "S", None) for n in gm.graph.nodes if n.op == "placeholder"}
     builder.t_node = "T"
+    builder.sorts, builder.multiples = {}, {}
     (buffer,) = [n for n in gm.graph.nodes if n.target == "new_empty"]
     return builder, buffer
 
