@@ -840,11 +840,12 @@ class _Builder:
         self.sorts[perm] = dict(source=x[0], node=node, ascending=not descending, experts=_top_k_range(node.args[0]))
         return [(perm,), IndexValues((perm,), x[0], permutation=True)]
 
-    def _softmax(self, node: fx.Node) -> tuple:
+    def _within_tokens(self, node: fx.Node) -> tuple:
+        """``softmax``, ``log_softmax``, ``cumsum`` along a feature dimension: within each token."""
         x = self._t(node.args[0])
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         if not isinstance(dim, int) or x[dim % len(x)] is not None:
-            self._decline(node, "normalizes along a token dimension")
+            self._decline(node, "normalizes or accumulates along a token dimension")
         return x
 
     def _gather_features(self, node: fx.Node) -> tuple:
@@ -889,13 +890,6 @@ class _Builder:
         if self._t(node.args[1]) or x[0] is not None or x[2] is not None:
             self._decline(node, "multiplies over a token dimension, or by a token value")
         return (None, x[1], None)
-
-    def _cumsum(self, node: fx.Node) -> tuple:
-        x = self._t(node.args[0])
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if not isinstance(dim, int) or x[dim % len(x)] is not None:
-            self._decline(node, "accumulates along a token dimension")
-        return x
 
     def _histc(self, node: fx.Node):
         """``histc`` of the keys of a sort of expert indices, one bin per expert: the number of
@@ -1111,12 +1105,12 @@ _METHOD_RULES = _rule_table(
     (("add_", "sub_", "mul_", "div_"), _keeping_args(_Builder._copy_into)),  # in place, position by position
     (("topk",), _keeping_args(_Builder._topk)),  # a router's: along the experts
     (("sort",), _keeping_args(_Builder._sort)),  # of the flattened picks: a permutation, tracked
-    (("softmax", "log_softmax"), _keeping_args(_Builder._softmax)),
+    (("softmax", "log_softmax"), _keeping_args(_Builder._within_tokens)),
     (("gather",), _keeping_args(_Builder._gather_features)),
     (("scatter_", "scatter"), _keeping_args(_Builder._scatter_features)),
     (("repeat",), _keeping_args(_Builder._repeat)),  # the tokens once per expert: k*BS
     (("bmm",), _keeping_args(_Builder._bmm)),
-    (("cumsum",), _keeping_args(_Builder._cumsum)),
+    (("cumsum",), _keeping_args(_Builder._within_tokens)),
     (("histc",), _Builder._histc),  # of an expert sort's keys: its groups (GroupCounts)
 )
 _FUNCTION_RULES = _rule_table(
@@ -1138,11 +1132,11 @@ _FUNCTION_RULES = _rule_table(
     ((torch.view_as_complex, torch.view_as_real), _keeping_args(_Builder._complex_view)),  # Llama 4's RoPE
     ((torch.topk,), _keeping_args(_Builder._topk)),
     ((torch.sort,), _keeping_args(_Builder._sort)),
-    ((torch.softmax, torch.log_softmax, torch.nn.functional.softmax, torch.nn.functional.log_softmax), _keeping_args(_Builder._softmax)),
+    ((torch.softmax, torch.log_softmax, torch.nn.functional.softmax, torch.nn.functional.log_softmax), _keeping_args(_Builder._within_tokens)),
     ((torch.gather,), _keeping_args(_Builder._gather_features)),
     ((torch.scatter,), _keeping_args(_Builder._scatter_features)),
     ((torch.bmm,), _keeping_args(_Builder._bmm)),
-    ((torch.cumsum,), _keeping_args(_Builder._cumsum)),
+    ((torch.cumsum,), _keeping_args(_Builder._within_tokens)),
     ((torch.histc,), _Builder._histc),
 )
 _RULES = {"call_method": _METHOD_RULES, "call_function": _FUNCTION_RULES}
@@ -1193,8 +1187,11 @@ def _through_casts(node: fx.Node) -> fx.Node:
 
 def _one_bin_per_expert(bins, low, high, experts: int) -> bool:
     """``histc(keys, bins, low, high)`` counts each integer key in [0, experts) in its own bin,
-    bin ``e`` for key ``e`` (checked by running it on every key, in float32 and float64)."""
-    if not all(isinstance(v, (int, float)) for v in (bins, low, high)) or bins != experts or not 2 <= experts <= 4096:
+    bin ``e`` for key ``e`` (checked by running it on every key, in float32 and float64). At most
+    1024 experts: the bin of key ``e`` is ``floor(e * bins / (high - low))``, whose distance to the
+    next integer (at least 1 / (experts - 1)) then stays far above float32's rounding there, in
+    whatever order a device's kernel computes it."""
+    if not all(isinstance(v, (int, float)) for v in (bins, low, high)) or bins != experts or not 2 <= experts <= 1024:
         return False
     if low >= high:  # histc then takes the data's own range
         return False

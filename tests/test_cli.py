@@ -29,7 +29,7 @@ def test_explain_runs_a_bf16_step_on_the_cpu(capsys):
     assert main(["explain", "--dtype", "bfloat16", "--seq", "16"]) == 0
     out, err = capsys.readouterr()
     assert "llama (cpu, bfloat16)" in err
-    assert "mask_elision x2" in out and "fast_path=1" in out
+    assert "mask_elision x2" in out and "fast_path=1" in out and "right_padding" in out  # the guard
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message for a machine without CUDA")
