@@ -17,7 +17,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "co
 WINDOWED_FAMILIES = ("gemma3_text", "cohere2", "exaone4", "gpt_oss")
 # Families whose attention is not plain "RoPE then SDPA" (see ``_variant_fields``): DeepSeek-V3's
 # multi-head latent attention and Llama 4's NoPE layers, chunked layers and qk norm after RoPE.
-VARIANT_FAMILIES = ("deepseek_v3", "llama4_text")
+VARIANT_FAMILIES = ("deepseek_v3", "llama4_text", "qwen3_moe", "mixtral")
 
 # How each family rotates q/k, read in transformers 5.23 ``models/<family>/modeling_<family>.py``.
 #   "half":        rotate_half pairs dim i with dim i + d/2 (slice, neg, cat) and cos/sin are cat((f, f)).
@@ -103,6 +103,8 @@ def _variant_fields(family: str) -> dict:
       attention over chunks of 8 tokens; layer 1 without RoPE (and without the norm), full
       attention with Llama 4's position-dependent query temperature; 4 experts per layer, 1 per
       token. ``attention_chunk_size=None`` makes both layers full attention.
+    - qwen3_moe, mixtral: every layer a mixture of 4 experts, 2 per token (transformers' grouped
+      experts), Qwen3-MoE with its qk norm and 32 channels per expert.
     """
     if family == "deepseek_v3":
         return {
@@ -116,6 +118,10 @@ def _variant_fields(family: str) -> dict:
             "no_rope_layers": [1, 0], "attention_chunk_size": 8, "num_local_experts": 4, "num_experts_per_tok": 1,
             "intermediate_size_mlp": TINY_DIMS["intermediate_size"],
         }
+    if family == "qwen3_moe":
+        return {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1}
+    if family == "mixtral":
+        return {"num_local_experts": 4, "num_experts_per_tok": 2}
     return {}
 
 

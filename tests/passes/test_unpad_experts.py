@@ -170,9 +170,9 @@ def test_dispatch_that_is_not_token_wise_is_declined(fn, variant, why):
 # -- the models ----------------------------------------------------------------------------------
 
 
-def _check(cm: CompiledModel, batch: dict):
+def _check(cm: CompiledModel, batch: dict, dtype=torch.float32):
     eager, step, report = cm.step(batch)
-    assert_steps_equal(eager, step, real_positions=real_positions(batch))
+    assert_steps_equal(eager, step, dtype=dtype, real_positions=real_positions(batch))
     assert report.runtime["unpad"] == 1 and not report.runtime["fallback"], report
     return report
 
@@ -208,3 +208,21 @@ def test_checkpointed_llama4_expert_layers_are_unpadded():
     code = "\n".join(report.graph_code("after"))
     assert "tag_activation_checkpoint" in code and code.count("torch.ops.graphopt.varlen_attention") == 2
     assert "bmm" in code and "scaled_dot_product_attention" not in code
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family, dtype, grouped_mm",
+    [("qwen3_moe", torch.bfloat16, "torch._grouped_mm"), ("mixtral", torch.float32, "grouped_mm_fallback")],
+    ids=["qwen3_moe-bf16", "mixtral-fp32"],
+)
+def test_qwen3_moe_and_mixtral_expert_layers_are_unpadded(family, dtype, grouped_mm):
+    """The MoE families fine-tuned most: every layer routed (4 experts, 2 per token). transformers
+    calls torch's grouped matmul for bf16 weights and its own fallback op otherwise: both are
+    proven, each here in the graph that really runs."""
+    torch.manual_seed(0)
+    cm = CompiledModel(build_tiny_model(family, dtype=dtype))
+    report = _check(cm, right_batch([SEQ, 18, 7]), dtype=dtype)
+    assert report.rule_counts[("unpad", "tokens")] == 1, report
+    code = cm.after_code()
+    assert code.count(grouped_mm) == 4 and code.count("torch.ops.graphopt.varlen_attention") == 2
