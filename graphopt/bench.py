@@ -92,6 +92,11 @@ PRESETS = {
         family="gemma3", window=512, layout="right", batch=2, seq=4096, pad_fraction=0.25,
         hidden=256, layers=6, vocab=8000, target=dict(speedup=1.5),
     ),
+    # Qwen3-MoE-like: every layer 8 experts, 2 per token; uneven SFT rows, half the tokens padding.
+    "moe-padded-50": dict(
+        family="qwen3_moe", layout="uneven", batch=4, seq=1024, pad_fraction=0.5, hidden=256, layers=4,
+        vocab=8000, target=dict(speedup=1.5),
+    ),
 }
 DEFAULTS = dict(
     family="llama", window=0,
@@ -142,8 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int)
     p.add_argument("--steps", type=int, help="timed steps")
     p.add_argument("--warmup", type=int, help="untimed steps after the first (compile) step")
-    p.add_argument("--family", choices=("llama", "gemma3"),
-                   help="llama (default), or gemma3: Gemma 3's text model, layers sliding except every 6th")
+    p.add_argument("--family", choices=("llama", "gemma3", "qwen3_moe"),
+                   help="llama (default); gemma3: Gemma 3's text model, layers sliding except every 6th; "
+                        "qwen3_moe: every layer 8 experts, 2 per token, each expert a quarter of --intermediate")
     p.add_argument("--window", type=int, help="gemma3's sliding window (default: none, every layer full)")
     p.add_argument("--split-layers", action="store_true",
                    help="break the compiled step around every decoder layer, as FSDP2's hooks do (a "
@@ -239,6 +245,13 @@ def build_model(args):
             **fields, head_dim=head_dim, query_pre_attn_scalar=head_dim,
             sliding_window=args.window or fields["max_position_embeddings"],
             layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
+        )
+    elif args.family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        config = Qwen3MoeConfig(
+            **fields, head_dim=args.hidden // args.heads, num_experts=8, num_experts_per_tok=2,
+            moe_intermediate_size=args.intermediate // 4, decoder_sparse_step=1,
         )
     else:
         config = LlamaConfig(**fields)
@@ -830,10 +843,16 @@ def describe(args) -> str:
         steps = f"{args.steps} timed steps after {args.warmup} warm-up"
     return (
         f"{args.config or 'custom'}{' --vary-length' if args.vary_length else ''}: {shape}; "
-        f"{'Llama' if args.family == 'llama' else 'Gemma 3' + (f' (window {args.window}, 5 of 6 layers)' if args.window else '')} hidden {args.hidden}, "
+        f"{_model_name(args)} hidden {args.hidden}, "
         f"{args.layers} layers, {args.heads}/{args.kv_heads} heads, MLP {args.intermediate}, vocab {args.vocab}; "
         f"{args.device} {args.dtype}; {args.optimizer}; {steps}"
     )
+
+
+def _model_name(args) -> str:
+    if args.family == "gemma3":
+        return "Gemma 3" + (f" (window {args.window}, 5 of 6 layers)" if args.window else "")
+    return {"llama": "Llama", "qwen3_moe": "Qwen3-MoE (8 experts, 2 per token)"}[args.family]
 
 
 def format_table(args, info: dict, results: dict, summary: dict) -> str:

@@ -1,10 +1,10 @@
-"""The benchmark's batches and its --vary-length bookkeeping (nothing here compiles a model)."""
+"""The benchmark's batches, models and its --vary-length bookkeeping (nothing here compiles a model)."""
 
 from __future__ import annotations
 
 import torch
 
-from graphopt.bench import IGNORE_INDEX, PAD_ID, make_batch, parse_args, summarize_vary
+from graphopt.bench import IGNORE_INDEX, PAD_ID, build_model, make_batch, parse_args, summarize_vary
 
 
 def test_left_layout_is_the_padded_preset_with_the_pads_first():
@@ -16,6 +16,15 @@ def test_left_layout_is_the_padded_preset_with_the_pads_first():
     pads = left["attention_mask"] == 0
     assert left["labels"][pads].eq(IGNORE_INDEX).all() and left["input_ids"][pads].eq(PAD_ID).all()
     assert left["labels"][~pads].ne(IGNORE_INDEX).all()
+
+
+def test_the_moe_preset_builds_qwen3_moe_with_eight_experts_of_two():
+    args = parse_args(["--config", "moe-padded-50", "--seq", "32", "--hidden", "64", "--layers", "1"])
+    model = build_model(args)
+    assert model.config.model_type == "qwen3_moe" and (model.config.num_experts, model.config.num_experts_per_tok) == (8, 2)
+    assert model.config.moe_intermediate_size == args.intermediate // 4
+    batch = make_batch(args, 0)
+    assert torch.isfinite(model(**batch).loss)
 
 
 def test_a_preset_target_is_dropped_for_another_layout():
