@@ -89,7 +89,8 @@ def test_gpt_oss_eager_attention_with_sink_logits_drops_both_masks_behind_the_gu
     """gpt-oss's eager attention concatenates a sink logit to each row of ``scores + mask`` and
     subtracts the row max before the softmax: still one query row at a time, so both layers run
     per row as varlen_attention with their sinks (and the window) behind the right-padding guard.
-    Its RoPE takes tables of one angle per rotary pair, (B, S, D/2), and is fused all the same."""
+    Its RoPE takes tables of one angle per rotary pair, (B, S, D/2), and is fused all the same.
+    Its routed layers (grouped experts with biases) are unpadded with the rest."""
     torch.manual_seed(0)
     cm = CompiledModel(build_tiny_model("gpt_oss", sliding_window=WINDOW))
     right = make_batch("right", batch=2, seq=SEQ, seed=5) | {"use_cache": False}
@@ -100,7 +101,9 @@ def test_gpt_oss_eager_attention_with_sink_logits_drops_both_masks_behind_the_gu
     assert report.rule_counts[("rope_fusion", "half")] == 2, report
     code = "\n".join(report.graph_code("after"))
     assert code.count("torch.ops.graphopt.varlen_attention") == 2  # both layers, no S x S scores
-    assert report.runtime["fast_path"] == 1
+    # and the whole decoder runs on the real tokens, the routed experts included (test_unpad_experts.py)
+    assert report.runtime["fast_path"] == 1 and report.runtime["unpad"] == 1, report
+    assert code.count("torch.sort") == 2 and code.count("grouped_mm_fallback") == 4
     left = make_batch("left", batch=2, seq=SEQ, seed=4) | {"use_cache": False}
     eager, compiled, report = cm.step(left)
     assert_steps_equal(eager, compiled)

@@ -4,9 +4,11 @@ Two levels. A white-box harness (:func:`unpadded_body`) runs unpadding's rules o
 written here, on real values, and runs the graph it builds on the real tokens only: positive
 cases match the padded computation at every real token, each negative case changes one property
 the proof rests on and must decline, naming it. Then the tiny HF models whose layers route
-(gpt-oss's grouped experts with biases, sliding windows and sinks; Llama 4's batched experts),
-eager against compiled: loss, every gradient, logits at real positions, the rewrite fired.
-DeepSeek-V3's routed layer is checked in ``test_attention_variants.py`` (its padded graph).
+(Qwen3-MoE and Mixtral's grouped experts; Llama 4's batched experts, checkpointed, at two padded
+widths), eager against compiled: loss, every gradient, logits at real positions, the rewrite
+fired. gpt-oss's routed layers (grouped experts with biases, beside sliding windows and sinks) are
+checked in ``test_sliding_windows.py``, DeepSeek-V3's in ``test_attention_variants.py``, on the
+padded graphs those files compile anyway.
 """
 
 from __future__ import annotations
@@ -178,27 +180,12 @@ def _check(cm: CompiledModel, batch: dict, dtype=torch.float32):
 
 
 @pytest.mark.slow
-def test_gpt_oss_routed_layers_are_unpadded_at_varying_lengths():
-    """gpt-oss: eager attention with sink logits and a window of 4 (shorter than the rows), then a
-    router and grouped experts with biases. Every layer runs on the real tokens, at two padded
-    widths (the second compiled once more, dynamic); left padding takes the exact fallback."""
-    torch.manual_seed(0)
-    cm = CompiledModel(build_tiny_model("gpt_oss", sliding_window=4))
-    report = _check(cm, right_batch([SEQ, 18, 7]))
-    assert report.rule_counts[("unpad", "tokens")] == 1, report
-    code = cm.after_code()
-    assert code.count("torch.ops.graphopt.varlen_attention") == 2 and code.count("torch.sort") == 2
-    _check(cm, right_batch([30, 31, 2], seq=32, seed=1))
-    left = make_batch("left", batch=3, seq=SEQ, seed=4) | {"use_cache": False}
-    eager, step, report = cm.step(left)
-    assert_steps_equal(eager, step)
-    assert report.runtime["fallback"] == 1 and not report.runtime["unpad"], report
-
-
-@pytest.mark.slow
-def test_checkpointed_llama4_expert_layers_are_unpadded():
+def test_checkpointed_llama4_expert_layers_are_unpadded_at_varying_lengths():
     """Llama 4's MoE layers (every token through every expert with ``repeat`` and ``bmm``, a shared
-    expert beside them) and its NoPE layer's query temperature, inside checkpointed layers."""
+    expert beside them) and its NoPE layer's query temperature, inside checkpointed layers; then a
+    batch of another padded width, which Dynamo compiles with symbolic sizes (the layer's output
+    is ``view``-ed to ``hidden.size()``, a size node rewritten per dimension). Left padding takes
+    the exact fallback."""
     torch.manual_seed(0)
     model = build_tiny_model("llama4_text", attention_chunk_size=None)
     enable_checkpointing(model, use_reentrant=False)
@@ -208,6 +195,12 @@ def test_checkpointed_llama4_expert_layers_are_unpadded():
     code = "\n".join(report.graph_code("after"))
     assert "tag_activation_checkpoint" in code and code.count("torch.ops.graphopt.varlen_attention") == 2
     assert "bmm" in code and "scaled_dot_product_attention" not in code
+    report = _check(cm, right_batch([30, 31, 2], seq=32, seed=1))
+    assert report.rule_counts[("unpad", "tokens")] == 1 and "size()" in "\n".join(report.graph_code("before")), report
+    left = make_batch("left", batch=3, seq=SEQ, seed=4) | {"use_cache": False}
+    eager, step, report = cm.step(left)
+    assert_steps_equal(eager, step)
+    assert report.runtime["fallback"] == 1 and not report.runtime["unpad"], report
 
 
 @pytest.mark.slow
