@@ -146,8 +146,10 @@ def test_a_received_packed_mask_runs_a_layer_without_rope_per_document():
 def test_padded_mla_batches_are_not_packed_and_fall_back_when_left_padded():
     """Negative: a right-padded DeepSeek-V3 batch has a padding mask, not a packed one: the varlen
     pass does not run per document on it; mask elision drops the mask and unpadding runs the
-    decoder on the real tokens, routed-expert layer included (its tokens sorted by expert, the
-    permutation tracked: test_unpad.py), exact at real positions. A left-padded batch on the same
+    decoder on the real tokens, exact at real positions: both MLA layers (each writes its key's
+    nope and rope channels into one ``new_empty`` buffer with ``copy_``, which unpadding packs like
+    any token value), the dense MLP of layer 0 and the routed experts of layer 1 (the tokens sorted
+    by expert, the permutation tracked: test_unpad_experts.py). A left-padded batch on the same
     graph takes the exact masked path."""
     cm = CompiledModel(build_tiny_model("deepseek_v3"))
     right = make_batch("right", batch=ROWS, seq=SEQ, seed=5) | {"use_cache": False}
@@ -157,7 +159,9 @@ def test_padded_mla_batches_are_not_packed_and_fall_back_when_left_padded():
     assert report.rule_counts[("mask_elision", "sdpa_causal_padding")] == 2, report
     assert report.runtime["fast_path"] == 1 and report.runtime["unpad"] == 1, report
     assert not [r for n, r in report.declines if n == "unpad"], report
-    assert "grouped_mm_fallback" in cm.after_code() and "sort" in cm.after_code()
+    code = cm.after_code()
+    assert "grouped_mm_fallback" in code and "torch.sort" in code and "copy_" in code
+    assert code.count("torch.ops.graphopt.varlen_attention") == 2
     left = make_batch("left", batch=ROWS, seq=SEQ, seed=4) | {"use_cache": False}
     eager, compiled, report = cm.step(left)
     assert_steps_equal(eager, compiled)

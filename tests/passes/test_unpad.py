@@ -131,34 +131,6 @@ def test_sliding_window_layers_are_unpadded(family, overrides):
 
 
 @pytest.mark.slow
-def test_mla_key_assembled_in_place_is_unpadded():
-    """DeepSeek-V3's dense layers (``first_k_dense_replace`` = every layer): MLA writes its key's
-    nope and rope channels into one ``new_empty`` buffer with ``copy_``. That buffer holds a token
-    value at each position, so it is packed too (its sizes rewritten) and both layers run per
-    document. Left padding takes the exact fallback."""
-    torch.manual_seed(0)
-    cm = CompiledModel(build_tiny_model("deepseek_v3", first_k_dense_replace=2))
-    report = _check_unpadded(cm, right_batch([SEQ, 18, 7]))
-    assert report.rule_counts[("unpad", "tokens")] == 1, report
-    code = cm.after_code()
-    assert code.count("torch.ops.graphopt.varlen_attention") == 2 and "copy_" in code
-    _check_left_padding_falls_back(cm)
-
-
-@pytest.mark.slow
-def test_llama4_dense_layers_are_unpadded():
-    """Llama 4 with dense MLPs (``moe_layers=[]``, as Maverick's interleaved dense layers) and full
-    attention: RoPE as complex products (``polar``, ``view_as_complex``/``view_as_real``), the qk
-    norm after it, and the NoPE layer's query temperature, computed from ``arange(S)`` and expanded
-    to the literal (B, S, 1, 1), all run on the packed tokens at each token's own position."""
-    torch.manual_seed(0)
-    cm = CompiledModel(build_tiny_model("llama4_text", attention_chunk_size=None, moe_layers=[]))
-    report = _check_unpadded(cm, right_batch([SEQ, 18, 7]))
-    assert report.rule_counts[("unpad", "tokens")] == 1, report
-    assert cm.after_code().count("torch.ops.graphopt.varlen_attention") == 2
-
-
-@pytest.mark.slow
 def test_checkpointed_sliding_window_layers_are_unpadded():
     from tests.support.harness import enable_checkpointing
 
