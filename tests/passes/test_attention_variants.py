@@ -176,22 +176,3 @@ def test_with_a_cache_documents_of_a_nope_model_attend_to_each_other_and_nothing
     assert_steps_equal(eager, compiled)
     assert report.counts["varlen_attention"] == 0, report
 
-
-@pytest.mark.slow
-def test_llama4_chunked_layers_are_rewritten_up_to_the_chunk_and_kept_past_it():
-    """Llama 4's chunked-attention layer: rows no longer than the chunk see a causal mask, proven
-    so, and the batch is unpadded; rows longer than the chunk (a new compile) keep the chunked
-    mask (declined, named) and the step stays exact."""
-    from tests.passes.test_unpad import right_batch
-
-    torch.manual_seed(0)
-    cm = CompiledModel(build_tiny_model("llama4_text", moe_layers=[]))  # chunks of CHUNK tokens
-    short = right_batch([CHUNK, 5, 3], seq=CHUNK)
-    eager, compiled, report = cm.step(short)
-    assert_steps_equal(eager, compiled, real_positions=real_positions(short))
-    assert report.runtime["unpad"] == 1 and report.counts["mask_elision"] == 2, report
-    long = right_batch([SEQ, 18, 7], seq=SEQ)
-    eager, compiled, report = cm.step(long)
-    assert_steps_equal(eager, compiled, real_positions=real_positions(long))
-    assert not report.runtime["unpad"] and report.counts["mask_elision"] == 1, report
-    assert any("chunked or bidirectional" in r for n, r in report.declines if n == "mask_elision"), report
