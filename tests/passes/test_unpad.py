@@ -42,9 +42,9 @@ def compiled():
     return get
 
 
-def _check_unpadded(cm: CompiledModel, batch: dict):
+def _check_unpadded(cm: CompiledModel, batch: dict, dtype=torch.float32):
     eager, step, report = cm.step(batch)
-    assert_steps_equal(eager, step, real_positions=real_positions(batch))
+    assert_steps_equal(eager, step, dtype=dtype, real_positions=real_positions(batch))
     assert report.runtime["unpad"] == 1, report
     assert not report.runtime["fallback"], report
     return report

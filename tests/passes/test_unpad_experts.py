@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.fx as fx
 
-from graphopt.tiny_models import build_tiny_model, make_batch
-from tests.passes.test_unpad import SEQ, right_batch
-from tests.support.harness import CompiledModel, assert_steps_equal, enable_checkpointing, real_positions
+from graphopt.tiny_models import build_tiny_model
+from tests.passes.test_unpad import SEQ, _check_left_padding_falls_back, _check_unpadded, right_batch
+from tests.support.harness import CompiledModel, enable_checkpointing
 
 transformers_moe = pytest.importorskip("transformers.integrations.moe")  # registers grouped_mm_fallback
 
@@ -172,13 +172,6 @@ def test_dispatch_that_is_not_token_wise_is_declined(fn, variant, why):
 # -- the models ----------------------------------------------------------------------------------
 
 
-def _check(cm: CompiledModel, batch: dict, dtype=torch.float32):
-    eager, step, report = cm.step(batch)
-    assert_steps_equal(eager, step, dtype=dtype, real_positions=real_positions(batch))
-    assert report.runtime["unpad"] == 1 and not report.runtime["fallback"], report
-    return report
-
-
 @pytest.mark.slow
 def test_checkpointed_llama4_expert_layers_are_unpadded_at_varying_lengths():
     """Llama 4's MoE layers (every token through every expert with ``repeat`` and ``bmm``, a shared
@@ -190,17 +183,14 @@ def test_checkpointed_llama4_expert_layers_are_unpadded_at_varying_lengths():
     model = build_tiny_model("llama4_text", attention_chunk_size=None)
     enable_checkpointing(model, use_reentrant=False)
     cm = CompiledModel(model)
-    report = _check(cm, right_batch([SEQ, 18, 7]))
+    report = _check_unpadded(cm, right_batch([SEQ, 18, 7]))
     assert report.rule_counts[("unpad", "tokens")] == 1, report
     code = "\n".join(report.graph_code("after"))
     assert "tag_activation_checkpoint" in code and code.count("torch.ops.graphopt.varlen_attention") == 2
     assert "bmm" in code and "scaled_dot_product_attention" not in code
-    report = _check(cm, right_batch([30, 31, 2], seq=32, seed=1))
+    report = _check_unpadded(cm, right_batch([30, 31, 2], seq=32, seed=1))
     assert report.rule_counts[("unpad", "tokens")] == 1 and "size()" in "\n".join(report.graph_code("before")), report
-    left = make_batch("left", batch=3, seq=SEQ, seed=4) | {"use_cache": False}
-    eager, step, report = cm.step(left)
-    assert_steps_equal(eager, step)
-    assert report.runtime["fallback"] == 1 and not report.runtime["unpad"], report
+    _check_left_padding_falls_back(cm)
 
 
 @pytest.mark.slow
@@ -215,7 +205,7 @@ def test_qwen3_moe_and_mixtral_expert_layers_are_unpadded(family, dtype, grouped
     proven, each here in the graph that really runs."""
     torch.manual_seed(0)
     cm = CompiledModel(build_tiny_model(family, dtype=dtype))
-    report = _check(cm, right_batch([SEQ, 18, 7]), dtype=dtype)
+    report = _check_unpadded(cm, right_batch([SEQ, 18, 7]), dtype=dtype)
     assert report.rule_counts[("unpad", "tokens")] == 1, report
     code = cm.after_code()
     assert code.count(grouped_mm) == 4 and code.count("torch.ops.graphopt.varlen_attention") == 2
