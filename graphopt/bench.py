@@ -151,6 +151,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="llama (default); gemma3: Gemma 3's text model, layers sliding except every 6th; "
                         "qwen3_moe: every layer 8 experts, 2 per token, each expert a quarter of --intermediate")
     p.add_argument("--window", type=int, help="gemma3's sliding window (default: none, every layer full)")
+    p.add_argument("--aux-loss", type=float, metavar="COEF",
+                   help="qwen3_moe: add the router's auxiliary loss with this coefficient (output_router_logits=True)")
     p.add_argument("--split-layers", action="store_true",
                    help="break the compiled step around every decoder layer, as FSDP2's hooks do (a "
                         "torch._dynamo.disable-d no-op hook per layer), for every backend")
@@ -210,6 +212,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.doc_range = (int(lo), int(hi or lo))
     if "graphopt-flattened" in args.backends and args.layout != "uneven":
         p.error("backend graphopt-flattened flattens the rows of --layout uneven (e.g. --config padded-50)")
+    if args.aux_loss is not None and args.family != "qwen3_moe":
+        p.error("--aux-loss is the router loss of --family qwen3_moe (e.g. --config moe-padded-50)")
     if args.layout == "packed" and args.tokens % args.rows:
         p.error("--tokens must be divisible by --rows")
     if args.hidden % args.heads or args.heads % args.kv_heads:
@@ -252,6 +256,7 @@ def build_model(args):
         config = Qwen3MoeConfig(
             **fields, head_dim=args.hidden // args.heads, num_experts=8, num_experts_per_tok=2,
             moe_intermediate_size=args.intermediate // 4, decoder_sparse_step=1,
+            output_router_logits=args.aux_loss is not None, router_aux_loss_coef=args.aux_loss or 0.0,
         )
     else:
         config = LlamaConfig(**fields)
@@ -852,6 +857,8 @@ def describe(args) -> str:
 def _model_name(args) -> str:
     if args.family == "gemma3":
         return "Gemma 3" + (f" (window {args.window}, 5 of 6 layers)" if args.window else "")
+    if args.family == "qwen3_moe" and args.aux_loss is not None:
+        return f"Qwen3-MoE (8 experts, 2 per token, router aux loss x{args.aux_loss:g})"
     return {"llama": "Llama", "qwen3_moe": "Qwen3-MoE (8 experts, 2 per token)"}[args.family]
 
 

@@ -39,6 +39,12 @@ class InvalidProgramError(ValueError):
     """
 
 
+class Rollback(Exception):
+    """A pass found, after rewriting, that it must not keep its rewrites (a proof that needs the
+    rewritten graph failed). :func:`run_passes` undoes the pass, as for any exception, and
+    reports the message as its decline, without a warning: this is an expected outcome."""
+
+
 class Variant(enum.Enum):
     """Which version of a graph the passes build. The backend chooses it, once per version, and
     every pass reads it from the context (:attr:`PassContext.allow_guards`, :attr:`PassContext.received_as`)."""
@@ -257,6 +263,9 @@ def _apply_undoable(p, work: fx.GraphModule, ctx: PassContext) -> tuple[fx.Graph
         ctx.right_padding = right_padding
         del report.rewrites[n_rewrites:], report.notes[n_notes:]
         ctx.invalidate()
+        if isinstance(e, Rollback):
+            report.decline(p.name, str(e))
+            return snapshot, False
         reason = f"the pass raised {type(e).__name__}: {e}; the graph is left as it was"
         if (report.graph_id, p.name) not in _warned:  # the fallback graph runs the passes again
             _warned.add((report.graph_id, p.name))

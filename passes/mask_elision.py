@@ -7,7 +7,10 @@ causal kernels. The mask is found and proven by :mod:`graphopt.masks`; this pass
 - ``causal``: ``sdpa(q, k, v, attn_mask=mask) -> sdpa(q, k, v, is_causal=True)``, no guard;
 - ``causal_padding``: the same rewrite, exact for real positions when every row is right-padded and
   no loss term is scored at a padded position; a :func:`~graphopt.guards.right_padding_guard`
-  checks that at run time and the original graph runs otherwise;
+  checks that at run time and the original graph runs otherwise. A returned value that is neither
+  the loss nor laid out per position (a router's auxiliary loss) must be proven to reduce over
+  the tokens only through sums weighted by the attention mask (:func:`graphopt.passes.unpad.prove_token_wise`),
+  or the rewrites are undone;
 - eager attention (``scores + mask`` into softmax): ``scores + mask -> scores + causal_constant``,
   a ``full(S, S).triu(1)`` holding the mask's own masked value, so real rows see bit-identical
   additive terms and no per-batch padding work is done.
@@ -35,7 +38,7 @@ from graphopt.guards import Guard, right_padding_guard
 from graphopt.handoff import HandedOffMaskGuard
 from graphopt.losses import LossInfo, per_position_output
 from graphopt.masks import MaskCandidate, MaskKind, _canonical, prove_length
-from graphopt.passes import PassContext, RightPadding, retire_mask
+from graphopt.passes import PassContext, RightPadding, Rollback, retire_mask
 from graphopt.runtime import Adapter
 
 
@@ -94,6 +97,7 @@ class MaskElision:
     def apply(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         """Rewrite the users of the provably causal masks in ``gm``; publish the proven masks it
         returns."""
+        self._to_prove = None  # (a padded mask, the outputs that may reduce over its positions)
         for cand in ctx.masks(gm):
             if cand.kind == MaskKind.UNKNOWN:
                 ctx.report.decline(self.name, cand.reason)
@@ -139,6 +143,8 @@ class MaskElision:
             for guard, registered in zip(guards, retire_mask(gm, ctx, cand, guards)):
                 if isinstance(guard.fn, _ScoredTargetsGuard):
                     ctx.right_padding = RightPadding(registered, scores_targets=guard.fn.targets is not None)
+        if self._to_prove is not None:
+            self._prove_weighted(gm, ctx)
 
     def _eager_rows(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate):
         """For eager attention reading ``cand``: a function of one of its additive users that
@@ -337,6 +343,10 @@ class MaskElision:
                 guards.append(right_padding_guard_for(gm, ctx, cand, losses[0] if losses else None))
         if guards and not ctx.allow_guards:
             return None  # the exact fallback keeps the mask
+        if cand.kind.unwindowed == MaskKind.CAUSAL_PADDING and self._to_prove is None:
+            reducing = self._reducing_outputs(gm, ctx, cand)
+            if reducing:
+                self._to_prove = (cand, reducing)
         return guards
 
     def _padding_decline(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> str | None:
@@ -367,11 +377,41 @@ class MaskElision:
             return "the loss is not computed over the masked positions"
         if loss.divisor_from_activations:
             return f"the loss divisor {loss.divisor.name} is computed from model activations, which may read padded positions"
-        for out in gm.graph.output_node().all_input_nodes:
-            if out is loss.loss_out or per_position_output(analysis.example_value(out), batch, cand.seq_len):
-                continue
-            return f"the graph returns {out.name}, which may reduce over padded positions"
         return None
+
+    @staticmethod
+    def _reducing_outputs(gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> list[fx.Node]:
+        """The outputs of ``gm`` that are neither the proven loss nor laid out per position: they
+        may reduce over positions (a router's auxiliary loss, the loss it is added to)."""
+        losses, _ = ctx.losses(gm)
+        batch = analysis.hint(analysis.example_value(cand.input).shape[0])
+        return [
+            out for out in gm.graph.output_node().all_input_nodes
+            if not (losses and out is losses[0].loss_out) and not per_position_output(analysis.example_value(out), batch, cand.seq_len)
+        ]
+
+    def _prove_weighted(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        """Outputs that reduce over positions are kept only when every such reduction is proven
+        weighted by the attention mask, zero at padded positions (a router's auxiliary loss: see
+        :meth:`graphopt.passes.unpad._Builder._weighted_sum`). The proof is the unpadding pass's:
+        every op of the rewritten graph is token-wise, and the only sums over the tokens are of
+        padding weights. Otherwise every rewrite of this pass is undone (:class:`Rollback`)."""
+        from graphopt.passes.unpad import prove_token_wise
+
+        cand, outputs = self._to_prove
+        losses, _ = ctx.losses(gm)
+        guard = right_padding_guard_for(gm, ctx, cand, losses[0] if losses else None)
+        names = ", ".join(out.name for out in outputs)
+        why = prove_token_wise(gm, ctx, guard)
+        if why is not None:
+            raise Rollback(
+                f"the graph returns {names}, which may reduce over padded positions; they are not proven "
+                f"weighted by {cand.input.name} ({why}), so the mask is kept"
+            )
+        ctx.report.note(
+            f"mask_elision: {names} reduce over positions only through sums weighted by {cand.input.name} "
+            "(zero at padded positions): exact on the fast path"
+        )
 
     @staticmethod
     def _replace_additive(add: fx.Node, cand: MaskCandidate) -> None:

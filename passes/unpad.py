@@ -33,7 +33,10 @@ tracked through its permutation: a router's ``topk`` over the experts, the picks
 (``BS*k``), sorted by expert (the sort's indices are *positions*, tagged :class:`IndexValues`, used
 only to index), a grouped matmul whose offsets are the counts of the sorted keys
 (:class:`GroupCounts`), the inverse permutation, and the picks summed; Llama 4's batched experts
-repeat the tokens once per expert (``k*BS``) for ``bmm``. SDPA (causal, no mask) and the loss
+repeat the tokens once per expert (``k*BS``) for ``bmm``. A router's auxiliary loss sums over the
+tokens, but only values multiplied by the attention mask (*padding weights*, zero at padded
+positions and at the bucket's extra tokens), which gives the same sum over both layouts; the mask
+is gathered like a token input for it. SDPA (causal, no mask), the loss and those weighted sums
 are the only places positions meet; anything else that mixes positions is a decline that names
 the op (the ops accepted: ``_METHOD_RULES`` and ``_FUNCTION_RULES``; the tags of their outputs:
 :mod:`graphopt.passes.dimension_tags`). The gather and scatter indices, the positions and the
@@ -186,6 +189,21 @@ class Unpad:
         return plan.module
 
 
+def prove_token_wise(gm: fx.GraphModule, ctx: PassContext, guard) -> str | None:
+    """Why ``gm``, a graph mask elision rewrote behind the right-padding ``guard``, is not proven
+    token-wise, or None when it is: each op acts on each position alone, attention is causal, and
+    the only sums over the tokens are of padding weights (:meth:`_Builder._weighted_sum`). Then
+    every value the graph returns that is not laid out per token is the same as with the mask,
+    up to the order of additions. The proof builds the unpadded graph and drops it."""
+    if analysis.erase_unused(gm.graph):
+        gm.recompile()
+    try:
+        _Builder.outer(gm, ctx, guard).build()
+    except Decline as e:
+        return str(e)
+    return None
+
+
 def _hints(value: torch.Tensor) -> list[int]:
     return [analysis.hint(s) for s in value.shape]
 
@@ -211,6 +229,10 @@ class _Builder:
         self.out_tags: list = []  # a body's output tags, for its caller
         self.tags: dict[fx.Node, tuple | list | IndexValues | GroupCounts | None] = {}
         self.sorts: dict[str, dict] = {}  # tag of a sorted dimension -> what its sort sorted
+        # Token values that are exactly 0 at every position that is not a real token, in both
+        # graphs: the attention mask, its casts and reshapes, and products with them. A sum over
+        # the tokens of one is the same in both graphs (:meth:`_weighted_sum`).
+        self.weights: set[fx.Node] = set()
         self.multiples: dict[int, fx.Node] = {}  # k -> the node of k times the packed length
         self.env: dict[fx.Node, fx.Node] = {}
         self.graph = fx.Graph()
@@ -256,6 +278,11 @@ class _Builder:
                 self.env[node] = self._gather_input(node)
                 self.tags[node] = ("B", "S") + (None,) * (analysis.example_value(node).dim() - 2)
                 self.rewritten.append(f"{node.name} gathered")
+        mask_input = self.placeholders[self.mask_input]
+        if mask_input.users:  # read by the graph (a router's auxiliary loss): a padding weight
+            self.env[mask_input] = self._gather_input(mask_input)
+            self.tags[mask_input] = ("B", "S")
+            self.weights.add(mask_input)
         self._run(sources)
         if not self.attention_calls:
             raise Decline("no attention runs on the tokens")
@@ -410,6 +437,8 @@ class _Builder:
         new.meta = dict(node.meta)
         self.env[node] = new
         self.tags[node] = tags
+        if isinstance(tags, tuple) and any(tags) and self._keeps_weight(node):
+            self.weights.add(node)
 
     def _padded_size(self, node: fx.Node) -> fx.Node:
         """A size query of a token tensor answers with the padded graph's size, so code that reads
@@ -658,10 +687,70 @@ class _Builder:
         self._decline(node, "takes an item of a token value")
         return None
 
-    def _reduction(self, node: fx.Node) -> tuple:
+    def _reduction(self, node: fx.Node) -> tuple | None:
+        """A reduction over feature dimensions keeps the token tags; a sum over every token
+        dimension of a padding weight is not a token value (:meth:`_weighted_sum`)."""
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-        return dimension_tags.reduction_tags(self._t(node.args[0]), dims, keep)
+        x = self._t(node.args[0])
+        try:
+            return dimension_tags.reduction_tags(x, dims, keep)
+        except dimension_tags.MixesPositions as e:
+            if not _is_sum(node):
+                raise
+            if not self._weighted_sum(node.args[0], dims):
+                raise dimension_tags.MixesPositions(
+                    f"{e} (only sums over all the tokens of values weighted by the attention mask, which is "
+                    "zero at padded positions, are tracked)"
+                ) from None
+            return None
+
+    def _weighted_sum(self, operand: fx.Node, dims) -> bool:
+        """A sum over every token dimension of ``operand``, a padding weight (:attr:`weights`):
+        ``sum(x * mask)`` over the padded batch is the sum of ``x`` over its real tokens, and over
+        the packed tokens too (the bucket's extra tokens gathered padded positions, whose mask
+        is 0). The same number in both graphs, up to the order of the additions, when ``x`` is
+        finite at the positions the mask zeroes, as it is at every position that computes what a
+        real token would. A router's auxiliary loss sums this way (transformers'
+        ``load_balancing_loss_func`` with an attention mask)."""
+        tags = self._t(operand)
+        if operand not in self.weights or not tags:
+            return False
+        rank = len(tags)
+        reduced = set(range(rank)) if dims is None else {d % rank for d in ([dims] if isinstance(dims, int) else dims)}
+        return all(t is None or i in reduced for i, t in enumerate(tags))
+
+    def _keeps_weight(self, node: fx.Node) -> bool:
+        """``node`` is a padding weight (:attr:`weights`) when it casts, reshapes or indexes one
+        (the zeros stay at their positions, the tags moving with them), or multiplies by one."""
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+        first = node.args[0] if node.args else None
+        if name in _WEIGHT_LAYOUT or node.target in (operator.getitem, torch.reshape, torch.unsqueeze, torch.flatten):
+            return first in self.weights
+        if node.target in (operator.mul, operator.imul, torch.mul) or name in ("mul", "__mul__", "__rmul__"):
+            return any(a in self.weights for a in node.args if isinstance(a, fx.Node))
+        return False
+
+    def _scatter_add(self, node: fx.Node):
+        """``counts.scatter_add_(0, index, src)`` into a 1-D buffer that is not a token value (a
+        router's tokens per expert): a sum over the tokens, so ``src`` must be a padding weight
+        laid out as ``index`` (:meth:`_weighted_sum`), and ``index`` a top-k's indices, in the
+        buffer's range at every position, so a padded position adds its 0 in range."""
+        base, dim, index, src = (tuple(node.args) + (None,) * 4)[:4]
+        dim, index, src = (node.kwargs.get(k, v) for k, v in (("dim", dim), ("index", index), ("src", src)))
+        buffer = analysis.example_value(base)
+        if self._t(base) or buffer.dim() != 1 or dim not in (0, -1):
+            self._decline(node, "adds token values into a buffer that is not a 1-D sum over the tokens")
+        tags = self._t(index)
+        if not tags or len(tags) != 1 or self._t(src) != tags or src not in self.weights:
+            self._decline(
+                node, "adds token values over the tokens without weighting them by the attention mask, "
+                "or laid out unlike their indices",
+            )
+        experts = _top_k_range(index)
+        if experts is None or experts > analysis.hint(buffer.shape[0]):
+            self._decline(node, "adds into a buffer at indices not known to be in its range (a top-k's indices are)")
+        return None
 
     def _linear(self, node: fx.Node) -> tuple:
         x = self._t(node.args[0])
@@ -688,6 +777,8 @@ class _Builder:
         name = node.target if node.op == "call_method" else node.target.__name__
         default = 0 if name in ("chunk", "split") else None
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", default)
+        if name == "repeat_interleave" and dim is None and x == ("BS",) and isinstance(node.args[1], int) and set(node.kwargs) <= {"dim"}:
+            return (f"BS*{node.args[1]}",)  # each token k times in a row, as a top-k's flattened picks
         if dim is None or x[dim % len(x)] is not None or any(self._t(a) for a in node.args[1:]):
             self._decline(node, "cuts or repeats along a token dimension")
         if name == "repeat_interleave":
@@ -1112,6 +1203,7 @@ _METHOD_RULES = _rule_table(
     (("bmm",), _keeping_args(_Builder._bmm)),
     (("cumsum",), _keeping_args(_Builder._within_tokens)),
     (("histc",), _Builder._histc),  # of an expert sort's keys: its groups (GroupCounts)
+    (("scatter_add_", "scatter_add"), _keeping_args(_Builder._scatter_add)),  # weighted counts over the tokens
 )
 _FUNCTION_RULES = _rule_table(
     ((operator.getitem,), _keeping_args(_Builder._item)),
@@ -1138,6 +1230,7 @@ _FUNCTION_RULES = _rule_table(
     ((torch.bmm,), _keeping_args(_Builder._bmm)),
     ((torch.cumsum,), _keeping_args(_Builder._within_tokens)),
     ((torch.histc,), _Builder._histc),
+    ((torch.scatter_add,), _keeping_args(_Builder._scatter_add)),
 )
 _RULES = {"call_method": _METHOD_RULES, "call_function": _FUNCTION_RULES}
 
@@ -1173,6 +1266,17 @@ def _top_k_range(keys: fx.Node) -> int | None:
     dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
     scores = analysis.example_value(topk.args[0])
     return analysis.hint(scores.shape[dim]) if isinstance(dim, int) else None
+
+
+# Ops that keep a padding weight's zeros at their positions (:meth:`_Builder._keeps_weight`).
+_WEIGHT_LAYOUT = frozenset({
+    "to", "float", "double", "half", "bfloat16", "int", "long", "bool", "type_as", "contiguous", "clone", "detach",
+    "view", "reshape", "unsqueeze", "flatten", "expand", "repeat_interleave", "squeeze", "transpose", "permute",
+})
+
+
+def _is_sum(node: fx.Node) -> bool:
+    return node.target in ("sum", torch.sum)
 
 
 _CASTS = frozenset({"view", "reshape", "flatten", "contiguous", "to", "float", "int", "long", "double"})

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from graphopt.tiny_models import build_tiny_model
 from tests.passes.test_unpad import SEQ, _check_left_padding_falls_back, _check_unpadded, right_batch
-from tests.support.harness import CompiledModel, enable_checkpointing
+from tests.support.harness import CompiledModel, assert_steps_equal, enable_checkpointing, real_positions
 
 transformers_moe = pytest.importorskip("transformers.integrations.moe")  # registers grouped_mm_fallback
 
@@ -193,19 +193,186 @@ def test_checkpointed_llama4_expert_layers_are_unpadded_at_varying_lengths():
     _check_left_padding_falls_back(cm)
 
 
+AUX_LOSS = dict(output_router_logits=True, router_aux_loss_coef=0.5)  # large, so its gradient counts
+AUX_NOTE = "reduce over positions only through sums weighted by l_kwargs_attention_mask_"
+
+
+def _notes(cm: CompiledModel) -> list[str]:
+    return [n for g in cm.compile_reports for n in g.notes]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "family, dtype, grouped_mm",
-    [("qwen3_moe", torch.bfloat16, "torch._grouped_mm"), ("mixtral", torch.float32, "grouped_mm_fallback")],
-    ids=["qwen3_moe-bf16", "mixtral-fp32"],
+    "family, dtype, grouped_mm, config",
+    [("qwen3_moe", torch.bfloat16, "torch._grouped_mm", {}), ("mixtral", torch.float32, "grouped_mm_fallback", AUX_LOSS)],
+    ids=["qwen3_moe-bf16", "mixtral-fp32-aux-loss"],
 )
-def test_qwen3_moe_and_mixtral_expert_layers_are_unpadded(family, dtype, grouped_mm):
+def test_qwen3_moe_and_mixtral_expert_layers_are_unpadded(family, dtype, grouped_mm, config):
     """The MoE families fine-tuned most: every layer routed (4 experts, 2 per token). transformers
     calls torch's grouped matmul for bf16 weights and its own fallback op otherwise: both are
-    proven, each here in the graph that really runs."""
+    proven, each here in the graph that really runs. Mixtral also adds the router's auxiliary
+    loss (``output_router_logits=True``), summed over the tokens weighted by the mask: the loss,
+    and the router's gradient, equal eager's."""
     torch.manual_seed(0)
-    cm = CompiledModel(build_tiny_model(family, dtype=dtype))
+    cm = CompiledModel(build_tiny_model(family, dtype=dtype, **config))
     report = _check_unpadded(cm, right_batch([SEQ, 18, 7]), dtype=dtype)
     assert report.rule_counts[("unpad", "tokens")] == 1, report
     code = cm.after_code()
     assert code.count(grouped_mm) == 4 and code.count("torch.ops.graphopt.varlen_attention") == 2
+    assert ("scatter_add_" in code) == bool(config) and any(AUX_NOTE in n for n in _notes(cm)) == bool(config)
+
+
+@pytest.mark.slow
+def test_router_aux_loss_on_the_padded_fast_path_equals_eager():
+    """Mask elision alone (unpadding off): the padded positions stay in the batch, and the
+    auxiliary loss multiplies their router statistics by the mask's zeros. Loss and every
+    gradient equal eager's; the mask is gone from the graph."""
+    torch.manual_seed(0)
+    cm = CompiledModel(build_tiny_model("qwen3_moe", **AUX_LOSS), options={"unpad": False})
+    batch = right_batch([SEQ, 18, 7])
+    eager, step, report = cm.step(batch)
+    assert_steps_equal(eager, step, real_positions=real_positions(batch))
+    assert report.runtime["fast_path"] == 1 and not report.runtime["fallback"], report
+    assert cm.counts()["mask_elision"] == 2 and any(AUX_NOTE in n for n in _notes(cm)), cm.compile_reports
+
+
+@pytest.mark.slow
+def test_router_aux_loss_over_every_position_keeps_the_mask(monkeypatch):
+    """Negative: an auxiliary loss that counts the padded positions too (transformers' own function
+    called without the mask, so its ``histc`` counts every token) would change under mask
+    elision. Mask elision's rewrites are undone and it declines, naming the op; the run is eager's."""
+    from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+    original = modeling_qwen3_moe.load_balancing_loss_func
+
+    def unmasked(gate_logits, num_experts=None, top_k=2, attention_mask=None):
+        return original(gate_logits, num_experts, top_k, None)
+
+    monkeypatch.setattr(modeling_qwen3_moe, "load_balancing_loss_func", unmasked)
+    torch.manual_seed(0)
+    cm = CompiledModel(build_tiny_model("qwen3_moe", **AUX_LOSS))
+    batch = right_batch([SEQ, 18, 7])
+    eager, step, report = cm.step(batch)
+    assert_steps_equal(eager, step)
+    assert not cm.counts()["mask_elision"] and not cm.counts()["unpad"] and not report.guards, report
+    declines = [d.reason for g in cm.compile_reports for d in g.declines if d.name == "mask_elision"]
+    assert any("not proven weighted by l_kwargs_attention_mask_" in d and "histc" in d for d in declines), declines
+
+
+# -- a router's auxiliary loss -------------------------------------------------------------------
+#
+# transformers' ``load_balancing_loss_func`` (31 families share it: Mixtral, Qwen2/3-MoE, gpt-oss,
+# ...) sums router statistics over the tokens, weighted by the attention mask. Such a sum is the
+# same over the padded batch and over the real tokens, so it is proven like any token-wise op.
+
+
+def _unweighted_probs(logits, mask):  # divided by the real-token count, but summed over every token
+    return torch.softmax(logits, dim=-1).sum(0).sum() / mask.sum()
+
+
+def _weighted_mean(logits, mask):
+    return (torch.softmax(logits, dim=-1) * mask.reshape(-1, 1).float()).mean(0).sum()
+
+
+def _per_row_sum(logits, mask):
+    return (torch.softmax(logits, dim=-1).view(B, S, EXPERTS) * mask[..., None].float()).sum(1).sum()
+
+
+def _unweighted_counts(logits, mask):
+    picks = torch.topk(logits, K, dim=-1)[1].reshape(-1)
+    return torch.zeros(EXPERTS).scatter_add_(0, picks, torch.ones_like(picks, dtype=torch.float32)).sum() / mask.sum()
+
+
+def _counts_at_computed_indices(logits, mask):
+    keys = (torch.softmax(logits, dim=-1)[:, 0] * (EXPERTS - 1)).long()
+    return torch.zeros(EXPERTS).scatter_add_(0, keys, mask.reshape(-1).float()).sum()
+
+
+def _with_aux_loss(aux):
+    """A causal attention over (B, S, H) tokens, then a router over them and ``aux(logits, mask)``
+    (or transformers' auxiliary loss of two such routers): returns (the tokens, the loss)."""
+
+    def layer(x, attention_mask, router):
+        q = x.view(B, S, 1, H).transpose(1, 2)
+        h = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).reshape(B, S, H)
+        logits = torch.nn.functional.linear(h.reshape(-1, H), router)
+        if aux is None:
+            from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+            return h, load_balancing_loss_func((logits, 2 * logits), EXPERTS, K, attention_mask)
+        return h, aux(logits, attention_mask)
+
+    return layer
+
+
+def unpadded_outer(fn, inputs: dict[str, torch.Tensor]):
+    """The unpadded graph unpadding builds for ``fn(**inputs)``, an outer graph whose attention
+    mask is ``inputs["attention_mask"]`` (no loss: its outputs are compared by the test), and the
+    names of its inputs in order; raises :class:`graphopt.passes.unpad.Decline` as unpadding would."""
+    from types import SimpleNamespace
+
+    from graphopt.inspection import GraphReport
+    from graphopt.options import GraphoptOptions
+    from graphopt.passes import PassContext
+    from graphopt.passes.unpad import _Builder
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=capture, fullgraph=True, dynamic=False)(**inputs)
+    (gm,) = graphs
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    guard = SimpleNamespace(input_indices=(names.index("l_attention_mask_"),))
+    ctx = PassContext(GraphoptOptions(), GraphReport(0, "", quiet=True))
+    return _Builder.outer(gm, ctx, guard).build().module, names
+
+
+@pytest.mark.parametrize("lengths", [[8, 5], [3, 8], [8, 8]], ids=["bucket-extras", "first-row-padded", "no-padding"])
+def test_router_aux_loss_over_the_real_tokens_equals_the_padded_one(lengths):
+    """transformers' auxiliary loss of two routers, unpadded: on the real tokens only (plus the
+    bucket's extra tokens, gathered at padded positions, whose mask is 0) it is the padded
+    loss; the attention is per row and the tokens return to their padded rows."""
+    from graphopt.passes.unpad import packing_indices
+
+    gen = torch.Generator().manual_seed(0)
+    mask = (torch.arange(S) < torch.tensor(lengths)[:, None]).long()
+    inputs = {"x": torch.randn(B, S, H, generator=gen), "attention_mask": mask, "router": torch.randn(EXPERTS, H, generator=gen)}
+    layer = _with_aux_loss(None)
+    module, names = unpadded_outer(layer, inputs)
+    extra, n_real, packed = packing_indices(mask, lengths, 16)
+    assert (n_real, packed) == (sum(lengths), 16)
+    by_name = {f"l_{k}_": v for k, v in inputs.items()}
+    h, aux = module(*(by_name[n] for n in names), extra["gather"], extra["positions"], extra["cu_seqlens"], extra["scatter"])
+    h_ref, aux_ref = layer(**inputs)
+    torch.testing.assert_close(aux, aux_ref)
+    torch.testing.assert_close(h[mask.bool()], h_ref[mask.bool()])
+    assert "scatter_add_" in module.code and "varlen_attention" in module.code
+
+
+@pytest.mark.parametrize(
+    "aux, why",
+    [
+        (_unweighted_probs, "only sums over all the tokens of values weighted by the attention mask"),
+        (_weighted_mean, "reduces over a token dimension"),
+        (_per_row_sum, "only sums over all the tokens of values weighted by the attention mask"),
+        (_unweighted_counts, "without weighting them by the attention mask"),
+        (_counts_at_computed_indices, "not known to be in its range"),
+    ],
+    ids=["unweighted-sum", "weighted-mean", "per-row-sum", "unweighted-counts", "counts-at-computed-indices"],
+)
+def test_router_statistics_that_read_padded_positions_are_declined(aux, why):
+    """Negative: a sum over the tokens without the mask's weight, a mean (it divides by the padded
+    count), a sum per row (rows are one packed row once unpadded), counts of unweighted picks, and
+    weighted counts at indices computed from values (not known to be in range at padded
+    positions): each is declined, naming the op."""
+    from graphopt.passes.unpad import Decline
+
+    gen = torch.Generator().manual_seed(0)
+    mask = (torch.arange(S) < torch.tensor(LENGTHS)[:, None]).long()
+    inputs = {"x": torch.randn(B, S, H, generator=gen), "attention_mask": mask, "router": torch.randn(EXPERTS, H, generator=gen)}
+    with pytest.raises(Decline, match=why):
+        unpadded_outer(_with_aux_loss(aux), inputs)
