@@ -234,6 +234,7 @@ class _Builder:
         # the tokens of one is the same in both graphs (:meth:`_weighted_sum`).
         self.weights: set[fx.Node] = set()
         self.multiples: dict[int, fx.Node] = {}  # k -> the node of k times the packed length
+        self.unscatter: tuple[fx.Node, fx.Node] | None = None  # see _unscatter
         self.env: dict[fx.Node, fx.Node] = {}
         self.graph = fx.Graph()
         self.attrs: dict[str, object] = {}  # what the new graph's get_attr nodes read
@@ -1129,6 +1130,25 @@ class _Builder:
             outs.append(self._scatter(value, tags))
         self.graph.output(tuple(outs))
 
+    def _unscatter(self) -> tuple[fx.Node, fx.Node]:
+        """For each padded position (B*S of them): the packed token it holds (0 for a padded
+        position) and whether it holds one. Built once per graph from ``scatter``, whose inverse it
+        is. Outputs go back to their padded rows by this gather rather than by ``index_copy`` into
+        zeros: torch 2.13's Inductor miscompiled the backward of that scatter beside a router's
+        top-k backward (a read of a scatter's buffer fused before the scatter), and the gather's
+        backward is an ``index_add`` into the packed rows instead."""
+        if self.unscatter is None:
+            g = self.graph
+            total = g.call_function(operator.mul, (self.rows, self.width))
+            slots = g.call_function(operator.add, (total, 1))
+            device = analysis.example_value(self.placeholders[self.mask_input]).device
+            none = g.call_method("new_full", (self.scatter, (slots,), -1))
+            steps = g.call_function(torch.arange, (self.t_node,), {"dtype": torch.int64, "device": device})
+            inverse = g.call_method("narrow", (g.call_method("index_copy", (none, 0, self.scatter, steps)), 0, 0, total))
+            real = g.call_method("ge", (inverse, 0))
+            self.unscatter = (g.call_method("clamp", (inverse,), {"min": 0}), real)
+        return self.unscatter
+
     def _scatter(self, value: fx.Node, tags: tuple) -> fx.Node:
         """A per-position output back at its padded shape ((B, S) dims anywhere, or a merged
         (B*S) dim), with zeros at padded positions."""
@@ -1146,11 +1166,9 @@ class _Builder:
         moved = new if order == list(range(len(order))) else g.call_method("permute", (new, *order))
         flat = moved if merged else g.call_method("flatten", (moved, 0, 1))
         rest = [shape[i] for i in order[1 if merged else 2 :]]
-        total = g.call_function(operator.mul, (self.rows, self.width))
-        rows = g.call_function(operator.add, (total, 1))
-        buf = g.call_method("new_zeros", (flat, (rows, *rest)))
-        filled = g.call_method("index_copy", (buf, 0, self.scatter, flat))
-        out = g.call_method("narrow", (filled, 0, 0, total))
+        at, real = self._unscatter()
+        picked = g.call_method("index_select", (flat, 0, at))
+        out = g.call_function(torch.where, (g.call_method("view", (real, -1, *([1] * len(rest)))), picked, 0))
         if not merged:
             out = g.call_method("view", (out, self.rows, self.width, *rest))
         if order != list(range(len(order))):
@@ -1351,13 +1369,13 @@ def packing_indices(attention_mask: torch.Tensor, lengths: list[int], bucket: in
     """The unpadded graph's extra inputs for a right-padded ``attention_mask`` (B, S) whose rows
     hold ``lengths`` real tokens (read on the host with the guards), built on the host.
     Returns ``({"gather", "positions", "cu_seqlens", "scatter"}, N real tokens, T packed tokens)``,
-    the tensors on the mask's device. T is N rounded up to ``bucket``, at most B * S; the T - N
+    the tensors on the mask's device. T is N rounded up to ``bucket`` (one bucket when N is 0), at most B * S; the T - N
     extra tokens gather padded positions (first ones first) and form one more document.
     """
     rows, width = attention_mask.shape
     lengths = torch.tensor(lengths, dtype=torch.int64)
     n_real = int(lengths.sum())
-    packed = min(rows * width, -(-n_real // bucket) * bucket)
+    packed = min(rows * width, max(1, -(-n_real // bucket)) * bucket)  # a batch of padding only: one bucket
     steps = torch.arange(width)
     real = (steps < lengths[:, None]).reshape(-1)
     flat = torch.arange(rows * width)

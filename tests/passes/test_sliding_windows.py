@@ -90,9 +90,12 @@ def test_gpt_oss_eager_attention_with_sink_logits_drops_both_masks_behind_the_gu
     subtracts the row max before the softmax: still one query row at a time, so both layers run
     per row as varlen_attention with their sinks (and the window) behind the right-padding guard.
     Its RoPE takes tables of one angle per rotary pair, (B, S, D/2), and is fused all the same.
-    Its routed layers (grouped experts with biases) are unpadded with the rest."""
+    Its routed layers (grouped experts with biases) are unpadded with the rest, and so is the
+    router's auxiliary loss (its sums over the tokens are weighted by the mask): the router's
+    logits get gradients from the experts' top-k and from that loss. Before its outputs went back
+    to their padded rows by a gather, Inductor dropped the top-k's share of them here."""
     torch.manual_seed(0)
-    cm = CompiledModel(build_tiny_model("gpt_oss", sliding_window=WINDOW))
+    cm = CompiledModel(build_tiny_model("gpt_oss", sliding_window=WINDOW, output_router_logits=True, router_aux_loss_coef=0.5))
     right = make_batch("right", batch=2, seq=SEQ, seed=5) | {"use_cache": False}
     eager, compiled, report = cm.step(right)
     assert_steps_equal(eager, compiled, real_positions=real_positions(right))
@@ -103,7 +106,8 @@ def test_gpt_oss_eager_attention_with_sink_logits_drops_both_masks_behind_the_gu
     assert code.count("torch.ops.graphopt.varlen_attention") == 2  # both layers, no S x S scores
     # and the whole decoder runs on the real tokens, the routed experts included (test_unpad_experts.py)
     assert report.runtime["fast_path"] == 1 and report.runtime["unpad"] == 1, report
-    assert code.count("torch.sort") == 2 and code.count("grouped_mm_fallback") == 4
+    assert code.count("torch.sort") == 2 and code.count("grouped_mm_fallback") == 4 and "scatter_add_" in code
+    assert any("reduce over positions only through sums weighted" in n for g in cm.compile_reports for n in g.notes)
     left = make_batch("left", batch=2, seq=SEQ, seed=4) | {"use_cache": False}
     eager, compiled, report = cm.step(left)
     assert_steps_equal(eager, compiled)
