@@ -343,7 +343,9 @@ class MaskElision:
                 guards.append(right_padding_guard_for(gm, ctx, cand, losses[0] if losses else None))
         if guards and not ctx.allow_guards:
             return None  # the exact fallback keeps the mask
-        if cand.kind.unwindowed == MaskKind.CAUSAL_PADDING and self._to_prove is None:
+        if cand.kind.unwindowed == MaskKind.CAUSAL_PADDING and self._to_prove is None and ctx.losses(gm)[0]:
+            # with a loss, the other outputs must be per position or proven weighted (without
+            # one, padded_outputs_unused is the user's promise for all of them)
             reducing = self._reducing_outputs(gm, ctx, cand)
             if reducing:
                 self._to_prove = (cand, reducing)
