@@ -262,6 +262,9 @@ def build_model(args):
         config = LlamaConfig(**fields)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    from graphopt.hf import install_output_hooks
+
+    install_output_hooks(model)  # as GraphoptCallback does (--aux-loss records router logits)
     if args.split_layers:
         for layer in model.model.layers:
             layer.register_forward_pre_hook(torch._dynamo.disable(_no_op_hook))

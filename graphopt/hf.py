@@ -100,8 +100,40 @@ class GraphoptCallback(TrainerCallback):
         _skip_warning_once_in_graphs()
         _let_graphopt_split_ddp_graphs()
         turn_off_hub_kernels(model)
+        install_output_hooks(model)
         model.compile(backend="graphopt", mode=self.mode, options=self.options, dynamic=self.dynamic)
         return control
+
+
+def install_output_hooks(model) -> bool:
+    """Install transformers' output-capturing hooks (>= 5.25) on ``model`` now, before compiling.
+
+    transformers installs them on the first call that records an output (a router's logits with
+    ``output_router_logits=True``), under a ``threading.Lock``. Dynamo cannot trace that lock: on a
+    first call that is compiled it gives up on the wrapping forward for good, so the model and its
+    loss become separate graphs, and mask elision and unpadding cannot see the loss (exact, but no
+    faster). Installed beforehand, the check is one attribute read. Returns whether hooks were
+    installed; a no-op on transformers without them or on a model whose hooks are in."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:
+        return False
+    installed = False
+    for module in model.modules():  # the models whose forward records outputs, as their first call would
+        if _records_outputs(getattr(type(module), "forward", None)) and not getattr(module, "_output_capturing_hooks_installed", False):
+            maybe_install_capturing_hooks(module)
+            installed = True
+    return installed
+
+
+def _records_outputs(fn) -> bool:
+    """``fn`` is, or wraps, transformers' ``capture_outputs`` wrapper (``functools.wraps`` copies
+    the names, so the code objects are read)."""
+    while fn is not None:
+        if "capture_outputs" in getattr(getattr(fn, "__code__", None), "co_qualname", ""):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
 
 
 def turn_off_hub_kernels(model) -> bool:

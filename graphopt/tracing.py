@@ -134,6 +134,12 @@ _ADVICE = {
         "activation checkpointing off, or set torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = "
         "True if that state need not be written again during recomputation (process-wide)"
     ),
+    "Unsupported context manager": (
+        "if this is transformers' output-capturing lock (the first call of a model that records outputs, "
+        "e.g. with output_router_logits=True, installs hooks under a threading.Lock), Dynamo runs that "
+        "forward eagerly for good and the loss lands in another graph; fix: call "
+        "graphopt.hf.install_output_hooks(model) before the first compiled call (GraphoptCallback does)"
+    ),
     "Logger": (
         "a logging call (transformers' warning_once with use_cache=True under checkpointing) splits the "
         "step; fix: pass use_cache=False, or use graphopt.hf.GraphoptCallback, or add "

@@ -376,3 +376,20 @@ def test_router_statistics_that_read_padded_positions_are_declined(aux, why):
     inputs = {"x": torch.randn(B, S, H, generator=gen), "attention_mask": mask, "router": torch.randn(EXPERTS, H, generator=gen)}
     with pytest.raises(Decline, match=why):
         unpadded_outer(_with_aux_loss(aux), inputs)
+
+
+def test_output_hooks_are_installed_before_compiling():
+    """transformers installs its output-capturing hooks on the first call that records router
+    logits, under a lock Dynamo cannot trace (a compiled first call then runs the model eagerly
+    for good, its loss in another graph). ``install_output_hooks`` installs them beforehand, once,
+    on the model whose forward records, and the model's outputs are unchanged."""
+    from graphopt.hf import install_output_hooks
+
+    batch = right_batch([SEQ, 18, 7])
+    reference = build_tiny_model("qwen3_moe", **AUX_LOSS)(**batch)
+    model = build_tiny_model("qwen3_moe", **AUX_LOSS)
+    assert install_output_hooks(model) and not install_output_hooks(model)
+    assert model.model._output_capturing_hooks_installed
+    out = model(**batch)
+    assert len(out.router_logits) == len(reference.router_logits) == 2
+    torch.testing.assert_close(out.loss, reference.loss, rtol=0, atol=0)
