@@ -302,6 +302,10 @@ def erase_unused(graph: fx.Graph) -> int:
 # mask elision's windowed rewrite of a right-padded batch): later passes (unpad) may then give
 # that attention other boundaries with the same meaning, each row's real tokens one document.
 ROWS_AS_DOCUMENTS = "graphopt_rows_as_documents"
+# The same for boundaries that cut each (B, S) row into chunks of ``meta[ROW_CHUNKS]`` tokens from
+# index 0 (a chunked mask on right-padded rows): the same meaning over the packed tokens is each
+# row's real tokens cut into chunks from its first one.
+ROW_CHUNKS = "graphopt_row_chunks"
 
 
 def annotate(node: fx.Node) -> None:

@@ -14,7 +14,11 @@ spelling has in common:
    - ``causal``: ``kv <= q`` (the mask depends on no input);
    - ``causal_padding``: ``kv <= q and attention_mask[b, kv] != 0``;
    - ``packed_causal``: ``kv <= q`` inside the same document, where documents are the maximal runs
-     of ``position_ids`` that increase by one (what transformers derives for packed sequences).
+     of ``position_ids`` that increase by one (what transformers derives for packed sequences);
+   - each of them within a sliding window of W keys (``sliding_*``: ``q - W < kv``), or within
+     chunks of C tokens (``chunked_*``, Llama 4's local layers: ``kv // C == q // C``, by index
+     in a row, by position in a packed row; a padded one is proven on the rows the right-padding
+     guard admits, where every spelling's chunks start at index 0).
 
    Bool masks must match exactly. Additive masks must be exactly 0 where the reference attends and
    one single value everywhere else.
@@ -30,8 +34,10 @@ lengths up to the largest size probed (``MaskCandidate.max_probed_len``). A mask
 length L is causal at every shorter length for every deviation masks are built from (a sliding
 window or chunk of size W shows as soon as L > W). Longer lengths are proven when they first
 arrive (:func:`prove_length`, from the runtime guard), at the next power of two, and remembered.
-Anything else (sliding windows, chunked or bidirectional attention, masks of several inputs) is
-reported as ``unknown`` with the reason.
+(So a window or chunk is learnt only when some probed length exceeds it; a graph proven causal
+below the chunk fails the proof at a longer length and takes its exact masked path there.)
+Anything else (bidirectional attention, masks of several inputs) is reported as ``unknown`` with
+the reason.
 """
 
 from __future__ import annotations
@@ -63,6 +69,12 @@ class MaskKind(str, enum.Enum):
     SLIDING_CAUSAL = "sliding_causal"
     SLIDING_CAUSAL_PADDING = "sliding_causal_padding"
     SLIDING_PACKED_CAUSAL = "sliding_packed_causal"
+    # The same within chunks: a query sees the keys of its chunk of ``MaskCandidate.chunk``
+    # tokens up to itself (``kv // chunk == q // chunk``, transformers' ``attention_chunk_size``).
+    # Chunks count by index in a right-padded row and by position in a packed one.
+    CHUNKED_CAUSAL = "chunked_causal"
+    CHUNKED_CAUSAL_PADDING = "chunked_causal_padding"
+    CHUNKED_PACKED_CAUSAL = "chunked_packed_causal"
     RECEIVED = "received"
     UNKNOWN = "unknown"
 
@@ -81,6 +93,22 @@ class MaskKind(str, enum.Enum):
         """The sliding-window form of this kind (None: there is none)."""
         return {v: k for k, v in _UNWINDOWED.items()}.get(self)
 
+    @property
+    def chunked(self) -> bool:
+        """Whether masks of this kind attend within chunks (:attr:`MaskCandidate.chunk`)."""
+        return self in _UNCHUNKED
+
+    @property
+    def in_chunks(self) -> MaskKind | None:
+        """The chunked form of this kind (None: there is none)."""
+        return {v: k for k, v in _UNCHUNKED.items()}.get(self)
+
+    @property
+    def base(self) -> MaskKind:
+        """The kind without its window or chunks: causal, causal_padding or packed_causal (itself
+        for the others)."""
+        return _UNCHUNKED.get(self, self.unwindowed)
+
     def __str__(self) -> str:
         return self.value
 
@@ -91,6 +119,11 @@ _UNWINDOWED = {
     MaskKind.SLIDING_CAUSAL: MaskKind.CAUSAL,
     MaskKind.SLIDING_CAUSAL_PADDING: MaskKind.CAUSAL_PADDING,
     MaskKind.SLIDING_PACKED_CAUSAL: MaskKind.PACKED_CAUSAL,
+}
+_UNCHUNKED = {
+    MaskKind.CHUNKED_CAUSAL: MaskKind.CAUSAL,
+    MaskKind.CHUNKED_CAUSAL_PADDING: MaskKind.CAUSAL_PADDING,
+    MaskKind.CHUNKED_PACKED_CAUSAL: MaskKind.PACKED_CAUSAL,
 }
 
 
@@ -114,6 +147,7 @@ class MaskCandidate:
             it (query and key lengths, the mask input's length) when shapes are dynamic.
         max_probed_len: the proof holds for sequence lengths up to this.
         window: for the ``sliding_*`` kinds, how many keys a query sees, itself included.
+        chunk: for the ``chunked_*`` kinds, the chunk's length in tokens.
         reason: why ``kind`` is ``MaskKind.UNKNOWN``.
         function: the mask's slice as a function, kept to prove it at more lengths later.
     """
@@ -131,6 +165,7 @@ class MaskCandidate:
     seq_symbols: frozenset = frozenset()
     max_probed_len: int = 0
     window: int | None = None
+    chunk: int | None = None
     reason: str = ""
     function: analysis.ExtractedFunction | None = None
 
@@ -420,6 +455,18 @@ def _classify(gm: fx.GraphModule, cand: MaskCandidate, inputs: frozenset[fx.Node
             return
         cand.window = None
         details.append(detail)
+    for kind in [k.in_chunks for k in hypotheses if k.in_chunks is not None]:
+        chunk = _chunk_of(fn, cand, input_node, kind)
+        if chunk is None:
+            continue
+        cand.chunk = chunk
+        ok, detail = _check(fn, cand, input_node, kind, _sizes(cand))
+        if ok:
+            cand.kind, cand.input = kind, input_node
+            cand.max_probed_len = max(_sizes(cand))
+            return
+        cand.chunk = None
+        details.append(detail)
     failures = [d for d in details if d.startswith("probing the mask failed")]
     if failures:  # nothing was learnt about what the mask is
         cand.reason = failures[0]
@@ -430,7 +477,7 @@ def _classify(gm: fx.GraphModule, cand: MaskCandidate, inputs: frozenset[fx.Node
     else:
         cand.reason = (
             f"the mask built from {input_node.name} is neither causal ∧ padding nor packed "
-            f"block-causal, with or without a sliding window (chunked or bidirectional attention?): {'; '.join(details)}"
+            f"block-causal, with or without a sliding window or chunks (bidirectional attention?): {'; '.join(details)}"
         )
 
 
@@ -438,6 +485,29 @@ def _window_of(fn, cand: MaskCandidate, input_node, kind: MaskKind) -> int | Non
     """The sliding window a mask would have if it were ``kind``: how many keys the last query of
     one full row (no padding, one document) sees, at the longest probed length; None when that
     row sees every key (no window shows at this length) or none."""
+    seen = _full_row(fn, cand, input_node, kind)
+    if seen is None:
+        return None
+    last = int(seen[-1].sum())
+    return last if 0 < last < seen.shape[-1] else None
+
+
+def _chunk_of(fn, cand: MaskCandidate, input_node, kind: MaskKind) -> int | None:
+    """The chunk a mask would have if it were ``kind``: the first query after the first of one
+    full row (no padding, one document) that sees only itself, at the longest probed length;
+    None when there is none (no chunk shows at this length)."""
+    seen = _full_row(fn, cand, input_node, kind)
+    if seen is None:
+        return None
+    alone = (seen.sum(-1) == 1) & seen.diagonal()
+    starts = alone[1:].nonzero().flatten()
+    return int(starts[0]) + 1 if starts.numel() else None
+
+
+def _full_row(fn, cand: MaskCandidate, input_node, kind: MaskKind) -> torch.Tensor | None:
+    """(L, L) bool: which keys each query of one full row (no padding, positions 0..L-1) sees,
+    by the mask's slice, at the longest probed length L; None when the slice cannot run or
+    gives no 4-D (.., L, L) mask."""
     length = max(_sizes(cand))
     assignment = {sym: sympy.Integer(length) for sym in cand.seq_symbols}
     chosen: dict = {}
@@ -446,7 +516,7 @@ def _window_of(fn, cand: MaskCandidate, input_node, kind: MaskKind) -> int | Non
         if isinstance(ev, torch.Tensor):
             shape = _shape_under(ev, assignment)
             if inp is input_node:
-                row = torch.ones(shape[-1]) if kind.unwindowed == MaskKind.CAUSAL_PADDING else torch.arange(shape[-1])
+                row = torch.ones(shape[-1]) if kind.base == MaskKind.CAUSAL_PADDING else torch.arange(shape[-1])
                 chosen[inp] = row.expand(shape).to(ev.dtype)
             else:
                 chosen[inp] = torch.zeros(shape, dtype=ev.dtype)
@@ -456,11 +526,10 @@ def _window_of(fn, cand: MaskCandidate, input_node, kind: MaskKind) -> int | Non
         out = analysis.run_function(fn, chosen)
     except Exception:  # noqa: BLE001 - a slice that cannot run proves nothing (the caller's _check says why)
         return None
-    if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[-1] != length:
+    if not isinstance(out, torch.Tensor) or out.dim() != 4 or tuple(out.shape[-2:]) != (length, length):
         return None
-    last = out[0, 0, -1]
-    seen = int(last.sum()) if last.dtype == torch.bool else int((last == 0).sum())
-    return seen if 0 < seen < length else None
+    row = out[0, 0]
+    return row if row.dtype == torch.bool else row == 0
 
 
 def _sizes(cand: MaskCandidate) -> list[int]:
@@ -508,7 +577,8 @@ def _check(fn, cand: MaskCandidate, input_node, kind: MaskKind, lengths) -> tupl
                 if kind == MaskKind.RECEIVED:
                     ok, detail = _compare_received(out, ref_input)
                 else:
-                    ok, detail = _compare(out, kind, ref_input, seq_len, masked_values, cand.window if kind.sliding else None)
+                    window, chunk = (cand.window if kind.sliding else None), (cand.chunk if kind.chunked else None)
+                    ok, detail = _compare(out, kind, ref_input, seq_len, masked_values, window, chunk)
             except Exception as e:  # a slice that cannot run on the probe proves nothing
                 return False, f"probing the mask failed: {type(e).__name__}: {e}"
             if not ok:
@@ -544,13 +614,23 @@ def _shape_under(value: torch.Tensor, assignment) -> tuple[int, ...]:
 # pattern (p * batch + r) mod len), so a batch of 8 rows sees every pattern in one probe, and a
 # second probe draws them again with other random lengths.
 _PADDING_PATTERNS = ("right", "left", "holes", "full", "empty")
+# A chunked padding mask is proven on the rows its rewrites run on (the right-padding guard admits
+# no others). On left-padded rows spellings differ: transformers counts chunks from the first real
+# token (``chunked_overlay``'s ``left_padding``), earlier releases from the row's start.
+_CHUNKED_PADDING_PATTERNS = ("right", "full", "empty")
 _POSITION_PATTERNS = ("restarts", "offsets", "arbitrary")
+
+
+def _patterns(kind: MaskKind) -> tuple[str, ...]:
+    if kind == MaskKind.CHUNKED_CAUSAL_PADDING:
+        return _CHUNKED_PADDING_PATTERNS
+    return _PADDING_PATTERNS if kind.base == MaskKind.CAUSAL_PADDING else _POSITION_PATTERNS
 
 
 def _n_probes(kind: MaskKind, batch: int) -> int:
     if kind == MaskKind.RECEIVED:
         return 2
-    patterns = _PADDING_PATTERNS if kind.unwindowed == MaskKind.CAUSAL_PADDING else _POSITION_PATTERNS
+    patterns = _patterns(kind)
     return -(-len(patterns) // max(batch, 1)) + 1
 
 
@@ -562,7 +642,7 @@ def _probe_value(kind: MaskKind, shape, dtype, probe: int, gen: torch.Generator)
             return torch.rand(shape, generator=gen) < 0.5
         return torch.randn(shape, generator=gen).to(dtype)
     batch, seq = shape
-    patterns = _PADDING_PATTERNS if kind.unwindowed == MaskKind.CAUSAL_PADDING else _POSITION_PATTERNS
+    patterns = _patterns(kind)
     rows = [_probe_row(patterns[(probe * batch + r) % len(patterns)], seq, gen) for r in range(batch)]
     return torch.stack(rows).to(dtype)
 
@@ -586,21 +666,34 @@ def _probe_row(pattern: str, seq: int, gen: torch.Generator) -> torch.Tensor:
     return torch.tensor(row[:seq])
 
 
-def _reference(kind: MaskKind, inp: torch.Tensor | None, seq_len: int, causal: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+def _reference(
+    kind: MaskKind,
+    inp: torch.Tensor | None,
+    seq_len: int,
+    causal: torch.Tensor | None = None,
+    window: int | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
     """The hypothesis' mask for probe input ``inp`` (B, S), as (B|1, 1, S, S). ``causal`` may
     pass the (S, S) causal matrix (banded by ``window`` for the sliding kinds) in, when the caller
-    computes many references of one length."""
+    computes many references of one length. ``chunk``: the chunk of a chunked kind, by index in a
+    row (by position in a packed row). Padded rows are probed only right-padded, full or empty
+    (:data:`_CHUNKED_PADDING_PATTERNS`), where every spelling's chunks start at index 0."""
     if causal is None:
         causal = _causal(seq_len, window if kind.sliding else None)
     causal = causal[None, None]  # (1, 1, q, kv)
-    base = kind.unwindowed
-    if base == MaskKind.CAUSAL:
-        return causal
+    base = kind.base
+    chunk = chunk if kind.chunked else None
+    if base == MaskKind.PACKED_CAUSAL:
+        docs = document_ids(inp, chunk)
+        return causal & (docs[:, :, None] == docs[:, None, :])[:, None]
     if base == MaskKind.CAUSAL_PADDING:
-        return causal & (padding_to_length(inp, seq_len) != 0)[:, None, None, :]
-    docs = document_ids(inp)
-    same = docs[:, :, None] == docs[:, None, :]
-    return causal & same[:, None]
+        padding = padding_to_length(inp, seq_len) != 0
+        causal = causal & padding[:, None, None, :]
+    if chunk is not None:
+        chunks = torch.arange(seq_len) // chunk
+        causal = causal & (chunks[:, None] == chunks[None, :])
+    return causal
 
 
 def _causal(seq_len: int, window: int | None) -> torch.Tensor:
@@ -621,7 +714,7 @@ def padding_to_length(attention_mask: torch.Tensor, length: int) -> torch.Tensor
     return attention_mask[:, :length]
 
 
-def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+def document_starts(position_ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Where documents start in a packed batch: at each row's first token, and wherever the
     position does not increase by exactly one (transformers' ``find_packed_sequence_indices``
     rule). The one definition of the rule: the mask proof, the document boundaries of
@@ -629,6 +722,8 @@ def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
 
     Args:
         position_ids: (B, S) integer positions.
+        chunk: for attention within chunks (a ``chunked_*`` mask), also where the position is a
+            multiple of ``chunk``: each piece of a document within one chunk is then a document.
 
     Returns:
         (B, S) bool. Built with ``narrow`` rather than indexing: the same ops, and no device guard
@@ -637,15 +732,21 @@ def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
     width = position_ids.shape[1]
     step = position_ids.narrow(1, 1, width - 1) - position_ids.narrow(1, 0, width - 1)
     first = torch.ones_like(position_ids.narrow(1, 0, 1), dtype=torch.bool)
-    return torch.cat((first, step != 1), dim=1)
+    starts = torch.cat((first, step != 1), dim=1)
+    if chunk is not None:
+        starts = starts | (position_ids % chunk == 0)
+    return starts
 
 
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+def document_ids(position_ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Document index of each token within its row, from 0 (:func:`document_starts`), (B, S)."""
-    return document_starts(position_ids).cumsum(-1) - 1
+    return document_starts(position_ids, chunk).cumsum(-1) - 1
 
 
-def _compare(out, kind: MaskKind, inp: torch.Tensor | None, seq_len: int, masked_values: set, window: int | None = None) -> tuple[bool, str]:
+def _compare(
+    out, kind: MaskKind, inp: torch.Tensor | None, seq_len: int, masked_values: set,
+    window: int | None = None, chunk: int | None = None,
+) -> tuple[bool, str]:
     """Compare the slice's output with the hypothesis, one batch row at a time (the reference of a
     whole (B, 1, S, S) batch would double the probe's memory)."""
     if not isinstance(out, torch.Tensor) or out.dim() != 4:
@@ -657,7 +758,7 @@ def _compare(out, kind: MaskKind, inp: torch.Tensor | None, seq_len: int, masked
         return False, f"shape {tuple(out.shape)} does not broadcast to ({rows}, 1, {seq_len}, {seq_len})"
     causal = _causal(seq_len, window)
     for b in range(rows):
-        ref = _reference(kind, None if inp is None else inp[b : b + 1], seq_len, causal)[0, 0]
+        ref = _reference(kind, None if inp is None else inp[b : b + 1], seq_len, causal, chunk=chunk)[0, 0]
         for h in range(out.shape[1]):
             ok, detail = _compare_row(out[min(b, out.shape[0] - 1), h], ref, masked_values)
             if not ok:

@@ -207,8 +207,8 @@ def rewrite_packed_eager(gm: fx.GraphModule, ctx: PassContext, cand: MaskCandida
         graph = user.found.output.graph
         if graph not in cus:
             positions = cand.input if user.checkpoint is None else analysis.add_checkpoint_operand(user.checkpoint, cand.input)
-            cus[graph] = _insert_cu_seqlens(positions, user.found.output, user.source.xq)
-        _call_varlen(ctx, user.found, user.source, cus[graph], cand.window)
+            cus[graph] = _insert_cu_seqlens(positions, user.found.output, user.source.xq, cand.chunk)
+        _call_varlen(ctx, user.found, user.source, cus[graph], cand.window, chunk=cand.chunk)
     retire_mask(gm, ctx, cand)
 
 
@@ -264,7 +264,8 @@ def rewrite_eager_rows(ctx: PassContext, cand: MaskCandidate, add: fx.Node, tabl
     _call_varlen(ctx, found, source, cu, cand.window, report=False)
     if not source.fused:
         ctx.report.note(f"mask_elision: {add.name} runs per row with RoPE not fused ({source.unfused})")
-    return f"per-row attention ({_what(found, cand.window)})", _layout(source)
+    what = _what(found, cand.window) + (f", chunks of {cand.chunk}" if cand.chunk is not None else "")
+    return f"per-row attention ({what})", _layout(source)
 
 
 def _in_graph_order(nodes: list[fx.Node]) -> list[fx.Node]:
@@ -518,24 +519,27 @@ def _unrotated(gm: fx.GraphModule, found: EagerAttention, tables: TableAnalysis)
         graph.erase_node(probe)
 
 
-def _insert_cu_seqlens(positions: fx.Node, before: fx.Node, xq: fx.Node) -> fx.Node:
-    """The document boundaries, computed before ``before``, the first rewritten attention of its graph."""
+def _insert_cu_seqlens(positions: fx.Node, before: fx.Node, xq: fx.Node, chunk: int | None = None) -> fx.Node:
+    """The document boundaries (cut into ``chunk``s for a chunked mask), computed before
+    ``before``, the first rewritten attention of its graph."""
     graph = before.graph
     with graph.inserting_before(before):
         batch = graph.call_method("size", (xq, 0))
-        cu = graph.call_function(cu_seqlens_from_position_ids, (positions, batch))
+        cu = graph.call_function(cu_seqlens_from_position_ids, (positions, batch, chunk))
     for node in (batch, cu):
         analysis.annotate(node)
     return cu
 
 
 def _call_varlen(
-    ctx: PassContext, found: EagerAttention, source: AttentionMatch, cu_seqlens: fx.Node, window: int | None, *, report: bool = True
+    ctx: PassContext, found: EagerAttention, source: AttentionMatch, cu_seqlens: fx.Node, window: int | None, *,
+    report: bool = True, chunk: int | None = None,
 ) -> None:
     """Replace ``found.output`` by ``graphopt::varlen_attention`` of ``source`` (RoPE fused when it
     has tables, empty (T, 0) tables otherwise) with ``found``'s scale, softcap and sinks and
     ``window``, erase what is left dead of the region, and report the rewrite (unless the caller
-    reports it as its own: ``report=False``)."""
+    reports it as its own: ``report=False``; ``chunk``: the boundaries cut documents into chunks
+    of this many tokens, for the report)."""
     graph = found.output.graph
     new: list[fx.Node] = []
 
@@ -578,10 +582,10 @@ def _call_varlen(
     found.output.replace_all_uses_with(result)
     analysis.erase_dead(graph, [*found.region, *source.region])
     if report:
-        _report(ctx, name, found, source, window)
+        _report(ctx, name, found, source, window, chunk)
 
 
-def _report(ctx: PassContext, name: str, found: EagerAttention, source: AttentionMatch, window: int | None) -> None:
+def _report(ctx: PassContext, name: str, found: EagerAttention, source: AttentionMatch, window: int | None, chunk: int | None) -> None:
     extras = []
     if found.softcap:
         extras.append(f"softcap {found.softcap:g}")
@@ -589,10 +593,12 @@ def _report(ctx: PassContext, name: str, found: EagerAttention, source: Attentio
         extras.append("sinks")
     if window is not None:
         extras.append(f"window {window}")
+    if chunk is not None:
+        extras.append(f"chunks of {chunk}")
     detail = f"{name}: eager attention over a block-causal mask -> per-document attention"
     if extras:
         detail += f" ({', '.join(extras)})"
-    rule = "eager_packed" + ("" if window is None else "_sliding") + ("" if source.fused else "_unfused")
+    rule = "eager_packed" + ("" if window is None else "_sliding") + ("" if chunk is None else "_chunked") + ("" if source.fused else "_unfused")
     ctx.report.rewrite(VarlenAttention.name, rule, detail)
     if source.fused:
         layout = "interleaved" if source.interleaved else "half"

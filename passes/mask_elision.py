@@ -107,10 +107,10 @@ class MaskElision:
             if cand.kind == MaskKind.RECEIVED:
                 self._received(gm, ctx, cand)
                 continue
-            if cand.kind.unwindowed == MaskKind.PACKED_CAUSAL or not cand.users:
+            if cand.kind.base == MaskKind.PACKED_CAUSAL or not cand.users:
                 continue  # the varlen_attention pass owns packed masks
             windowed = None
-            if cand.kind.sliding and cand.sdpa_users:
+            if (cand.kind.sliding or cand.kind.chunked) and cand.sdpa_users:
                 windowed = self._windowed_matches(gm, ctx, cand)
                 if windowed is None:
                     continue
@@ -137,7 +137,7 @@ class MaskElision:
                         ctx.report.rewrite("rope_fusion", layout, f"{user.name}: RoPE applied inside varlen_attention")
                     continue
                 self._replace_additive(user, cand)
-                what = "causal mask" if cand.window is None else f"causal mask of window {cand.window}"
+                what = "causal mask" + (f" of window {cand.window}" if cand.window else "") + (f" in chunks of {cand.chunk}" if cand.chunk else "")
                 ctx.report.note(f"mask_elision: {user.name} keeps a constant {what} rather than per-row attention: {done}")
                 ctx.report.rewrite(self.name, f"eager_{rule}", f"{user.name}: + {cand.node.name} -> + constant {what}")
             for guard, registered in zip(guards, retire_mask(gm, ctx, cand, guards)):
@@ -160,7 +160,10 @@ class MaskElision:
         def rewrite(add: fx.Node):
             checkpoint = cand.checkpoints.get(add)
             tables = outer if checkpoint is None else body_tables(checkpoint, outer)
-            return rewrite_eager_rows(ctx, cand, add, tables, self._row_boundaries)
+            return rewrite_eager_rows(ctx, cand, add, tables, boundaries)
+
+        def boundaries(graph: fx.Graph, before: fx.Node, xq: fx.Node) -> fx.Node:
+            return self._row_boundaries(graph, before, xq, cand.chunk)
 
         return rewrite
 
@@ -175,11 +178,32 @@ class MaskElision:
         }
 
     @staticmethod
-    def _row_boundaries(graph: fx.Graph, before: fx.Node, xq: fx.Node) -> fx.Node:
+    def _row_boundaries(graph: fx.Graph, before: fx.Node, xq: fx.Node, chunk: int | None = None) -> fx.Node:
         """``arange(B + 1) * S`` as int32, each (B, S) row one document, inserted before
         ``before`` and marked :data:`graphopt.analysis.ROWS_AS_DOCUMENTS` (unpadding then gives
-        the attention the packed rows)."""
+        the attention the packed rows). With a ``chunk``, each row is cut into chunks of that
+        many tokens from index 0 (a chunked mask on right-padded rows), in the (B*S + 1,) layout of
+        :func:`graphopt.passes.varlen_attention.cu_seqlens_from_position_ids`, and marked
+        :data:`graphopt.analysis.ROW_CHUNKS` instead."""
         device = analysis.example_value(xq).device
+        if chunk is not None:
+            from graphopt.passes.varlen_attention import cu_seqlens_from_position_ids
+
+            with graph.inserting_before(before):
+                batch = graph.call_method("size", (xq, 0))
+                seq = graph.call_method("size", (xq, 2))
+                steps = graph.call_function(torch.arange, (seq,), {"device": device})
+                positions = graph.call_method("unsqueeze", (steps, 0))
+                cu = graph.call_function(cu_seqlens_from_position_ids, (positions, batch, chunk))
+            for node in (batch, seq):
+                analysis.annotate(node)
+            q = analysis.example_value(xq)
+            with q.fake_mode:  # arange of a size: no tensor input to take the fake mode from
+                steps.meta["example_value"] = torch.empty(q.shape[2], dtype=torch.int64, device=q.device)
+            for node in (positions, cu):
+                analysis.annotate(node)
+            cu.meta[analysis.ROW_CHUNKS] = chunk
+            return cu
         with graph.inserting_before(before):
             batch = graph.call_method("size", (xq, 0))
             seq = graph.call_method("size", (xq, 2))
@@ -212,10 +236,12 @@ class MaskElision:
                 match = match_attention(user.graph.owning_module, user, tables, allow_unfused=True)
                 why = match if isinstance(match, str) else None
             if why is not None:
+                what = f"a sliding window of {cand.window} tokens" if cand.kind.sliding else f"chunks of {cand.chunk} tokens"
+                arg = "window" if cand.kind.sliding else "chunk"
                 ctx.report.decline(
                     self.name,
-                    f"{cand.node.name}: a sliding window of {cand.window} tokens ({cand.kind}), and SDPA has no "
-                    f"window argument; {user.name} cannot run as windowed per-row attention ({why}), so the mask is kept",
+                    f"{cand.node.name}: {what} ({cand.kind}), and SDPA has no {arg} argument; "
+                    f"{user.name} cannot run as per-row attention ({why}), so the mask is kept",
                 )
                 return None
             found[user] = match
@@ -227,12 +253,13 @@ class MaskElision:
         queries see only real keys within the window); a row without padding is exact everywhere."""
         from graphopt.passes.varlen_attention import rewrite_attention
 
-        cu = self._row_boundaries(match.sdpa.graph, match.sdpa, match.xq)
+        cu = self._row_boundaries(match.sdpa.graph, match.sdpa, match.xq, cand.chunk)
         name = match.sdpa.name
         rewrite_attention(ctx, match, cu, report=False, window=cand.window)
+        what = f"window {cand.window}" if cand.kind.sliding else f"each row cut into chunks of {cand.chunk}"
         ctx.report.rewrite(
             self.name, f"sdpa_{cand.kind.value}",
-            f"{name}: attn_mask={cand.node.name} -> per-row attention with window {cand.window} (varlen_attention)",
+            f"{name}: attn_mask={cand.node.name} -> per-row attention with {what} (varlen_attention)",
         )
         if match.fused:
             ctx.report.rewrite("rope_fusion", "interleaved" if match.interleaved else "half", f"{name}: RoPE applied inside varlen_attention")
@@ -240,7 +267,16 @@ class MaskElision:
             ctx.report.note(f"mask_elision: {name} runs per row with RoPE not fused ({match.unfused})")
 
     def _export(self, gm: fx.GraphModule, ctx: PassContext, cand: MaskCandidate) -> None:
-        """Record ``cand``, a mask the graph returns, for publication to the graphs that receive it."""
+        """Record ``cand``, a mask the graph returns, for publication to the graphs that receive it.
+        A chunked mask is not published: the graphs that receive it keep it (their exact masked
+        path)."""
+        if cand.kind.chunked:
+            ctx.report.decline(
+                "mask_handoff",
+                f"{cand.node.name}: returned to later graphs as a mask in chunks of {cand.chunk}; chunked masks are "
+                "not handed off, so the graphs that receive it keep it",
+            )
+            return
         outputs = gm.graph.output_node().args[0]
         positions = [i for i, out in enumerate(outputs) if out is cand.node]
         source = None if cand.input is None else ctx.placeholder_index(gm, cand.input)
@@ -330,7 +366,7 @@ class MaskElision:
         guards = []
         if cand.seq_symbols:
             guards.append(proven_length_guard(gm, cand))
-        if cand.kind.unwindowed == MaskKind.CAUSAL_PADDING:
+        if cand.kind.base == MaskKind.CAUSAL_PADDING:
             why = self._padding_decline(gm, ctx, cand)
             if why is not None:
                 if why:
@@ -343,7 +379,7 @@ class MaskElision:
                 guards.append(right_padding_guard_for(gm, ctx, cand, losses[0] if losses else None))
         if guards and not ctx.allow_guards:
             return None  # the exact fallback keeps the mask
-        if cand.kind.unwindowed == MaskKind.CAUSAL_PADDING and self._to_prove is None and ctx.losses(gm)[0]:
+        if cand.kind.base == MaskKind.CAUSAL_PADDING and self._to_prove is None and ctx.losses(gm)[0]:
             # with a loss, the other outputs must be per position or proven weighted (without
             # one, padded_outputs_unused is the user's promise for all of them)
             reducing = self._reducing_outputs(gm, ctx, cand)
@@ -430,7 +466,17 @@ class MaskElision:
 
         with graph.inserting_before(add):
             size = call("call_method", "size", (scores, -1))
-            if cand.window is None:  # masked above the diagonal
+            if cand.chunk is not None:  # masked above the diagonal and outside the query's chunk
+                steps = call("call_function", torch.arange, (size,), {"device": mask_val.device})
+                chunks = call("call_function", operator.floordiv, (steps, cand.chunk))
+                rows = call("call_method", "unsqueeze", (chunks, 1))
+                cols = call("call_method", "unsqueeze", (chunks, 0))
+                other = call("call_function", operator.ne, (rows, cols))
+                ones = call("call_function", torch.ones, ((size, size),), {"dtype": torch.bool, "device": mask_val.device})
+                blocked = call("call_function", torch.logical_or, (call("call_method", "triu", (ones, 1)), other))
+                zeros = call("call_function", torch.zeros, ((size, size),), {"dtype": mask_val.dtype, "device": mask_val.device})
+                constant = call("call_method", "masked_fill", (zeros, blocked, masked))
+            elif cand.window is None:  # masked above the diagonal
                 full = call("call_function", torch.full, ((size, size), masked), {"dtype": mask_val.dtype, "device": mask_val.device})
                 constant = call("call_method", "triu", (full, 1))
             else:  # masked above the diagonal and at or below the window's lower edge

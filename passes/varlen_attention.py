@@ -53,7 +53,7 @@ from graphopt.runtime import Adapter
 _MAX_DOMINATOR_TRIES = 8
 
 
-def cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch: int, chunk: int | None = None) -> torch.Tensor:
     """Document boundaries of a packed batch, padded to a static length.
 
     Documents start where :func:`graphopt.masks.document_starts` says. Rows are flattened, so
@@ -62,13 +62,15 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch: int) -> torc
     Args:
         position_ids: (B, S) or (1, S) integer positions.
         batch: B.
+        chunk: attention within chunks of this many positions (a ``chunked_*`` mask): each
+            document is cut where its position is a multiple of ``chunk``.
 
     Returns:
         (T + 1,) int32: entry j is the first token of document j, entries past the last document
         are T (empty documents).
     """
     pos = position_ids.expand(batch, -1)
-    starts = document_starts(pos).reshape(-1)
+    starts = document_starts(pos, chunk).reshape(-1)
     total = starts.shape[0]
     doc = starts.cumsum(0) - 1
     cu = torch.full((total + 1,), total, dtype=torch.int64, device=pos.device)
@@ -140,7 +142,7 @@ class VarlenAttention:
         for cand in ctx.masks(gm):
             if cand.kind == MaskKind.RECEIVED and ctx.received_as == "packed" and ctx.allow_guards:
                 self._received(gm, ctx, cand)
-            if cand.kind.unwindowed != MaskKind.PACKED_CAUSAL:
+            if cand.kind.base != MaskKind.PACKED_CAUSAL:
                 continue
             if cand.additive_users:  # eager attention (softcap, sinks): graphopt.passes.eager_attention
                 from graphopt.passes.eager_attention import rewrite_packed_eager
@@ -154,8 +156,8 @@ class VarlenAttention:
             for match, checkpoint in matches:
                 if match.sdpa.graph not in cus:
                     positions = cand.input if checkpoint is None else analysis.add_checkpoint_operand(checkpoint, cand.input)
-                    cus[match.sdpa.graph] = self._insert_cu_seqlens(positions, match)
-                rewrite_attention(ctx, match, cus[match.sdpa.graph], window=cand.window)
+                    cus[match.sdpa.graph] = self._insert_cu_seqlens(positions, match, cand.chunk)
+                rewrite_attention(ctx, match, cus[match.sdpa.graph], window=cand.window, chunk=cand.chunk)
             retire_mask(gm, ctx, cand)
 
     def _matches(self, ctx: PassContext, cand: MaskCandidate, outer: TableAnalysis) -> list[tuple[AttentionMatch, fx.Node | None]]:
@@ -256,26 +258,29 @@ class VarlenAttention:
         return cu
 
     @staticmethod
-    def _insert_cu_seqlens(positions: fx.Node, first: AttentionMatch) -> fx.Node:
-        """The document boundaries, computed before the first rewritten attention of its graph."""
+    def _insert_cu_seqlens(positions: fx.Node, first: AttentionMatch, chunk: int | None = None) -> fx.Node:
+        """The document boundaries (cut into ``chunk``s for a chunked mask), computed before the
+        first rewritten attention of its graph."""
         graph = first.sdpa.graph
         with graph.inserting_before(first.sdpa):
             batch = graph.call_method("size", (first.xq, 0))
-            cu = graph.call_function(cu_seqlens_from_position_ids, (positions, batch))
+            cu = graph.call_function(cu_seqlens_from_position_ids, (positions, batch, chunk))
         for node in (batch, cu):
             analysis.annotate(node)
         return cu
 
 
 def rewrite_attention(
-    ctx: PassContext, match: AttentionMatch, cu_seqlens: fx.Node, *, report: bool = True, window: int | None = None
+    ctx: PassContext, match: AttentionMatch, cu_seqlens: fx.Node, *, report: bool = True, window: int | None = None,
+    chunk: int | None = None,
 ) -> None:
     """Replace ``match.sdpa`` by ``graphopt::varlen_attention`` of the unrotated q/k/v and the
     rotary tables of ``match`` (RoPE fused, no head repeat), or of its q, k and v with empty
     (B*S, 0) tables when RoPE is not fused, and erase what is left dead of the region.
     ``cu_seqlens``, a node of the SDPA's graph: the int32 document boundaries over the B*S tokens
     flattened (:func:`cu_seqlens_from_position_ids`). With a ``window``, each query sees its last
-    ``window`` keys of its document (a sliding mask). ``report``: report the rewrite
+    ``window`` keys of its document (a sliding mask). ``chunk``, for the report only: the
+    boundaries cut the documents into chunks of this many tokens. ``report``: report the rewrite
     (``varlen_attention``, and ``rope_fusion`` or a note saying why RoPE is not fused); a pass
     that reports it as its own passes False."""
     graph = match.sdpa.graph
@@ -320,16 +325,18 @@ def rewrite_attention(
     graph.erase_node(match.sdpa)
     analysis.erase_dead(graph, match.region)
     if report:  # else the caller (graphopt.passes.unpad, mask elision) reports the rewrite as its own
-        _report_rewrite(ctx, match, window)
+        _report_rewrite(ctx, match, window, chunk)
 
 
-def _report_rewrite(ctx: PassContext, match: AttentionMatch, window: int | None) -> None:
-    """``varlen_attention/sdpa_packed[_sliding][_unfused]``, and ``rope_fusion/<layout>`` where
-    RoPE runs inside the op, else a note with the reason it does not."""
+def _report_rewrite(ctx: PassContext, match: AttentionMatch, window: int | None, chunk: int | None = None) -> None:
+    """``varlen_attention/sdpa_packed[_sliding|_chunked][_unfused]``, and ``rope_fusion/<layout>``
+    where RoPE runs inside the op, else a note with the reason it does not."""
     name = match.sdpa.name
-    rule = "sdpa_packed" if window is None else "sdpa_packed_sliding"
-    what = "block-causal mask" if window is None else f"block-causal mask with a sliding window of {window}"
-    into = "per-document attention" if window is None else f"per-document attention, window {window}"
+    rule, what, into = "sdpa_packed", "block-causal mask", "per-document attention"
+    if window is not None:
+        rule, what, into = f"{rule}_sliding", f"{what} with a sliding window of {window}", f"{into}, window {window}"
+    if chunk is not None:
+        rule, what, into = f"{rule}_chunked", f"{what} in chunks of {chunk}", f"{into}, each cut into chunks of {chunk}"
     if match.fused:
         ctx.report.rewrite(VarlenAttention.name, rule, f"{name}: {what} -> {into}")
         layout = "interleaved" if match.interleaved else "half"

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graphopt.masks import MaskKind, document_ids, find_masks
+from graphopt.masks import MaskKind, document_ids, document_starts, find_masks
 from tests.support.mask_graphs import B, H, S, capture, qkv, sdpa_with
 
 def broadcast_spelling(am):  # transformers' non-vmap sdpa_mask
@@ -61,11 +61,59 @@ def widened(am):  # a sliding window of 3 that also always sees the first token 
     return sliding_window(am) | ((torch.arange(am.shape[1]) == 0)[None, None, None, :] & am.bool()[:, None, None, :])
 
 
-@pytest.mark.parametrize("spelling", [bidirectional, chunked, widened])
+def chunked_from_first_token(am):  # transformers' chunked_overlay: chunks start at the first real token
+    idx = torch.arange(am.shape[1])
+    first = (am.cumsum(-1) == 0).sum(-1)[:, None, None]
+    same_chunk = (idx[None, :, None] - first) // 3 == (idx[None, None, :] - first) // 3
+    return ((idx[None, :] <= idx[:, None])[None] & same_chunk & am.bool()[:, None, :])[:, None]
+
+
+def chunks_that_see_the_previous_chunk(am):
+    idx = torch.arange(am.shape[1])
+    near = (idx[:, None] // 3 - idx[None, :] // 3) <= 1
+    return ((idx[None, :] <= idx[:, None]) & near)[None, None] & am.bool()[:, None, None, :]
+
+
+@pytest.mark.parametrize("spelling", [chunked, chunked_from_first_token])
+def test_chunked_attention_is_recognized_with_its_chunk(spelling):
+    """Llama 4's chunked layers, in both ways of counting chunks on padded rows (they agree on the
+    rows the right-padding guard admits, the only ones probed for this kind)."""
+    (cand,) = find_masks(capture(sdpa_with(spelling), *qkv(), am_right()))
+    assert cand.kind == MaskKind.CHUNKED_CAUSAL_PADDING and cand.chunk == 3 and cand.window is None, cand.reason
+    assert cand.kind.base == MaskKind.CAUSAL_PADDING and cand.kind.chunked and not cand.kind.sliding
+
+
+def test_chunked_attention_of_no_input_and_of_packed_documents_is_recognized():
+    """Without an input chunks count by index; in packed rows by position (each document's
+    positions cut where they reach a multiple of the chunk)."""
+
+    def no_input(q, k, v):
+        idx = torch.arange(q.shape[2])
+        mask = (idx[None, :] <= idx[:, None]) & (idx[None, :] // 3 == idx[:, None] // 3)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None])
+
+    (cand,) = find_masks(capture(no_input, *qkv()))
+    assert cand.kind == MaskKind.CHUNKED_CAUSAL and cand.chunk == 3, cand.reason
+
+    def packed(q, k, v, position_ids):
+        docs = document_ids(position_ids)
+        same_chunk = position_ids[:, :, None] // 3 == position_ids[:, None, :] // 3
+        idx = torch.arange(position_ids.shape[1])
+        mask = (idx[None, :] <= idx[:, None]) & (docs[:, :, None] == docs[:, None, :]) & same_chunk
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5]])
+    (cand,) = find_masks(capture(packed, *qkv(), positions))
+    assert cand.kind == MaskKind.CHUNKED_PACKED_CAUSAL and cand.chunk == 3, cand.reason
+    starts = document_starts(torch.tensor([[5, 6, 7, 8, 0, 1, 2, 3]]), 3)
+    assert starts.tolist() == [[True, True, False, False, True, False, False, True]]
+
+
+@pytest.mark.parametrize("spelling", [bidirectional, widened, chunks_that_see_the_previous_chunk])
 def test_other_masks_are_not_recognized(spelling):
     gm = capture(sdpa_with(spelling), *qkv(), am_right())
     (cand,) = find_masks(gm)
-    assert cand.kind == MaskKind.UNKNOWN and cand.window is None
+    assert cand.kind == MaskKind.UNKNOWN and cand.window is None and cand.chunk is None
     assert "neither causal" in cand.reason
 
 

@@ -22,7 +22,10 @@ from tests.support.harness import CompiledModel, assert_steps_equal, enable_chec
 from tests.support.tolerances import tol
 
 SEQ, ROWS, WINDOW, CHUNK = 24, 2, 4, 8
-RULES = ("sdpa_packed", "sdpa_packed_sliding", "sdpa_packed_unfused", "sdpa_packed_sliding_unfused")
+RULES = (
+    "sdpa_packed", "sdpa_packed_sliding", "sdpa_packed_chunked",
+    "sdpa_packed_unfused", "sdpa_packed_sliding_unfused", "sdpa_packed_chunked_unfused",
+)
 
 # name -> (family, config overrides, {varlen rule: layers}, layers with RoPE fused, SDPA calls left
 # with their mask). Every tiny config has 2 layers.
@@ -39,8 +42,10 @@ VARIANTS = {
     "deepseek_v3": ("deepseek_v3", {}, {"sdpa_packed_unfused": 2}, 0, 0),
     # layer 0: complex RoPE then the qk norm; layer 1: NoPE with the query temperature
     "llama4_text_full": ("llama4_text", {"attention_chunk_size": None}, {"sdpa_packed_unfused": 2}, 0, 0),
-    # layer 0 attends in chunks of CHUNK tokens: that mask is not block-causal and is kept
-    "llama4_text_chunked": ("llama4_text", {"attention_chunk_size": CHUNK}, {"sdpa_packed_unfused": 1}, 0, 1),
+    # layer 0 attends in chunks of CHUNK positions: its documents are cut into chunks
+    "llama4_text_chunked": (
+        "llama4_text", {"attention_chunk_size": CHUNK}, {"sdpa_packed_chunked_unfused": 1, "sdpa_packed_unfused": 1}, 0, 0,
+    ),
 }
 
 
@@ -82,22 +87,21 @@ def test_every_layer_with_a_packed_mask_runs_per_document_attention(variant):
     assert code.count("torch.ops.graphopt.varlen_attention") == sum(rules.values())
     assert code.count("scaled_dot_product_attention") == masked, code
     assert report.guards == []  # the document rule is proven for every input
-    if masked:  # a mask that is kept is named with its reason (Llama 4's chunked attention)
-        (reason,) = [r for n, r in report.declines if n == "mask_elision" and "chunked" in r]
-        assert "neither causal ∧ padding nor packed block-causal" in reason, reason
+    assert not [r for n, r in report.declines if n == "mask_elision"], report.declines
 
 
 # Padded batches of the variants whose padded path no other test takes: a NoPE layer with a window
-# (per-row varlen_attention, RoPE not fused), Llama 4's chunked mask kept beside a NoPE layer with
-# the query temperature. (DeepSeek-V3 below; EXAONE 4 and Cohere 2 in test_sliding_windows.py;
+# (per-row varlen_attention, RoPE not fused), Llama 4's chunked layer (each row cut into chunks,
+# per-row varlen_attention) beside a NoPE layer with the query temperature. (DeepSeek-V3 below; EXAONE 4 and Cohere 2 in test_sliding_windows.py;
 # the other two run the same rewrites as these.)
 PADDED = ("smollm3_nope_sliding", "llama4_text_chunked")
 
 
 def test_padded_batches_drop_every_provable_mask_behind_the_guard(variant):
-    """Right-padded: each layer whose mask is proven (all but Llama 4's chunked one) runs without
-    it behind the right-padding guard, a NoPE or sliding layer per row as varlen_attention; exact at
-    real positions. Left padding, and pads that are scored, take the exact masked path."""
+    """Right-padded: each layer runs without its mask behind the right-padding guard, a NoPE,
+    sliding or chunked layer per row as varlen_attention (Llama 4's rows of 24 tokens cut into
+    chunks of 8); exact at real positions. Left padding, and pads that are scored, take the exact
+    masked path."""
     name, cm = variant
     if name not in PADDED:
         pytest.skip("this variant's padded path is the same as one tested (see PADDED)")
@@ -106,6 +110,9 @@ def test_padded_batches_drop_every_provable_mask_behind_the_guard(variant):
     eager, compiled, report = cm.step(right)
     assert_steps_equal(eager, compiled, real_positions=real_positions(right))
     assert report.counts["mask_elision"] == 2 - masked, report
+    if name == "llama4_text_chunked":
+        assert report.rule_counts[("mask_elision", "sdpa_chunked_causal_padding")] == 1, report
+        assert "torch.ops.graphopt.varlen_attention" in cm.after_code() and "scaled_dot_product_attention" in cm.after_code()
     assert report.runtime["fast_path"] == 1 and not report.runtime.get("fallback"), report
     for layout, failed in (("left", "right_padded"), ("pad_labels_unmasked", "pads_ignored")):
         batch = make_batch(layout, batch=ROWS, seq=SEQ, seed=4) | {"use_cache": False}
