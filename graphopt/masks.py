@@ -91,7 +91,7 @@ class MaskKind(str, enum.Enum):
     @property
     def windowed(self) -> MaskKind | None:
         """The sliding-window form of this kind (None: there is none)."""
-        return {v: k for k, v in _UNWINDOWED.items()}.get(self)
+        return _WINDOWED.get(self)
 
     @property
     def chunked(self) -> bool:
@@ -101,7 +101,7 @@ class MaskKind(str, enum.Enum):
     @property
     def in_chunks(self) -> MaskKind | None:
         """The chunked form of this kind (None: there is none)."""
-        return {v: k for k, v in _UNCHUNKED.items()}.get(self)
+        return _IN_CHUNKS.get(self)
 
     @property
     def base(self) -> MaskKind:
@@ -125,6 +125,8 @@ _UNCHUNKED = {
     MaskKind.CHUNKED_CAUSAL_PADDING: MaskKind.CAUSAL_PADDING,
     MaskKind.CHUNKED_PACKED_CAUSAL: MaskKind.PACKED_CAUSAL,
 }
+_WINDOWED = {base: kind for kind, base in _UNWINDOWED.items()}
+_IN_CHUNKS = {base: kind for kind, base in _UNCHUNKED.items()}
 
 
 @dataclass

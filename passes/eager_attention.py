@@ -51,7 +51,7 @@ from graphopt.passes.varlen_attention import (
     TableAnalysis,
     VarlenAttention,
     body_tables,
-    cu_seqlens_from_position_ids,
+    insert_cu_seqlens,
     match_attention,
     paired_table,
 )
@@ -207,7 +207,7 @@ def rewrite_packed_eager(gm: fx.GraphModule, ctx: PassContext, cand: MaskCandida
         graph = user.found.output.graph
         if graph not in cus:
             positions = cand.input if user.checkpoint is None else analysis.add_checkpoint_operand(user.checkpoint, cand.input)
-            cus[graph] = _insert_cu_seqlens(positions, user.found.output, user.source.xq, cand.chunk)
+            cus[graph] = insert_cu_seqlens(positions, user.found.output, user.source.xq, cand.chunk)
         _call_varlen(ctx, user.found, user.source, cus[graph], cand.window, chunk=cand.chunk)
     retire_mask(gm, ctx, cand)
 
@@ -517,18 +517,6 @@ def _unrotated(gm: fx.GraphModule, found: EagerAttention, tables: TableAnalysis)
         return match_attention(gm, probe, tables, allow_unfused=True)
     finally:
         graph.erase_node(probe)
-
-
-def _insert_cu_seqlens(positions: fx.Node, before: fx.Node, xq: fx.Node, chunk: int | None = None) -> fx.Node:
-    """The document boundaries (cut into ``chunk``s for a chunked mask), computed before
-    ``before``, the first rewritten attention of its graph."""
-    graph = before.graph
-    with graph.inserting_before(before):
-        batch = graph.call_method("size", (xq, 0))
-        cu = graph.call_function(cu_seqlens_from_position_ids, (positions, batch, chunk))
-    for node in (batch, cu):
-        analysis.annotate(node)
-    return cu
 
 
 def _call_varlen(

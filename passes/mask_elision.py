@@ -27,6 +27,7 @@ a graph cannot see the labels), or as the block-causal mask of one document per 
 
 from __future__ import annotations
 
+import functools
 import operator
 import threading
 
@@ -98,6 +99,7 @@ class MaskElision:
         """Rewrite the users of the provably causal masks in ``gm``; publish the proven masks it
         returns."""
         self._to_prove = None  # (a padded mask, the outputs that may reduce over its positions)
+        self._boundaries: dict[tuple[fx.Graph, int | None], fx.Node] = {}  # see _shared_boundaries
         for cand in ctx.masks(gm):
             if cand.kind == MaskKind.UNKNOWN:
                 ctx.report.decline(self.name, cand.reason)
@@ -163,7 +165,7 @@ class MaskElision:
             return rewrite_eager_rows(ctx, cand, add, tables, boundaries)
 
         def boundaries(graph: fx.Graph, before: fx.Node, xq: fx.Node) -> fx.Node:
-            return self._row_boundaries(graph, before, xq, cand.chunk)
+            return self._shared_boundaries(before, xq, cand.chunk)
 
         return rewrite
 
@@ -177,33 +179,44 @@ class MaskElision:
             and not analysis.example_value(p).is_floating_point() and analysis.example_value(p).dtype != torch.bool
         }
 
+    def _shared_boundaries(self, before: fx.Node, xq: fx.Node, chunk: int | None) -> fx.Node:
+        """The per-row boundaries (:meth:`_row_boundaries`, or :meth:`_chunk_boundaries` for a
+        ``chunk``) for an attention at ``before``: one computation per graph (or checkpoint body),
+        shared by its layers, inserted before the first and reused wherever it precedes."""
+        key = (before.graph, chunk)
+        cu = self._boundaries.get(key)
+        if cu is None or not _precedes(cu, before):
+            make = self._row_boundaries if chunk is None else functools.partial(self._chunk_boundaries, chunk=chunk)
+            cu = self._boundaries[key] = make(before.graph, before, xq)
+        return cu
+
     @staticmethod
-    def _row_boundaries(graph: fx.Graph, before: fx.Node, xq: fx.Node, chunk: int | None = None) -> fx.Node:
+    def _chunk_boundaries(graph: fx.Graph, before: fx.Node, xq: fx.Node, chunk: int) -> fx.Node:
+        """Each (B, S) row cut into chunks of ``chunk`` tokens from index 0 (a chunked mask on
+        right-padded rows), in the (B*S + 1,) layout of
+        :func:`graphopt.passes.varlen_attention.cu_seqlens_from_position_ids` (the positions
+        ``arange(S)``), inserted before ``before`` and marked :data:`graphopt.analysis.ROW_CHUNKS`."""
+        from graphopt.passes.varlen_attention import insert_cu_seqlens
+
+        q = analysis.example_value(xq)
+        with graph.inserting_before(before):
+            seq = graph.call_method("size", (xq, 2))
+            steps = graph.call_function(torch.arange, (seq,), {"device": q.device})
+            positions = graph.call_method("unsqueeze", (steps, 0))
+        analysis.annotate(seq)
+        with q.fake_mode:  # arange of a size: no tensor input to take the fake mode from
+            steps.meta["example_value"] = torch.empty(q.shape[2], dtype=torch.int64, device=q.device)
+        analysis.annotate(positions)
+        cu = insert_cu_seqlens(positions, before, xq, chunk)
+        cu.meta[analysis.ROW_CHUNKS] = chunk
+        return cu
+
+    @staticmethod
+    def _row_boundaries(graph: fx.Graph, before: fx.Node, xq: fx.Node) -> fx.Node:
         """``arange(B + 1) * S`` as int32, each (B, S) row one document, inserted before
         ``before`` and marked :data:`graphopt.analysis.ROWS_AS_DOCUMENTS` (unpadding then gives
-        the attention the packed rows). With a ``chunk``, each row is cut into chunks of that
-        many tokens from index 0 (a chunked mask on right-padded rows), in the (B*S + 1,) layout of
-        :func:`graphopt.passes.varlen_attention.cu_seqlens_from_position_ids`, and marked
-        :data:`graphopt.analysis.ROW_CHUNKS` instead."""
+        the attention the packed rows)."""
         device = analysis.example_value(xq).device
-        if chunk is not None:
-            from graphopt.passes.varlen_attention import cu_seqlens_from_position_ids
-
-            with graph.inserting_before(before):
-                batch = graph.call_method("size", (xq, 0))
-                seq = graph.call_method("size", (xq, 2))
-                steps = graph.call_function(torch.arange, (seq,), {"device": device})
-                positions = graph.call_method("unsqueeze", (steps, 0))
-                cu = graph.call_function(cu_seqlens_from_position_ids, (positions, batch, chunk))
-            for node in (batch, seq):
-                analysis.annotate(node)
-            q = analysis.example_value(xq)
-            with q.fake_mode:  # arange of a size: no tensor input to take the fake mode from
-                steps.meta["example_value"] = torch.empty(q.shape[2], dtype=torch.int64, device=q.device)
-            for node in (positions, cu):
-                analysis.annotate(node)
-            cu.meta[analysis.ROW_CHUNKS] = chunk
-            return cu
         with graph.inserting_before(before):
             batch = graph.call_method("size", (xq, 0))
             seq = graph.call_method("size", (xq, 2))
@@ -253,7 +266,7 @@ class MaskElision:
         queries see only real keys within the window); a row without padding is exact everywhere."""
         from graphopt.passes.varlen_attention import rewrite_attention
 
-        cu = self._row_boundaries(match.sdpa.graph, match.sdpa, match.xq, cand.chunk)
+        cu = self._shared_boundaries(match.sdpa, match.xq, cand.chunk)
         name = match.sdpa.name
         rewrite_attention(ctx, match, cu, report=False, window=cand.window)
         what = f"window {cand.window}" if cand.kind.sliding else f"each row cut into chunks of {cand.chunk}"
@@ -583,3 +596,15 @@ def proven_length_guard(gm: fx.GraphModule, cand: MaskCandidate) -> Guard:
         ),
         params=(cand.node.name,),
     )
+
+
+def _precedes(node: fx.Node, before: fx.Node) -> bool:
+    """Whether ``node`` comes before ``before`` in their graph."""
+    if node.graph is not before.graph:
+        return False
+    cursor = before.prev
+    while cursor.op != "root":
+        if cursor is node:
+            return True
+        cursor = cursor.prev
+    return False

@@ -156,7 +156,7 @@ class VarlenAttention:
             for match, checkpoint in matches:
                 if match.sdpa.graph not in cus:
                     positions = cand.input if checkpoint is None else analysis.add_checkpoint_operand(checkpoint, cand.input)
-                    cus[match.sdpa.graph] = self._insert_cu_seqlens(positions, match, cand.chunk)
+                    cus[match.sdpa.graph] = insert_cu_seqlens(positions, match.sdpa, match.xq, cand.chunk)
                 rewrite_attention(ctx, match, cus[match.sdpa.graph], window=cand.window, chunk=cand.chunk)
             retire_mask(gm, ctx, cand)
 
@@ -257,17 +257,18 @@ class VarlenAttention:
             cu.meta["example_value"] = torch.empty(q.shape[0] * q.shape[2] + 1, dtype=torch.int32, device=q.device)
         return cu
 
-    @staticmethod
-    def _insert_cu_seqlens(positions: fx.Node, first: AttentionMatch, chunk: int | None = None) -> fx.Node:
-        """The document boundaries (cut into ``chunk``s for a chunked mask), computed before the
-        first rewritten attention of its graph."""
-        graph = first.sdpa.graph
-        with graph.inserting_before(first.sdpa):
-            batch = graph.call_method("size", (first.xq, 0))
-            cu = graph.call_function(cu_seqlens_from_position_ids, (positions, batch, chunk))
-        for node in (batch, cu):
-            analysis.annotate(node)
-        return cu
+
+def insert_cu_seqlens(positions: fx.Node, before: fx.Node, xq: fx.Node, chunk: int | None = None) -> fx.Node:
+    """A node computing :func:`cu_seqlens_from_position_ids` of ``positions`` for ``xq``'s
+    batch (cut into ``chunk``s for a chunked mask), inserted before ``before``: the first
+    rewritten attention of its graph, which computes the boundaries once for all its layers."""
+    graph = before.graph
+    with graph.inserting_before(before):
+        batch = graph.call_method("size", (xq, 0))
+        cu = graph.call_function(cu_seqlens_from_position_ids, (positions, batch, chunk))
+    for node in (batch, cu):
+        analysis.annotate(node)
+    return cu
 
 
 def rewrite_attention(
