@@ -14,7 +14,8 @@ right-padding guard holds, graphopt knows where the real tokens are: row ``b`` h
    the positions of the padded graph), and attention as per-document causal varlen attention
    (:mod:`graphopt.passes.varlen_attention`'s op, RoPE fused where it is proven); a sliding-window layer, which mask
    elision already runs as that op with each padded row one document, keeps its window and takes
-   the packed boundaries;
+   the packed boundaries; a chunked layer (rows cut into chunks) takes the packed rows cut into
+   the same chunks;
 3. scores the loss on the packed tokens: the targets the padded graph computes (HF's label shift
    included) are gathered at the same positions, so the mean over valid targets, or the sum over
    ``num_items_in_batch``, is the padded graph's (a graph without a loss is unpadded only under
@@ -240,6 +241,7 @@ class _Builder:
         self.attrs: dict[str, object] = {}  # what the new graph's get_attr nodes read
         self.sdpas: list[fx.Node] = []
         self.attention_calls = 0  # SDPA calls made varlen, in this graph and the bodies it calls
+        self.chunk_cu: dict[int, fx.Node] = {}  # chunk -> this graph's packed boundaries cut into chunks
         self.rewritten: list[str] = []
 
     @classmethod
@@ -826,10 +828,13 @@ class _Builder:
         windowed rewrite, marked :data:`graphopt.analysis.ROWS_AS_DOCUMENTS` on its boundaries):
         the same attention over the packed tokens with the packed boundaries, each row's real
         tokens one document. The window, softcap and sinks stay; a real query of a right-padded
-        row saw only real keys of its row, so its window holds the same keys either way."""
+        row saw only real keys of its row, so its window holds the same keys either way. Rows cut
+        into chunks (:data:`graphopt.analysis.ROW_CHUNKS`) take the packed rows cut into the same
+        chunks (:meth:`_chunk_boundaries`)."""
         arguments = dict(zip(_VARLEN_ARGUMENTS, node.args)) | dict(node.kwargs)
         boundaries = arguments["cu_seqlens"]
-        if not (isinstance(boundaries, fx.Node) and boundaries.meta.get(analysis.ROWS_AS_DOCUMENTS)):
+        chunk = boundaries.meta.get(analysis.ROW_CHUNKS) if isinstance(boundaries, fx.Node) else None
+        if not (isinstance(boundaries, fx.Node) and (boundaries.meta.get(analysis.ROWS_AS_DOCUMENTS) or chunk)):
             self._decline(node, "runs per-document attention over boundaries that are not one document per row")
         for name in ("q", "k", "v"):
             if self._t(arguments[name]) != ("BS", None, None):
@@ -844,13 +849,29 @@ class _Builder:
                     self._decline(node, f"reads a rotary table {name} laid out as {self._t(arguments[name])}, not (tokens, dim)")
         if self._t(arguments.get("sinks")):
             self._decline(node, "reads attention sinks that depend on token values")
-        arguments["cu_seqlens"] = self.cu
+        arguments["cu_seqlens"] = self.cu if chunk is None else self._chunk_boundaries(chunk)
         self.attention_calls += 1
-        if "windowed attention per row (varlen)" not in self.rewritten:
-            self.rewritten.append("windowed attention per row (varlen)")
+        what = "windowed attention per row (varlen)" if chunk is None else f"attention in chunks of {chunk} per row (varlen)"
+        if what not in self.rewritten:
+            self.rewritten.append(what)
         positional = _VARLEN_ARGUMENTS[: len(node.args)]
         args = tuple(arguments[name] for name in positional)
         return ("BS", None, None), args, {k: v for k, v in arguments.items() if k not in positional}
+
+    def _chunk_boundaries(self, chunk: int) -> fx.Node:
+        """The packed rows cut into chunks of ``chunk`` tokens from each row's first token, the
+        boundaries of a layer whose padded rows mask elision cut into chunks from index 0
+        (:data:`graphopt.analysis.ROW_CHUNKS`): computed once per graph from the packed positions,
+        which count from 0 in each row (and in the bucket's extra tokens), by the packed rule
+        (:func:`graphopt.passes.varlen_attention.cu_seqlens_from_position_ids`). A real query of a
+        right-padded row at index ``i`` saw the real keys of its row from ``chunk * (i // chunk)``
+        to ``i``: the same keys as in its packed chunk."""
+        from graphopt.passes.varlen_attention import cu_seqlens_from_position_ids
+
+        if chunk not in self.chunk_cu:
+            positions = self.graph.call_method("unsqueeze", (self.positions, 0))
+            self.chunk_cu[chunk] = self.graph.call_function(cu_seqlens_from_position_ids, (positions, 1, chunk))
+        return self.chunk_cu[chunk]
 
     def _gathered_targets(self, target: fx.Node) -> fx.Node:
         """The targets at the packed tokens: the padded graph's own targets, gathered. The extra

@@ -100,7 +100,7 @@ PADDED = ("smollm3_nope_sliding", "llama4_text_chunked")
 def test_padded_batches_drop_every_provable_mask_behind_the_guard(variant):
     """Right-padded: each layer runs without its mask behind the right-padding guard, a NoPE,
     sliding or chunked layer per row as varlen_attention (Llama 4's rows of 24 tokens cut into
-    chunks of 8); exact at real positions. Left padding, and pads that are scored, take the exact
+    chunks of 8, and unpadded: the packed rows cut into the same chunks); exact at real positions. Left padding, and pads that are scored, take the exact
     masked path."""
     name, cm = variant
     if name not in PADDED:
@@ -112,7 +112,14 @@ def test_padded_batches_drop_every_provable_mask_behind_the_guard(variant):
     assert report.counts["mask_elision"] == 2 - masked, report
     if name == "llama4_text_chunked":
         assert report.rule_counts[("mask_elision", "sdpa_chunked_causal_padding")] == 1, report
-        assert "torch.ops.graphopt.varlen_attention" in cm.after_code() and "scaled_dot_product_attention" in cm.after_code()
+        # unpadded: the packed rows (24 and 12 real tokens) cut into the same chunks of 8 on
+        # layer 0, one document per row on layer 1 (its SDPA runs as varlen_attention too)
+        assert right["attention_mask"].sum(1).tolist() == [24, 12]
+        assert report.runtime["unpad"] == 1, report
+        code = "\n".join(report.graph_code("after"))
+        assert code.count("torch.ops.graphopt.varlen_attention") == 2, code.count("torch.ops.graphopt.varlen_attention")
+        assert "scaled_dot_product_attention" not in code
+        assert not [r for n, r in report.declines if n == "unpad"], report.declines
     assert report.runtime["fast_path"] == 1 and not report.runtime.get("fallback"), report
     for layout, failed in (("left", "right_padded"), ("pad_labels_unmasked", "pads_ignored")):
         batch = make_batch(layout, batch=ROWS, seq=SEQ, seed=4) | {"use_cache": False}

@@ -75,6 +75,35 @@ def test_gemma2_active_attention_dropout_is_declined():
     assert len(reasons) == 2 and all("attention dropout is active" in r and "p=0.1" in r for r in reasons), reasons
 
 
+def test_llama4_eager_chunked_attention_runs_per_chunk_packed_and_padded():
+    """Llama 4 with eager attention, layer 0 in chunks of 8 (layer 1 NoPE): packed, the chunked
+    layer's documents are cut into chunks (``eager_packed_chunked_unfused``); right-padded (24
+    and 12 real tokens), its rows are cut into chunks behind the guard
+    (``eager_chunked_causal_padding``) and unpadded (the packed rows cut into the same chunks);
+    left-padded, the exact masked path. Loss and every gradient against eager HF."""
+    torch.manual_seed(0)
+    cm = CompiledModel(build_tiny_model("llama4_text", attention_chunk_size=8, attn_implementation="eager"))
+    batch = make_batch("packed", batch=2, seq=24, seed=3) | {"use_cache": False}
+    lengths = [n for row in batch["position_ids"].split(1) for n in _lengths({"position_ids": row}).tolist()]
+    assert max(lengths) > 8 >= min(lengths), lengths  # chunks cut some documents only
+    eager, compiled, report = cm.step(batch)
+    assert_steps_equal(eager, compiled)
+    assert report.rule_counts[("varlen_attention", "eager_packed_chunked_unfused")] == 1, report
+    assert report.rule_counts[("varlen_attention", "eager_packed_unfused")] == 1, report
+    assert "softmax" not in "\n".join(report.graph_code("after"))
+    right = make_batch("right", batch=2, seq=24, seed=5) | {"use_cache": False}
+    assert right["attention_mask"].sum(1).tolist() == [24, 12]
+    eager, compiled, report = cm.step(right)
+    assert_steps_equal(eager, compiled, real_positions=right["attention_mask"].bool())
+    assert report.rule_counts[("mask_elision", "eager_chunked_causal_padding")] == 1, report
+    assert report.rule_counts[("mask_elision", "eager_causal_padding")] == 1, report
+    assert report.runtime["fast_path"] == 1 and report.runtime["unpad"] == 1, report
+    left = make_batch("left", batch=2, seq=24, seed=4) | {"use_cache": False}
+    eager, compiled, report = cm.step(left)
+    assert_steps_equal(eager, compiled)
+    assert report.runtime["fallback"] == 1 and report.runtime["failed:right_padded"] == 1, report
+
+
 # ---------------------------------------------------------------------------------------------
 # gpt-oss-style sinks, end to end on a small function over a packed block-causal mask
 # ---------------------------------------------------------------------------------------------
