@@ -52,3 +52,33 @@ def without_inductor(monkeypatch):
     from graphopt import backend
 
     monkeypatch.setattr(backend, "_inductor", lambda mode, options: lambda gm, example_inputs: gm.forward)
+
+
+@pytest.fixture(autouse=True)
+def _aot_eager_for_marked_tests(request, monkeypatch):
+    """Tests marked ``aot_eager`` (a whole module, with ``pytestmark``) run graphopt's whole backend
+    with Inductor's code generation replaced by ``aot_eager_decomp_partition``: AOTAutograd traces
+    each graph graphopt hands on, with Inductor's decompositions and its min-cut partitioner (the
+    fake implementations, functionalization and the forward/backward split are exercised as under
+    Inductor), and runs the traced graphs with torch's kernels instead of generated C++.
+
+    For tests of what graphopt rewrites and what the rewritten graphs compute, where the C++
+    compiles are most of the time on 2 cores. The Inductor path itself is tested by the unmarked
+    modules (the trainers, TRL and PEFT in ``test_hf.py``, DDP/FSDP2, the backend, the command
+    line) and, inside a marked module, by the tests also marked ``inductor``, each of which
+    compiles its own model."""
+    if request.node.get_closest_marker("aot_eager") is None or request.node.get_closest_marker("inductor") is not None:
+        return
+    from torch._dynamo.backends.debugging import aot_eager_decomp_partition
+
+    from graphopt import backend
+
+    monkeypatch.setattr(backend, "_inductor", lambda mode, options: aot_eager_decomp_partition)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _forget_aot_eager_graphs(request):
+    """After an ``aot_eager`` module, Dynamo forgets its graphs, so that no later module runs one."""
+    yield
+    if request.node.get_closest_marker("aot_eager") is not None:
+        torch._dynamo.reset()

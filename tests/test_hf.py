@@ -69,12 +69,15 @@ COMMON_ARGS = dict(
 #   sft_packing:      BFD packing into rows of <= 16 tokens, flattened as above.
 #   *_sliding:        the same with a tiny Gemma 3 whose layer 0 slides over a window of 4 tokens,
 #                     shorter than most documents (layer 1 attends fully).
+#   trainer_padded_moe: the Trainer's padded layout with a tiny Qwen3-MoE (every layer routed, 4
+#                     experts, 2 per token) adding the router's auxiliary loss to the loss.
 CONFIGS = (
     "trainer_padded", "sft_padded", "sft_padding_free", "sft_packing",
-    "trainer_padded_sliding", "sft_padding_free_sliding",
+    "trainer_padded_sliding", "sft_padding_free_sliding", "trainer_padded_moe",
 )
 WINDOW = 4
 MODELS = {config: ("gemma3_text", {"sliding_window": WINDOW}) for config in CONFIGS if config.endswith("_sliding")}
+MODELS["trainer_padded_moe"] = ("qwen3_moe", {"output_router_logits": True, "router_aux_loss_coef": 0.5})
 EXPECTED_REWRITES = {
     "trainer_padded": {"mask_elision": LAYERS, "fused_cross_entropy": 1, "unpad": 1},
     # TRL computes the log-probabilities in its own chunked autograd.Function, which Dynamo cannot
@@ -85,6 +88,8 @@ EXPECTED_REWRITES = {
     "sft_packing": {"varlen_attention": LAYERS, "rope_fusion": LAYERS},
     "trainer_padded_sliding": {"mask_elision": LAYERS, "fused_cross_entropy": 1, "unpad": 1},
     "sft_padding_free_sliding": {"varlen_attention": LAYERS, "rope_fusion": LAYERS},
+    # the auxiliary loss sums router statistics weighted by the mask: proven the same unpadded
+    "trainer_padded_moe": {"mask_elision": LAYERS, "fused_cross_entropy": 1, "unpad": 1},
 }
 # The windowed rule each sliding configuration must show (its sliding layer's).
 EXPECTED_RULES = {
@@ -109,7 +114,7 @@ def make_trainer(config: str, output_dir: Path, callbacks: list) -> Trainer:
     """A fresh tiny model (seed 0; Llama, or ``MODELS``') in the trainer of ``config``, on
     ``STEPS * BATCH`` texts."""
     model = make_model(config)
-    config = config.removesuffix("_sliding")
+    config = config.removesuffix("_sliding").removesuffix("_moe")
     if config == "trainer_padded":
         return make_hf_trainer(output_dir, callbacks, model)
     layout = {
@@ -235,6 +240,10 @@ def test_rewrites_fire(runs, config):
             assert REWRITTEN_CODE[name] in code, f"{name}: {REWRITTEN_CODE[name]!r} not in the rewritten graphs"
     if config in EXPECTED_RULES:  # the sliding layer's window was kept, not dropped to a mask
         assert report.rule_counts[EXPECTED_RULES[config]] >= 1, report
+    if config.endswith("_moe"):  # the router's auxiliary loss is in the graph, on the real tokens
+        notes = [n for g in report.graphs for n in g.notes]
+        assert any("through sums weighted by" in n for n in notes), notes
+        assert "scatter_add_" in code and report.rule_counts[("unpad", "tokens")] >= 1, report
     # Activation checkpointing was on (TRL's default; set for the Trainer), and rewritten through.
     assert "tag_activation_checkpoint(" in code
 
@@ -243,7 +252,7 @@ def test_rewrites_fire(runs, config):
 def test_every_step_takes_the_fast_path(runs, config):
     _, compiled = runs[config]
     report = compiled.report
-    if config in ("trainer_padded", "sft_padded", "trainer_padded_sliding"):
+    if config in ("trainer_padded", "sft_padded", "trainer_padded_sliding", "trainer_padded_moe"):
         assert any(g.name == "right_padding" for g in report.guards), report
     if config.startswith("trainer_padded"):  # the default padding collator: every step runs unpadded
         assert report.runtime["unpad"] == STEPS, report

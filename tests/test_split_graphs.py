@@ -21,7 +21,8 @@ from tests.support.harness import CompiledModel, assert_steps_equal, real_positi
 
 LAYERS = TINY_DIMS["num_hidden_layers"]
 
-pytestmark = pytest.mark.slow
+# graphopt's rewrites, checked without Inductor's C++ code generation (tests/conftest.py)
+pytestmark = [pytest.mark.slow, pytest.mark.aot_eager]
 
 
 def _split_per_layer(model):

@@ -24,6 +24,9 @@ from tests.support.harness import CompiledModel, assert_steps_equal, enable_chec
 from tests.support.mask_graphs import capture
 from tests.support.tolerances import tol
 
+# graphopt's rewrites, checked without Inductor's C++ code generation (tests/conftest.py)
+pytestmark = pytest.mark.aot_eager
+
 WINDOW = 4
 
 

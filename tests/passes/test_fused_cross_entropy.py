@@ -30,6 +30,9 @@ from tests.support.harness import (
 )
 from tests.support.tolerances import tol
 
+# graphopt's rewrites, checked without Inductor's C++ code generation (tests/conftest.py)
+pytestmark = pytest.mark.aot_eager
+
 BATCH, SEQ = 2, 16
 FUSED_OP = "torch.ops.graphopt.linear_cross_entropy"
 UNFUSED_CE = "torch.nn.functional.cross_entropy"
@@ -90,9 +93,9 @@ def n_targets(batch: dict) -> int:
 
 
 # Every family's loss is fused and exact through the whole pipeline in tests/test_tracing.py, and
-# through Inductor in tests/passes/test_unpad.py (every SDPA family); here, through Inductor on the
-# padded fast path, one family of each head / RoPE layout: half RoPE, softcapped eager (gemma2),
-# partial interleaved RoPE (glm4), fused qkv (phi3).
+# unpadded in tests/passes/test_unpad.py (every SDPA family); one family per layout also through
+# Inductor in tests/test_inductor.py. Here, on the padded fast path, one family of each head / RoPE
+# layout: half RoPE, softcapped eager (gemma2), partial interleaved RoPE (glm4), fused qkv (phi3).
 @pytest.mark.parametrize("family", ["llama", "gemma2", "glm4", "phi3"])
 def test_family_loss_is_fused_and_exact(models, family):
     cm = models(family)

@@ -16,6 +16,9 @@ import torch
 from graphopt.tiny_models import build_tiny_model, make_batch
 from tests.support.harness import CompiledModel, assert_steps_equal, real_positions
 
+# graphopt's rewrites, checked without Inductor's C++ code generation (tests/conftest.py)
+pytestmark = pytest.mark.aot_eager
+
 WINDOW = 4
 SEQ = 24
 # family -> (sliding layers, full layers with RoPE, full layers without RoPE) of its tiny
@@ -85,6 +88,7 @@ def test_padded_batches_of_sliding_models_drop_every_mask_behind_the_guard(famil
     assert report.runtime["fallback"] == 1 and report.runtime["failed:pads_ignored"] == 1, report
 
 
+@pytest.mark.inductor  # its own model, through Inductor: the op with sinks, the experts unpadded
 def test_gpt_oss_eager_attention_with_sink_logits_drops_both_masks_behind_the_guard():
     """gpt-oss's eager attention concatenates a sink logit to each row of ``scores + mask`` and
     subtracts the row max before the softmax: still one query row at a time, so both layers run
