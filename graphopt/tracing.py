@@ -132,7 +132,9 @@ _ADVICE = {
         "a checkpointed layer writes Python state outside its body, so Dynamo runs every checkpointed "
         "layer eagerly and graphopt rewrites none of them ({versions}; {allowance}). Fix: turn "
         "activation checkpointing off, or set torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = "
-        "True if that state need not be written again during recomputation (process-wide)"
+        "True if that state need not be written again during recomputation (process-wide). transformers' "
+        "output-capturing hooks (output_router_logits=True of an MoE model's auxiliary loss) are such state: "
+        "their collector is inactive during the recomputation"
     ),
     "Unsupported context manager": (
         "if this is transformers' output-capturing lock (the first call of a model that records outputs, "

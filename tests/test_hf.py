@@ -164,6 +164,11 @@ class Run:
 
 # The callback's options per configuration: README's recommendation for TRL's padded layout.
 OPTIONS = {"sft_padded": {"padded_outputs_unused": True}}
+# Dynamo settings per configuration, as the report's advice gives them. The MoE model's router
+# logits are appended to transformers' output collector inside each checkpointed layer, a write
+# Dynamo refuses there by default (every layer would run eagerly); the collector is inactive during
+# the recomputation, so not replaying that write in the backward is what eager does.
+DYNAMO_CONFIG = {"trainer_padded_moe": {"skip_fwd_side_effects_in_bwd_under_checkpoint": True}}
 
 
 def train(config: str, output_dir: Path, *, compiled: bool) -> Run:
@@ -173,7 +178,7 @@ def train(config: str, output_dir: Path, *, compiled: bool) -> Run:
     # Dynamo caches graphs per code object: without a reset this run could reuse (and not report)
     # a graph compiled for an earlier configuration.
     torch._dynamo.reset()
-    with graphopt.capture() as report:
+    with graphopt.capture() as report, torch._dynamo.config.patch(**DYNAMO_CONFIG.get(config, {})):
         trainer.train()
     return Run(trainer, losses, report)
 
