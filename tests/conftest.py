@@ -64,9 +64,9 @@ def _aot_eager_for_marked_tests(request, monkeypatch):
 
     For tests of what graphopt rewrites and what the rewritten graphs compute, where the C++
     compiles are most of the time on 2 cores. The Inductor path itself is tested by the unmarked
-    modules (the trainers, TRL and PEFT in ``test_hf.py``, DDP/FSDP2, the backend, the command
-    line) and, inside a marked module, by the tests also marked ``inductor``, each of which
-    compiles its own model."""
+    modules (every rewrite once per attention/RoPE layout in ``test_inductor.py``, the trainers,
+    TRL and PEFT in ``test_hf.py``, DDP/FSDP2, the backend, the command line) and, inside a marked
+    module, by the tests also marked ``inductor``, each of which compiles its own model."""
     if request.node.get_closest_marker("aot_eager") is None or request.node.get_closest_marker("inductor") is not None:
         return
     from torch._dynamo.backends.debugging import aot_eager_decomp_partition
