@@ -18,6 +18,15 @@ graph: a 2-layer step becomes 5 graphs, none holding attention, and graphopt rew
   recomputation runs that same graph. Eager checkpointing would replay the ``set``/``reset`` pair
   during recomputation, whose net effect is again nothing.
 
+The same allowance covers transformers' output-capturing hooks (``output_router_logits=True``, the
+router logits of an MoE model's auxiliary loss; hidden states, attentions): inside a checkpointed
+layer they append the layer's output to a list of the model-level collector. The collector is
+active only during the model's forward, so eager checkpointing's recomputation in the backward
+appends nothing: not replaying the append is what eager does. A tensor written to an outer list
+must leave the body, so graphopt's checkpointed bodies are traced as under
+``skip_fwd_side_effects_in_bwd_under_checkpoint`` (the body's intermediates become its outputs),
+while every other write to outer state is still refused as by default.
+
 Dynamo applies the recorded writes once, after the graph, as it does for writes outside a
 higher-order op. Other compiles (``backend="inductor"``, a user's own backend) trace exactly as
 before: the allowance checks the backend of the frame being traced.
@@ -35,11 +44,15 @@ import collections
 import functools
 import importlib.metadata
 import logging
+import os
+import threading
 
 import torch
 
 log = logging.getLogger("graphopt")
 
+# How many checkpointed bodies graphopt is tracing with their side effects turned on (per thread).
+_checkpoints = threading.local()
 # Why install() could not hook Dynamo (None: installed, or not tried yet).
 install_failure: str | None = None
 _breaks_seen: collections.Counter = collections.Counter()
@@ -63,15 +76,61 @@ def install() -> None:
 
     @functools.wraps(original)
     def check_allowed_side_effect(self, item):
-        if _is_kernels_context_var(item) and _tracing_checkpoint_for_graphopt(self):
+        if not _tracing_checkpoint_for_graphopt(self):
+            return original(self, item)
+        if _is_kernels_context_var(item) or _is_output_capture(self, item):
             record = getattr(self, "_maybe_record_side_effect", None)  # newer torch: note the body has a side effect
             if record is not None:
                 record(item)
             return True
-        return original(self, item)
+        if not getattr(_checkpoints, "depth", 0):  # the user's own flag, or no body of graphopt's
+            return original(self, item)
+        tracer = self.output_graph_weakref().current_tx.output.current_tracer
+        # graphopt turned the body's side effects on for the two writes above only: any other write
+        # is refused exactly as Dynamo refuses it by default
+        tracer.allow_side_effects_in_hop = False
+        try:
+            return original(self, item)
+        finally:
+            tracer.allow_side_effects_in_hop = True
 
     check_allowed_side_effect._graphopt_allowance = True
     SideEffects.check_allowed_side_effect = check_allowed_side_effect
+    _install_checkpoint_outputs()
+
+
+def _install_checkpoint_outputs() -> None:
+    """In graphopt's compiles, trace checkpointed bodies as Dynamo does under
+    ``skip_fwd_side_effects_in_bwd_under_checkpoint``: a tensor a body writes to an outer object
+    (transformers' output collector) becomes an output of the body, so the graph can read it. The
+    writes allowed stay the two of :func:`install` (any other is refused as by default); the user's
+    own setting of that flag is left to Dynamo."""
+    global install_failure
+    try:
+        from torch._dynamo.variables.higher_order_ops import CheckpointHigherOrderVariable, dynamo_allow_side_effects_in_hop
+
+        original = CheckpointHigherOrderVariable._call_function
+    except (ImportError, AttributeError) as e:
+        install_failure = f"torch {torch.__version__}: Dynamo's checkpoint variable is not the one graphopt knows ({e})"
+        return
+    if getattr(original, "_graphopt_allowance", False):
+        return
+    del dynamo_allow_side_effects_in_hop  # only checked to exist: the flag below is what enters it
+
+    @functools.wraps(original)
+    def _call_function(self, tx, args, kwargs):
+        if self.allow_side_effects or not is_graphopt(getattr(tx.output, "compiler_fn", None)):
+            return original(self, tx, args, kwargs)
+        self.allow_side_effects = True
+        _checkpoints.depth = getattr(_checkpoints, "depth", 0) + 1
+        try:
+            return original(self, tx, args, kwargs)
+        finally:
+            self.allow_side_effects = False
+            _checkpoints.depth -= 1
+
+    _call_function._graphopt_allowance = True
+    CheckpointHigherOrderVariable._call_function = _call_function
 
 
 def _is_kernels_context_var(item) -> bool:
@@ -82,6 +141,25 @@ def _is_kernels_context_var(item) -> bool:
         return False
     cls = type(item.value)
     return cls.__name__ == "CompileableContextVar" and cls.__module__.split(".")[0] == "kernels"
+
+
+# transformers' output-capturing hooks (``utils/output_capturing.py``): the functions that append a
+# layer's output (router logits, hidden states, attentions) to the model-level collector's lists.
+_OUTPUT_CAPTURE_FUNCTIONS = frozenset({"output_capturing_hook", "append_hidden_state"})
+
+
+def _is_output_capture(side_effects, item) -> bool:
+    """Whether Dynamo's ``item`` is a list that transformers' output-capturing hook appends to (the
+    frame being traced is that hook, in transformers' ``output_capturing`` module)."""
+    from torch._dynamo.variables.lists import ListVariable
+
+    output_graph = side_effects.output_graph_weakref()
+    if output_graph is None or type(item) is not ListVariable:
+        return False
+    code = getattr(output_graph.current_tx, "f_code", None)
+    if code is None or code.co_name not in _OUTPUT_CAPTURE_FUNCTIONS:
+        return False
+    return os.path.normpath(code.co_filename).endswith(os.path.join("transformers", "utils", "output_capturing.py"))
 
 
 def _tracing_checkpoint_for_graphopt(side_effects) -> bool:
@@ -132,9 +210,7 @@ _ADVICE = {
         "a checkpointed layer writes Python state outside its body, so Dynamo runs every checkpointed "
         "layer eagerly and graphopt rewrites none of them ({versions}; {allowance}). Fix: turn "
         "activation checkpointing off, or set torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = "
-        "True if that state need not be written again during recomputation (process-wide). transformers' "
-        "output-capturing hooks (output_router_logits=True of an MoE model's auxiliary loss) are such state: "
-        "their collector is inactive during the recomputation"
+        "True if that state need not be written again during recomputation (process-wide)"
     ),
     "Unsupported context manager": (
         "if this is transformers' output-capturing lock (the first call of a model that records outputs, "
@@ -157,7 +233,8 @@ def advice(reason: str) -> str | None:
             allowance = (
                 f"graphopt's allowance for kernels' wrapper is not installed: {install_failure}"
                 if install_failure is not None
-                else "graphopt allows only the writes of kernels' use_kernelized_func wrapper, and this is another"
+                else "graphopt allows only the writes of kernels' use_kernelized_func wrapper and of "
+                "transformers' output-capturing hooks, and this is another"
             )
             return text.format(versions=versions_line(), allowance=allowance)
     return None

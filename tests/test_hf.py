@@ -164,11 +164,10 @@ class Run:
 
 # The callback's options per configuration: README's recommendation for TRL's padded layout.
 OPTIONS = {"sft_padded": {"padded_outputs_unused": True}}
-# Dynamo settings per configuration, as the report's advice gives them. The MoE model's router
-# logits are appended to transformers' output collector inside each checkpointed layer, a write
-# Dynamo refuses there by default (every layer would run eagerly); the collector is inactive during
-# the recomputation, so not replaying that write in the backward is what eager does.
-DYNAMO_CONFIG = {"trainer_padded_moe": {"skip_fwd_side_effects_in_bwd_under_checkpoint": True}}
+# Dynamo settings per configuration (none: each runs with Dynamo's defaults, as a user's does; the
+# MoE model's router logits are appended to transformers' output collector inside each checkpointed
+# layer, which graphopt lets Dynamo record: graphopt/tracing.py).
+DYNAMO_CONFIG: dict[str, dict] = {}
 
 
 def train(config: str, output_dir: Path, *, compiled: bool) -> Run:

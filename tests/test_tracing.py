@@ -8,7 +8,8 @@ reasons: a release that splits the step fails here, with the reason, rather than
 far away.
 
 Also here: :mod:`graphopt.tracing`'s allowance for kernels' ``use_kernelized_func`` wrapper is
-scoped to graphopt's compiles and leaves kernels' state as it found it.
+scoped to graphopt's compiles and leaves kernels' state as it found it (its allowance for
+transformers' output capture: ``passes/test_unpad_experts.py``).
 """
 
 from __future__ import annotations
@@ -102,7 +103,10 @@ def test_a_split_step_says_why_and_how_to_fix_it(without_inductor, monkeypatch, 
     pytest.importorskip("kernels")
     from torch._dynamo.side_effects import SideEffects
 
+    from torch._dynamo.variables.higher_order_ops import CheckpointHigherOrderVariable
+
     monkeypatch.setattr(SideEffects, "check_allowed_side_effect", SideEffects.check_allowed_side_effect.__wrapped__)
+    monkeypatch.setattr(CheckpointHigherOrderVariable, "_call_function", CheckpointHigherOrderVariable._call_function.__wrapped__)
     monkeypatch.setattr(tracing, "_warned_causes", set())
     model = build_tiny_model("llama")
     enable_checkpointing(model, use_reentrant=False)
@@ -125,3 +129,4 @@ def test_an_unsupported_transformers_is_named_with_the_fix(monkeypatch):
     assert "transformers 5.18.0" in problem and "pip install -U 'transformers>=5.19'" in problem
     monkeypatch.setattr(transformers, "__version__", "5.19.0")
     assert tracing.unsupported_versions() is None
+

@@ -17,9 +17,17 @@ import pytest
 import torch
 import torch.fx as fx
 
-from graphopt.tiny_models import build_tiny_model
+import graphopt
+from graphopt.tiny_models import build_tiny_model, make_batch
 from tests.passes.test_unpad import SEQ, _check_left_padding_falls_back, _check_unpadded, right_batch
-from tests.support.harness import CompiledModel, assert_steps_equal, enable_checkpointing, real_positions
+from tests.support.harness import (
+    CompiledModel,
+    assert_steps_equal,
+    compile_step,
+    enable_checkpointing,
+    explain_split,
+    real_positions,
+)
 
 # graphopt's rewrites, checked without Inductor's C++ code generation (tests/conftest.py)
 pytestmark = pytest.mark.aot_eager
@@ -396,3 +404,46 @@ def test_output_hooks_are_installed_before_compiling():
     out = model(**batch)
     assert len(out.router_logits) == len(reference.router_logits) == 2
     torch.testing.assert_close(out.loss, reference.loss, rtol=0, atol=0)
+
+
+def test_moe_router_logits_captured_inside_checkpointed_layers_keep_one_graph():
+    """transformers' output-capturing hook appends each checkpointed layer's router logits to the
+    model's collector (the auxiliary loss reads them): graphopt lets Dynamo record that write, so
+    the step is one graph, every rewrite fires and the loss (auxiliary loss included) and every
+    gradient equal eager's, with Dynamo's defaults."""
+    pytest.importorskip("transformers.utils.output_capturing", reason="this transformers captures outputs elsewhere")
+    from graphopt.hf import install_output_hooks
+
+    assert not torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint
+    model = build_tiny_model("qwen3_moe", output_router_logits=True, router_aux_loss_coef=0.5)
+    enable_checkpointing(model, use_reentrant=False)
+    install_output_hooks(model)
+    eager, compiled, report = compile_step(model, dict(make_batch("right", seq=16), use_cache=False))
+    assert len(report.graphs) == 1 and not report.graph_breaks, explain_split(report)
+    for name, n in {"mask_elision": 2, "fused_cross_entropy": 1, "unpad": 1}.items():
+        assert report.counts[name] == n, explain_split(report)
+    assert "tag_activation_checkpoint" in "\n".join(report.graph_code("after"))
+    assert_steps_equal(eager, compiled)
+
+
+def test_other_writes_inside_checkpointed_bodies_are_still_refused():
+    """Negative: a checkpointed body that appends to a list of its caller is not one of the two
+    writes graphopt allows: Dynamo refuses it as by default (the step is split), and the result
+    is eager's."""
+    seen = []
+
+    def body(x):
+        y = x.sin()
+        seen.append(y)
+        return y.cos()
+
+    def step(x):
+        return torch.utils.checkpoint.checkpoint(body, x, use_reentrant=False).sum() + seen[-1].sum()
+
+    x = torch.randn(4, requires_grad=True)
+    torch._dynamo.reset()
+    with graphopt.capture() as report:
+        out = torch.compile(step, backend="graphopt")(x)
+    assert "HOP: Unsafe side effect" in report.graph_breaks, report.graph_breaks
+    seen.clear()
+    torch.testing.assert_close(out, step(x.detach()))
