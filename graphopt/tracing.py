@@ -60,8 +60,8 @@ _warned_causes: set[str] = set()
 
 
 def install() -> None:
-    """Let Dynamo record kernels' context-variable writes inside checkpointed bodies of graphopt's
-    compiles (see the module docstring). Idempotent; on a torch whose Dynamo lacks the hook point,
+    """Let Dynamo record kernels' context-variable writes and transformers' output captures inside
+    checkpointed bodies of graphopt's compiles (see the module docstring). Idempotent; on a torch whose Dynamo lacks the hook point,
     records why in :data:`install_failure` and changes nothing."""
     global install_failure
     try:
@@ -88,11 +88,11 @@ def install() -> None:
         tracer = self.output_graph_weakref().current_tx.output.current_tracer
         # graphopt turned the body's side effects on for the two writes above only: any other write
         # is refused exactly as Dynamo refuses it by default
-        tracer.allow_side_effects_in_hop = False
+        allowed, tracer.allow_side_effects_in_hop = tracer.allow_side_effects_in_hop, False
         try:
             return original(self, item)
         finally:
-            tracer.allow_side_effects_in_hop = True
+            tracer.allow_side_effects_in_hop = allowed
 
     check_allowed_side_effect._graphopt_allowance = True
     SideEffects.check_allowed_side_effect = check_allowed_side_effect
